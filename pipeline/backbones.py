@@ -1,0 +1,229 @@
+"""Any timm backbone as an ordered set of named stages: `stem, layer1 .. layer4` for the ResNet family.
+
+The fine-tuning code and every task head talk to stage names only. `Backbone.forward` returns an ordered dict of
+feature maps, one per stage; `channels` and `strides` describe them. Stages come from timm's `feature_info`
+(the modules where timm taps features), which every `features_only` timm model has.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import timm
+import torch
+from torch import nn
+
+from pipeline import weights as W
+from pipeline.errors import UserError
+
+# The variants the original ResNet write-up and its follow-ups discuss; any other timm model name works too.
+RESNET_FAMILY = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2", "densenet121",
+)
+
+
+class Backbone(nn.Module):
+    """A timm feature extractor whose top-level modules are grouped into named stages.
+
+    Attributes set by `pipeline.finetune` (and nothing else):
+      no_grad_stages: the leading stages run under `torch.no_grad()` (the frozen prefix costs a forward pass only)
+      bn_eval_stages: BatchNorm layers of these stages stay in eval mode whatever `train()` is called
+    """
+
+    def __init__(self, body: nn.Module, name: str, weights: str = "none"):
+        super().__init__()
+        self.body = body
+        self.name = name
+        self.weights = weights  # what was loaded: a timm tag, a file path, or none
+        info = body.feature_info
+        self.out_modules = info.module_name()
+        self.stages, self.stage_children, self.sequential = _group_stages(body, self.out_modules, info.reduction())
+        out_names = self.stages[-len(self.out_modules):]
+        self.out_stages = list(out_names)
+        self.channels = dict(zip(out_names, info.channels()))
+        self.strides = dict(zip(out_names, info.reduction()))
+        self.no_grad_stages = 0
+        self.bn_eval_stages: set[str] = set()
+
+    @property
+    def num_features(self) -> int:
+        return self.channels[self.out_stages[-1]]
+
+    def stage_modules(self) -> OrderedDict[str, nn.Module]:
+        """Each stage as one module (a ModuleList of its parts), in forward order."""
+        return OrderedDict((s, nn.ModuleList(self.stage_children[s])) for s in self.stages)
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        if not self.sequential:
+            feats = self.body(x)
+            return OrderedDict(zip(self.out_stages, feats))
+        out: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for i, stage in enumerate(self.stages):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= self.no_grad_stages):
+                for module in self.stage_children[stage]:
+                    x = module(x)
+            if stage in self.channels:
+                out[stage] = x
+        return out
+
+    def train(self, mode: bool = True) -> Backbone:
+        super().train(mode)
+        # Re-applied on every train(): requires_grad=False alone does not stop BN running stats from updating.
+        for stage in self.bn_eval_stages:
+            for module in self.stage_children[stage]:
+                for m in module.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+        return self
+
+
+def _group_stages(body: nn.Module, out_modules: list[str], reductions: list[int]):
+    """Split the body's top-level children into stages that each end at one feature tap.
+
+    FeatureListNet flattens nested names (`features.denseblock1` -> `features_denseblock1`), so taps are matched on
+    the flattened name. Children before the first tap form `stem` when the first tap is already past the stem
+    (reduction > 2, e.g. ConvNeXt); for ResNets the first tap is the stem's own output (reduction 2).
+    """
+    names = _stage_names(len(out_modules), first_reduction=reductions[0])
+    children = list(body.named_children())
+    taps = [m.replace(".", "_") for m in out_modules]
+    child_names = [n for n, _ in children]
+    if not all(t in child_names for t in taps):
+        # Hook- or getter-based extractors (EfficientNet, ViT) run as one piece: stages by parameter order.
+        return names, _stages_by_param_order(body, out_modules, names), False
+    groups: OrderedDict[str, list[nn.Module]] = OrderedDict((n, []) for n in names)
+    stage_iter = iter(names[-len(taps):])
+    current = names[0] if len(names) > len(taps) else None
+    for child_name, module in children:
+        if current is None or (current == "stem" and len(names) > len(taps) and child_name in taps):
+            current = next(stage_iter)
+        groups[current].append(module)
+        if child_name in taps:
+            current = next(stage_iter, None)
+        if current is None:
+            break
+    return names, groups, True
+
+
+def _stage_names(num_taps: int, first_reduction: int) -> list[str]:
+    if first_reduction <= 2:
+        return ["stem"] + [f"layer{i}" for i in range(1, num_taps)]
+    return ["stem"] + [f"layer{i}" for i in range(1, num_taps + 1)]
+
+
+def _stages_by_param_order(body: nn.Module, out_modules: list[str], names: list[str]) -> OrderedDict:
+    """Stages for extractors that run as one piece: every module holding weights joins the first tap at or after it.
+
+    timm registers modules in forward order, so a module's position in `named_modules()` tells its stage.
+    """
+    leaves = [(n, m) for n, m in body.named_modules()
+              if n and (any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)))]
+    tap_stages = names[-len(out_modules):]
+    ends = []  # index of the last leaf inside each tap
+    for tap in out_modules:
+        inside = [i for i, (n, _) in enumerate(leaves) if n == tap or n.startswith(tap + ".")]
+        ends.append(max(inside) if inside else (ends[-1] if ends else -1))
+    groups: OrderedDict[str, list[nn.Module]] = OrderedDict((n, []) for n in names)
+    for i, (_, module) in enumerate(leaves):
+        stage = next((s for s, end in zip(tap_stages, ends) if i <= end), tap_stages[-1])
+        if stage == tap_stages[0] and len(names) > len(out_modules) and not _inside(leaves[i][0], out_modules[0]):
+            stage = "stem"
+        groups[stage].append(module)
+    return groups
+
+
+def _inside(name: str, tap: str) -> bool:
+    return name == tap or name.startswith(tap + ".")
+
+
+def build(name: str, weights: str = "imagenet", out_indices: tuple[int, ...] | None = None) -> Backbone:
+    """Build backbone `name` (any timm model) and load its weights: imagenet | a timm tag | a file path | none."""
+    check_name(name)
+    kwargs = {"features_only": True}
+    if out_indices is not None:
+        kwargs["out_indices"] = out_indices
+    if weights == "none":
+        return Backbone(timm.create_model(name, pretrained=False, **kwargs), name, weights="none")
+    if W.is_path(weights):
+        state_dict = W.read_state_dict(weights)
+        source = f"model.backbone.weights: '{weights}'"
+    else:
+        tagged = W.resolve_tag(name, weights)
+        state_dict = W.hub_state_dict(tagged)
+        source = f"weights {tagged}"
+    body = _load(name, state_dict, source, kwargs)
+    return Backbone(body, name, weights=weights if W.is_path(weights) else tagged)
+
+
+def build_or_random(name: str, weights: str, fallback_to_random: bool, say=print) -> Backbone:
+    """`build`, except that unreachable hub weights fall back to random init when asked (the quickstart alone)."""
+    try:
+        return build(name, weights)
+    except UserError as err:
+        if not fallback_to_random or weights == "none" or W.is_path(weights):
+            raise
+        say(f"\n!!! {err}\n!!! continuing from RANDOM INIT (weights=none); accuracy will be lower than with "
+            f"pretrained weights\n")
+        return build(name, "none")
+
+
+def _load(name: str, state_dict: dict, source: str, kwargs: dict) -> nn.Module:
+    body = timm.create_model(name, pretrained=False, **kwargs)
+    if set(state_dict) == set(body.state_dict()):
+        # Already in the extractor's own naming (a checkpoint of this pipeline's backbone).
+        _load_strict(body, state_dict, source)
+        return body
+    # A full classification model's state_dict (timm or torchvision naming): drop its classifier, match the rest.
+    full_keys = set(timm.create_model(name, pretrained=False, num_classes=0).state_dict())
+    classifier = timm.models.get_pretrained_cfg(name).classifier if timm.models.get_pretrained_cfg(name) else None
+    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
+    sd = {k: v for k, v in state_dict.items() if not any(k.startswith(c + ".") for c in classifiers)}
+    missing, unexpected = sorted(full_keys - set(sd)), sorted(set(sd) - full_keys)
+    if missing or unexpected:
+        raise UserError(f"{source} does not match {name}: {len(missing)} missing keys {_few(missing)}, "
+                        f"{len(unexpected)} unexpected keys {_few(unexpected)}; is it a {name} state_dict?")
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"state_dict": sd}, **kwargs)
+    except RuntimeError as err:  # shape mismatches
+        raise UserError(f"{source} does not fit {name}: {_first_line(err)}") from None
+
+
+def _load_strict(module: nn.Module, state_dict: dict, source: str) -> None:
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        raise UserError(f"{source} does not fit: {_first_line(err)}") from None
+
+
+def _few(keys: list[str]) -> str:
+    return "(" + ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "") + ")" if keys else ""
+
+
+def _first_line(err: Exception) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return " ".join(lines[1:3] if len(lines) > 1 else lines)[:300]
+
+
+def check_name(name: str) -> None:
+    if timm.is_model(name):
+        return
+    import difflib
+
+    close = difflib.get_close_matches(name, timm.list_models() + list(RESNET_FAMILY), n=4, cutoff=0.6)
+    hint = f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else f"; e.g. {', '.join(RESNET_FAMILY[:5])}"
+    raise UserError(f"model.backbone.name: '{name}' is not a timm model{hint}")
+
+
+def depth(name: str) -> int | None:
+    """The depth in a family name (resnet50 -> 50, resnext101_32x8d -> 101, densenet121 -> 121)."""
+    import re
+
+    match = re.match(r"^[a-z_]*?(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+def pretrained_mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    return tuple(cfg.mean), tuple(cfg.std)

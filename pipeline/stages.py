@@ -1,0 +1,201 @@
+"""The stage runner: prepare -> data -> model -> finetune -> fit -> evaluate -> export.
+
+Each stage gets the few config fields it needs. The MLflow run opens right after the config is validated, so any
+later failure marks it FAILED (Ctrl-C: KILLED) with the reason as a tag; checkpoints written so far stay on disk.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline import backbones, checkpoint, config, engine, finetune, tracking
+from pipeline.data import synth
+from pipeline.errors import UserError
+from pipeline.tasks import TASKS
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    output_dir: Path
+    best: float
+    primary: str
+    metrics: dict
+    wall_time: float
+
+
+def run(task_file: str | Path, overrides: tuple[str, ...] = (), resume: bool = False, say=print) -> RunResult:
+    started = time.perf_counter()
+    # 1. prepare: config, output folder, tracking store
+    cfg = config.load(task_file, overrides)
+    task = TASKS[cfg.task]
+    experiment = cfg.tracking.experiment or Path(task_file).stem
+    backbone_name = cfg.model.backbone.name
+    output_dir = Path(cfg.train.output_dir or f"outputs/{experiment}/{backbone_name}")
+    last = checkpoint.load(output_dir / checkpoint.LAST) if resume else None
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    tracking.check_reachable(uri)
+    backbones.check_name(backbone_name)
+    tracker = tracking.Tracker.start(
+        uri, experiment, run_name=f"{backbone_name}-{datetime.now():%Y%m%d-%H%M%S}",
+        params=tracking.flatten(cfg.model_dump(mode="json")), tags=_early_tags(cfg, task_file),
+        run_id=last["run_id"] if last else None)
+    with tracker:  # FAILED / KILLED with the error as a tag on any exception
+        result = _run(cfg, task, task_file, output_dir, tracker, last, say)
+    result.wall_time = time.perf_counter() - started
+    say(f"done in {result.wall_time:.0f}s: best {result.primary} {result.best:.4f}; checkpoints in {output_dir}/; "
+        f"MLflow run {result.run_id} in {uri} (view: mlflow ui --backend-store-uri {uri})")
+    return result
+
+
+def _run(cfg, task, task_file, output_dir: Path, tracker: tracking.Tracker, last: dict | None, say) -> RunResult:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(config.to_yaml(cfg))
+    tracker.log_artifact(output_dir / "config.yaml")
+    seed_everything(cfg.seed)
+    device = engine.resolve_device(cfg.train.device)
+    precision = engine.resolve_precision(cfg.train.precision, device)
+
+    # 2. data
+    if cfg.data.synth_if_missing:
+        synth.ensure(Path(cfg.data.root).parent, seed=0)
+    default_mean, default_std = backbones.pretrained_mean_std(cfg.model.backbone.name)
+    train_ds, val_ds, info = task.build_data(cfg.data, mean=cfg.data.mean or default_mean,
+                                             std=cfg.data.std or default_std, seed=cfg.seed)
+    say(f"data: {len(train_ds)} train / {len(val_ds)} val images from {cfg.data.root}")
+
+    # 3. model
+    model = task.build_model(cfg.model, info, say=say)
+    epoch_done = last["fit"]["epoch"] if last else 0
+    if last:
+        model.load_state_dict(last["model"])
+
+    # 4. finetune: freezing, BN policy, param groups
+    ft = cfg.finetune
+    plan = finetune.make_plan(model, freeze=ft.freeze, bn=ft.bn, lr_mult=ft.lr_mult, layer_decay=ft.layer_decay,
+                              unfreeze=ft.unfreeze, no_decay_norm_bias=ft.no_decay_norm_bias, epochs=cfg.train.epochs,
+                              cache_features=ft.cache_features)
+    finetune.apply(model, plan, epoch_done)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+    groups = finetune.groups_until(model, plan, cfg.train.lr, cfg.train.weight_decay, epoch_done)
+    optimizer = engine.build_optimizer(groups, cfg.train.optimizer, cfg.train.lr, cfg.train.momentum,
+                                       cfg.train.nesterov, cfg.train.betas)
+    table = finetune.group_table(groups, plan, model)
+    say(table)
+    tracker.log_text(table + "\n", "param_groups.txt")
+    tracker.set_tags(_model_tags(model, info, device, precision, plan))
+
+    train_loader, val_loader = _loaders(train_ds, val_ds, cfg.data.batch_size, cfg.data.num_workers, device, cfg.seed)
+    if len(train_loader) == 0:
+        raise UserError(f"data.batch_size={cfg.data.batch_size} is larger than the {len(train_ds)} training images; "
+                        f"lower it")
+    steps_per_epoch = len(train_loader) // cfg.train.accum_steps
+    t = cfg.train
+    schedule = engine.make_schedule(t.schedule, t.epochs, steps_per_epoch, t.warmup_epochs, t.min_lr_ratio,
+                                    t.step_milestones, t.step_gamma, t.poly_power)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    state = engine.FitState()
+    if last:
+        optimizer.load_state_dict(last["optimizer"])
+        if scaler is not None and last.get("scaler"):
+            scaler.load_state_dict(last["scaler"])
+        state = engine.FitState(**last["fit"])
+        checkpoint.set_rng_state(last["rng"])
+        say(f"resuming {output_dir} after epoch {state.epoch} (MLflow run {tracker.run_id})")
+
+    # 5. fit
+    fit = engine.Fit(
+        model=model, loss=task.loss, predict=task.predict, make_evaluator=lambda: task.make_evaluator(info),
+        train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, schedule=schedule, plan=plan,
+        base_lr=t.lr, weight_decay=t.weight_decay,
+        settings=engine.StepSettings(device=device, precision=precision, channels_last=t.channels_last,
+                                     accum_steps=t.accum_steps, clip_grad_norm=t.clip_grad_norm,
+                                     log_every=t.log_every, max_nonfinite=t.max_nonfinite),
+        epochs=t.epochs, output_dir=output_dir, patience=t.patience, scaler=scaler,
+        extra={"run_id": tracker.run_id, "config": cfg.model_dump(mode="json"), "info": info,
+               "task_file": str(task_file)},
+        log=tracker.log_metrics, say=say)
+    say(f"training {cfg.model.backbone.name} on {device} ({precision}{', channels_last' if t.channels_last else ''}) "
+        f"for {t.epochs} epochs, {steps_per_epoch} steps each")
+    state = engine.fit(fit, state)
+
+    # 6. evaluate the best checkpoint once more, for its report
+    best = checkpoint.load(output_dir / checkpoint.BEST)
+    model.load_state_dict(best["model"])
+    metrics = engine.evaluate(model, task.predict, task.make_evaluator(info), val_loader, fit.settings, desc="best")
+    primary = task.PRIMARY
+    tracker.log_metrics({f"best/{primary.split('/', 1)[1]}": metrics[primary], "best/epoch": state.best_epoch},
+                        state.epoch)
+    for path in task.report(metrics, info, output_dir / "report"):
+        tracker.log_artifact(path, "report")
+
+    # 7. export
+    if cfg.tracking.log_checkpoint:
+        tracker.log_artifact(output_dir / checkpoint.BEST, "checkpoints")
+    if cfg.tracking.log_model:
+        say("logging the model to MLflow ...")
+        model.to("cpu", memory_format=torch.contiguous_format).float().eval()
+        tracker.log_model(model, task.example_input(cfg.data.image_size).numpy())
+    say(_summary(state, metrics, primary))
+    return RunResult(run_id=tracker.run_id, output_dir=output_dir, best=metrics[primary], primary=primary,
+                     metrics={k: v for k, v in metrics.items() if isinstance(v, float)}, wall_time=0.0)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _loaders(train_ds, val_ds, batch_size: int, num_workers, device: torch.device, seed: int):
+    workers = auto_workers(device) if num_workers == "auto" else num_workers
+    common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0}
+    generator = torch.Generator().manual_seed(seed)
+    train = DataLoader(train_ds, batch_size=batch_size, shuffle=True, drop_last=len(train_ds) > batch_size,
+                       generator=generator, **common)
+    val = DataLoader(val_ds, batch_size=batch_size, shuffle=False, **common)
+    return train, val
+
+
+def auto_workers(device: torch.device) -> int:
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # On CPU the model needs every core; a worker pays off only with cores to spare.
+    if device.type == "cpu":
+        return 0 if cores <= 4 else min(4, cores // 4)
+    return min(8, max(1, cores - 1))
+
+
+def _early_tags(cfg, task_file) -> dict[str, str]:
+    name = cfg.model.backbone.name
+    d = backbones.depth(name)
+    return {"task": cfg.task, "task_file": str(task_file), "backbone": name, "depth": str(d) if d else "",
+            "weights": cfg.model.backbone.weights}
+
+
+def _model_tags(model, info, device, precision, plan) -> dict[str, str]:
+    frozen = [s for s in plan.parts if s in plan.frozen]
+    return {"num_params": str(sum(p.numel() for p in model.parameters())),
+            "trainable_params": str(finetune.trainable_params(model)),
+            "frozen_stages": ",".join(frozen) or "none", "num_classes": str(info.get("num_classes", "")),
+            "weights": model.backbone.weights, "device": str(device), "precision": precision}
+
+
+def _summary(state: engine.FitState, metrics: dict, primary: str) -> str:
+    rows = [("epoch", "train loss", primary, "img/s", "time")]
+    for i, h in enumerate(state.history, start=1):
+        rows.append((str(i), f"{h.get('train/loss_epoch', float('nan')):.4f}", f"{h.get(primary, float('nan')):.4f}",
+                     f"{h.get('train/throughput', 0):.0f}", f"{h.get('epoch_time', 0):.1f}s"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    extras = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val/") and isinstance(v, float))
+    return "\n".join(lines + [f"best epoch {state.best_epoch}: {extras}"])

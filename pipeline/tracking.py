@@ -1,0 +1,323 @@
+"""MLflow: run lifecycle, params, tags, metrics, artifacts, model logging. The only module that imports mlflow.
+
+Everything goes through an explicit `MlflowClient(uri)`, never the fluent `mlflow.start_run()` state, so several runs
+and stores can live in one process (sweeps, tests). The one exception is `Tracker.log_model`: MLflow's model logging
+reads the process-wide tracking URI, which it sets only for the duration of the call.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import logging
+import os
+import ssl
+import time
+import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default, relative to the working directory
+TRUNCATION_MARK = " ...[truncated]"
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# Pinned in the logged model's requirements.txt; listing them skips MLflow's slow requirement inference.
+MODEL_REQUIREMENTS = ("torch", "torchvision", "timm")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Where the runs go
+
+
+def resolve_uri(cfg_uri: str | None) -> str:
+    """`tracking.uri` from the config, else `MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db` in the working dir."""
+    return cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def check_reachable(uri: str, timeout: float = 3.0) -> None:
+    """Fail fast with a `UserError` if the store cannot be used; an MLflow client would retry for minutes instead.
+
+    http(s): one short request to the server's health endpoint. sqlite / file: the folder that will hold the database
+    is created if missing. Other schemes (databricks, postgresql, ...) are left to MLflow.
+    """
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        _check_server(uri, timeout)
+    elif scheme == "sqlite":
+        _check_folder(uri, _sqlite_path(uri).parent)
+    elif scheme in ("file", ""):
+        _check_folder(uri, Path(urllib.parse.urlparse(uri).path if scheme else uri))
+
+
+def _check_server(uri: str, timeout: float) -> None:
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        return  # the server answered (maybe 401 behind auth, or 404 on an old version): it is reachable
+    except (OSError, ValueError) as e:  # URLError, refused, timeout, bad host name
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, ssl.SSLError):
+            return  # a TLS server answered; its certificate is MLflow's business (MLFLOW_TRACKING_SERVER_CERT_PATH)
+        raise UserError(f"tracking server {uri} is not reachable ({reason}); start it with "
+                        "'mlflow server --backend-store-uri sqlite:///mlflow.db --port 5000' or unset "
+                        f"tracking.uri / MLFLOW_TRACKING_URI to use the local {DEFAULT_URI}") from e
+
+
+def _sqlite_path(uri: str) -> Path:
+    """`sqlite:///rel/x.db` -> `rel/x.db`, `sqlite:////abs/x.db` -> `/abs/x.db` (SQLAlchemy's convention)."""
+    path = urllib.parse.unquote(urllib.parse.urlparse(uri).path)  # without a `?query`
+    return Path(path[1:] if path.startswith("/") else path)
+
+
+def _check_folder(uri: str, folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"tracking store {uri}: cannot create folder {folder} ({e.strerror}); "
+                        "fix tracking.uri / MLFLOW_TRACKING_URI or the folder's permissions") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Params
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> MLflow params: `{"train": {"lr": 0.001}}` -> `{"train.lr": "0.001"}`.
+
+    Lists stay one param (`"['stem', 'layer1']"`); an empty section is kept as `"{}"` so its key is visible.
+    Values over MLflow's length limit are shortened with a marker rather than failing the run.
+    """
+    flat: dict[str, str] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = _shorten(str(value), MAX_PARAM_VAL_LENGTH, what=f"param {name}")
+    return flat
+
+
+def _shorten(value: str, limit: int, what: str) -> str:
+    if len(value) <= limit:
+        return value
+    log.warning("%s is %d characters, over MLflow's limit of %d: logged shortened", what, len(value), limit)
+    return value[: limit - len(TRUNCATION_MARK)] + TRUNCATION_MARK
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One run
+
+
+class Tracker:
+    """One MLflow run. Open it with `Tracker.start(...)`; close it with `finish()` or by leaving a `with` block."""
+
+    def __init__(self, client: mlflow.MlflowClient, run_id: str, experiment_id: str) -> None:
+        self._client = client
+        self._run_id = run_id
+        self._experiment_id = experiment_id
+        self._finished = False
+
+    @classmethod
+    def start(cls, uri: str, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str],
+              run_id: str | None = None, parent_run_id: str | None = None) -> Tracker:
+        """Open a new run in `experiment` (created if missing), or resume `run_id` (set back to RUNNING).
+
+        A resumed run stays in its own experiment under its own name. `parent_run_id` nests the run under another
+        one (sweeps); MLflow's UI shows it as a child.
+        """
+        check_reachable(uri)
+        client = mlflow.MlflowClient(uri)
+        if parent_run_id:
+            tags = {**tags, MLFLOW_PARENT_RUN_ID: parent_run_id}
+        if run_id:
+            tracker = cls._resume(client, uri, run_id)
+        else:
+            experiment_id = _experiment_id(client, uri, experiment)
+            # user, source and git commit tags, as the fluent `mlflow.start_run` would set them
+            run = client.create_run(experiment_id, run_name=run_name, tags=resolve_tags())
+            tracker = cls(client, run.info.run_id, experiment_id)
+        tracker._log_new_params(params)
+        tracker.set_tags(tags)
+        return tracker
+
+    @classmethod
+    def _resume(cls, client: mlflow.MlflowClient, uri: str, run_id: str) -> Tracker:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as e:
+            raise UserError(f"run {run_id} is not in tracking store {uri}; check the run id, or point tracking.uri / "
+                            "MLFLOW_TRACKING_URI at the store that holds it") from e
+        client.update_run(run_id, status="RUNNING")
+        return cls(client, run_id, run.info.experiment_id)
+
+    @property
+    def run_id(self) -> str:
+        return self._run_id
+
+    @property
+    def experiment_id(self) -> str:
+        return self._experiment_id
+
+    def _log_new_params(self, params: dict[str, str]) -> None:
+        """Log params the run does not have yet. MLflow refuses to change a logged param, so a resumed run keeps
+        its old value and we warn about the difference instead of failing."""
+        logged = self._client.get_run(self._run_id).data.params
+        new = []
+        for key, value in params.items():
+            value = _shorten(str(value), MAX_PARAM_VAL_LENGTH, what=f"param {key}")
+            if key not in logged:
+                new.append(Param(key, value))
+            elif logged[key] != value:
+                log.warning("param %s of run %s stays %r: MLflow cannot change a logged param (new value %r ignored)",
+                            key, self._run_id, logged[key], value)
+        self._client.log_batch(self._run_id, params=new)  # the client splits it into requests of MLflow's max size
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        batch = [RunTag(k, _shorten(str(v), MAX_TAG_VAL_LENGTH, what=f"tag {k}")) for k, v in tags.items()]
+        self._client.log_batch(self._run_id, tags=batch)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """All metrics of one step in one request. NaN and inf are stored as they are (MLflow accepts them)."""
+        timestamp = int(time.time() * 1000)
+        batch = [Metric(k, float(v), timestamp, step) for k, v in metrics.items()]
+        self._client.log_batch(self._run_id, metrics=batch)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._client.log_artifact(self._run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._client.log_text(self._run_id, text, artifact_file)
+
+    def log_figure(self, fig: Any, artifact_file: str) -> None:
+        """A matplotlib figure; the file extension picks the format (`curves.png`)."""
+        self._client.log_figure(self._run_id, fig, artifact_file)
+
+    def log_model(self, model: torch.nn.Module, input_example: np.ndarray, name: str = "model", step: int = 0,
+                  serialization: Literal["pt2", "pickle"] = "pt2") -> str:
+        """Log `model` as an MLflow LoggedModel of this run and return its URI (`models:/m-...`).
+
+        The model must map one float32 tensor to one tensor; wrap a model with dict or tuple outputs so that it
+        returns a tensor. A copy is exported in eval mode, float32, on CPU; the caller's model is left untouched.
+        The signature comes from `input_example` and the model's output on it.
+
+        `pt2` (MLflow's default) saves a `torch.export` graph: safe to load and needs no Python code of this project,
+        but only traceable models export and every dimension except the batch is fixed to the example's shape.
+        `pickle` saves the module itself: any model, but loading needs its classes importable and runs pickle code.
+        Metrics logged at `step` are linked to the model, so the model list in MLflow's UI can show them.
+        """
+        example = np.asarray(input_example, dtype=np.float32)
+        if serialization == "pt2" and example.shape[0] < 2:
+            raise ValueError("log_model: input_example needs a batch of at least 2 for pt2: torch.export fixes a "
+                             "batch dimension of size 1, and the logged model would then accept only batch 1")
+        model = copy.deepcopy(model).float().cpu().eval()
+        with torch.no_grad():
+            output = model(torch.from_numpy(example))
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"log_model: the model returned {type(output).__name__}, not a tensor; pass a wrapper "
+                            "module that returns one tensor")
+        signature = infer_signature(example, output.numpy())
+        # Create the LoggedModel ourselves: left to MLflow without an active fluent run, it lands in the default
+        # experiment instead of this run's one.
+        logged = self._client.create_logged_model(self._experiment_id, name=name, source_run_id=self._run_id,
+                                                  params=self._client.get_run(self._run_id).data.params)
+        # The example goes in as a tensor: MLflow then only traces with it (pt2) and does not store it as JSON (15 MB
+        # for two 224 px images) nor re-run the model to validate serving; the signature records the shapes.
+        # `run_id` reaches `mlflow.models.Model.log` through the flavor's **kwargs: it links the model to this run
+        # without an active fluent run, which `mlflow.start_run` would end (FINISHED) on leaving.
+        with _process_tracking_uri(self._client.tracking_uri):
+            info = mlflow.pytorch.log_model(
+                model, name=name, model_id=logged.model_id, run_id=self._run_id, step=step, signature=signature,
+                input_example=torch.from_numpy(example), serialization_format=serialization,
+                pip_requirements=_model_requirements(serialization))
+        return info.model_uri
+
+    def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
+        """End the run as FINISHED, FAILED or KILLED; `error` goes to the `error` tag first."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"finish: status must be one of {', '.join(RUN_STATUSES)}, got {status!r}")
+        if error:
+            self.set_tags({"error": error})
+        self._client.set_terminated(self._run_id, status=status)
+        self._finished = True
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        """FINISHED on success, KILLED on Ctrl-C, FAILED on any other exception, which then propagates."""
+        if self._finished:
+            return
+        if exc is None:
+            self.finish("FINISHED")
+        else:
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            self.finish(status, error="".join(traceback.format_exception_only(exc)).strip())
+
+
+def load_model(uri: str, model_uri: str) -> torch.nn.Module:
+    """The module logged by `Tracker.log_model` (`models:/m-...`) in the store at `uri`.
+
+    A pt2 model comes back as a `torch.fx.GraphModule` that takes the same input and returns the same output.
+    """
+    # `models:/` URIs are looked up in the process-wide tracking store, which may point elsewhere
+    with _process_tracking_uri(uri):
+        return mlflow.pytorch.load_model(model_uri)
+
+
+def _experiment_id(client: mlflow.MlflowClient, uri: str, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException:  # another process of the sweep created it in between
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        raise UserError(f"experiment '{name}' is deleted in {uri}; restore it with 'mlflow experiments restore "
+                        f"--experiment-id {experiment.experiment_id}', or rename the task file")
+    return experiment.experiment_id
+
+
+@contextmanager
+def _process_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking URI at `uri` for the duration, then put back what was there.
+
+    `mlflow.set_tracking_uri` mirrors its value into the `MLFLOW_TRACKING_URI` variable (None clears both), so the
+    variable alone tells what to restore. MLflow's own private helper would drop a variable the user had set.
+    """
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _model_requirements(serialization: str) -> list[str]:
+    # MLflow's pickle format unpickles with cloudpickle; pt2 needs only torch
+    packages = MODEL_REQUIREMENTS + (("cloudpickle",) if serialization == "pickle" else ())
+    # local version labels (`2.5.1+cpu`) are not on PyPI: pin the public version
+    return [f"{pkg}=={importlib.metadata.version(pkg).split('+')[0]}" for pkg in packages]

@@ -1,0 +1,80 @@
+"""Shared fixtures. No test touches the network: hub caches point into a temp folder and hub access is offline."""
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+_CACHE = Path(tempfile.mkdtemp(prefix="pipeline-test-cache-"))
+
+
+def pytest_configure(config):
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_HOME"] = str(_CACHE / "huggingface")
+    os.environ["HF_HUB_CACHE"] = str(_CACHE / "huggingface" / "hub")
+    os.environ["TORCH_HOME"] = str(_CACHE / "torch")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def hub_cache() -> Path:
+    return Path(os.environ["HF_HUB_CACHE"])
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated, empty MLflow database: creating one takes seconds (schema migrations), copying it does not."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def uri(tmp_path: Path, empty_store: Path) -> str:
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny shapes ImageFolder (32 px, 10 train / 4 val images per class) shared by the end-to-end tests."""
+    from pipeline.data import synth
+
+    return synth.generate(tmp_path_factory.mktemp("shapes"), image_size=32, train_per_class=10, val_per_class=4)
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def task_file(tmp_path: Path, shapes: Path, uri: str):
+    """Write a small classification task file into tmp_path (with the repo's configs/ beside it)."""
+
+    def write(name: str = "tiny", **sections) -> Path:
+        (tmp_path / "tasks").mkdir(exist_ok=True)
+        if not (tmp_path / "configs").exists():
+            shutil.copytree(REPO / "configs", tmp_path / "configs")
+        cfg = {
+            "task": "classification",
+            "seed": 0,
+            "data": {"root": str(shapes), "image_size": 32, "batch_size": 16, "num_workers": 0,
+                     "train_transforms": [{"name": "HorizontalFlip", "p": 0.5}],
+                     "val_transforms": [{"name": "Resize", "height": 32, "width": 32}]},
+            "model": {"backbone": {"name": "resnet18", "weights": "none"}},
+            "train": {"epochs": 2, "lr": 1e-3, "log_every": 2, "output_dir": str(tmp_path / "out")},
+            "tracking": {"uri": uri, "log_model": False},
+        }
+        for section, values in sections.items():
+            if isinstance(values, dict):
+                cfg.setdefault(section, {}).update(values)
+            else:
+                cfg[section] = values
+        path = tmp_path / "tasks" / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    return write
