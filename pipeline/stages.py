@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline import backbones, checkpoint, config, engine, finetune, tracking
+from pipeline import backbones, checkpoint, config, engine, feature_cache, finetune, tracking
 from pipeline.data import synth
 from pipeline.errors import UserError
 from pipeline.tasks import TASKS
@@ -97,8 +97,19 @@ def _run(cfg, task, task_file, output_dir: Path, tracker: tracking.Tracker, last
     if len(train_loader) == 0:
         raise UserError(f"data.batch_size={cfg.data.batch_size} is larger than the {len(train_ds)} training images; "
                         f"lower it")
-    steps_per_epoch = len(train_loader) // cfg.train.accum_steps
     t = cfg.train
+    settings = engine.StepSettings(device=device, precision=precision, channels_last=t.channels_last,
+                                   accum_steps=t.accum_steps, clip_grad_norm=t.clip_grad_norm, log_every=t.log_every,
+                                   max_nonfinite=t.max_nonfinite)
+    if plan.cache_features:
+        feature_cache.check(model, cfg.task, info.get("random_train_transforms", False), ft.cached_views)
+        started = time.perf_counter()
+        train_loader, val_loader = feature_cache.cached_loaders(model, train_loader, val_loader, settings,
+                                                                ft.cached_views, cfg.seed)
+        model.input_is_features = True
+        say(f"cached backbone features of {len(train_loader.dataset)} train / {len(val_loader.dataset)} val images "
+            f"in {time.perf_counter() - started:.1f}s; the head trains on them")
+    steps_per_epoch = len(train_loader) // t.accum_steps
     schedule = engine.make_schedule(t.schedule, t.epochs, steps_per_epoch, t.warmup_epochs, t.min_lr_ratio,
                                     t.step_milestones, t.step_gamma, t.poly_power)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -116,9 +127,7 @@ def _run(cfg, task, task_file, output_dir: Path, tracker: tracking.Tracker, last
         model=model, loss=task.loss, predict=task.predict, make_evaluator=lambda: task.make_evaluator(info),
         train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, schedule=schedule, plan=plan,
         base_lr=t.lr, weight_decay=t.weight_decay,
-        settings=engine.StepSettings(device=device, precision=precision, channels_last=t.channels_last,
-                                     accum_steps=t.accum_steps, clip_grad_norm=t.clip_grad_norm,
-                                     log_every=t.log_every, max_nonfinite=t.max_nonfinite),
+        settings=settings,
         epochs=t.epochs, output_dir=output_dir, patience=t.patience, scaler=scaler,
         extra={"run_id": tracker.run_id, "config": cfg.model_dump(mode="json"), "info": info,
                "task_file": str(task_file)},
@@ -140,6 +149,8 @@ def _run(cfg, task, task_file, output_dir: Path, tracker: tracking.Tracker, last
     # 7. export
     if cfg.tracking.log_checkpoint:
         tracker.log_artifact(output_dir / checkpoint.BEST, "checkpoints")
+    if plan.cache_features:
+        model.input_is_features = False  # the exported model takes images
     if cfg.tracking.log_model:
         say("logging the model to MLflow ...")
         model.to("cpu", memory_format=torch.contiguous_format).float().eval()

@@ -29,11 +29,18 @@ def resolve_tag(arch: str, weights: str) -> str:
             raise UserError(f"model.backbone.weights: timm has no pretrained weights for '{arch}'; use weights=none")
         return f"{arch}.{cfg.tag}" if cfg.tag else arch
     name = weights if weights.startswith(f"{arch}.") else f"{arch}.{weights}"
-    if timm.models.get_pretrained_cfg(name) is None:
+    if _pretrained_cfg(name) is None:
         tags = [t for t in timm.list_pretrained(f"{arch}.*")]
         raise UserError(f"model.backbone.weights: '{weights}' is not a tag of {arch}; "
                         f"valid: imagenet, none, a file path, {', '.join(t.split('.', 1)[1] for t in tags) or '(none)'}")
     return name
+
+
+def _pretrained_cfg(name: str):
+    try:
+        return timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # timm raises for a tag its architecture does not have
+        return None
 
 
 def hub_state_dict(tagged_name: str, download: bool = True) -> dict[str, torch.Tensor]:

@@ -4,20 +4,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import mlflow
-import pytest
-import yaml
-
+# Before anything imports huggingface_hub or torch.hub: they read these once, at import.
 _CACHE = Path(tempfile.mkdtemp(prefix="pipeline-test-cache-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = str(_CACHE / "huggingface")
+os.environ["HF_HUB_CACHE"] = str(_CACHE / "huggingface" / "hub")
+os.environ["TORCH_HOME"] = str(_CACHE / "torch")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-
-def pytest_configure(config):
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_HOME"] = str(_CACHE / "huggingface")
-    os.environ["HF_HUB_CACHE"] = str(_CACHE / "huggingface" / "hub")
-    os.environ["TORCH_HOME"] = str(_CACHE / "torch")
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ.setdefault("TQDM_DISABLE", "1")
+import mlflow  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,120 @@
+"""`pipeline run` end to end on the synthetic shapes data, read back from a real MLflow sqlite store."""
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from pipeline import checkpoint, stages
+from pipeline.cli import main
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_run_trains_and_logs_everything(task_file, uri: str, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow artifacts go under ./mlruns
+    path = task_file(train={"epochs": 3, "lr": 2e-3}, tracking={"uri": uri, "log_model": True})
+    result = stages.run(path, ("finetune.freeze=[stem]",), say=lambda *_: None)
+    client = MlflowClient(uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "tiny"
+    assert run.info.run_name.startswith("resnet18-")
+    params = run.data.params
+    assert params["model.backbone.name"] == "resnet18" and params["train.lr"] == "0.002"
+    assert params["finetune.freeze"] == "['stem']"
+    tags = run.data.tags
+    assert tags["task"] == "classification" and tags["backbone"] == "resnet18" and tags["depth"] == "18"
+    assert tags["weights"] == "none" and tags["num_classes"] == "6" and tags["device"] == "cpu"
+    assert tags["frozen_stages"] == "stem" and int(tags["trainable_params"]) < int(tags["num_params"])
+    assert tags["precision"] in ("bf16", "fp32")
+    # per-epoch metrics at steps 1..3, per-step loss and one lr per group
+    top1 = client.get_metric_history(result.run_id, "val/top1")
+    assert [m.step for m in top1] == [1, 2, 3]
+    for key in ("val/top5", "val/loss", "train/throughput", "epoch_time", "best/top1"):
+        assert client.get_metric_history(result.run_id, key), key
+    losses = client.get_metric_history(result.run_id, "train/loss")
+    assert len(losses) >= 3
+    assert losses[-1].value < losses[0].value  # it learns
+    for group in ("layer1", "layer4", "head"):
+        assert client.get_metric_history(result.run_id, f"lr/{group}")
+    assert not client.get_metric_history(result.run_id, "lr/stem")  # frozen: no group
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "param_groups.txt", "report", "checkpoints"} <= artifacts
+    assert {a.path for a in client.list_artifacts(result.run_id, "report")} == \
+           {"report/confusion_matrix.png", "report/per_class_accuracy.csv"}
+    # the logged model is linked to the run and predicts like the best checkpoint
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert [m.source_run_id for m in models] == [result.run_id]
+    saved = yaml.safe_load((result.output_dir / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 3
+    best = checkpoint.load(result.output_dir / checkpoint.BEST)
+    assert best["fit"]["best"] == pytest.approx(result.best)
+    assert best["info"]["classes"] == ["circle", "cross", "hexagon", "square", "star", "triangle"]
+
+
+def test_resume_continues_the_same_run(task_file, uri: str, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = task_file(train={"epochs": 3})
+    first = stages.run(path, ("train.epochs=2",), say=lambda *_: None)
+    ckpt = checkpoint.load(first.output_dir / checkpoint.LAST)
+    assert ckpt["fit"]["epoch"] == 2 and ckpt["run_id"] == first.run_id
+    # the run was interrupted before epoch 3: resume finishes it in the same MLflow run
+    result = run_cli("run", str(path), "--resume")
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.output and "after epoch 2" in result.output
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == first.run_id and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(first.run_id, "val/top1")] == [1, 2, 3]
+    assert checkpoint.load(first.output_dir / checkpoint.LAST)["fit"]["epoch"] == 3
+
+
+def test_seeded_cpu_runs_repeat(task_file, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = task_file(train={"epochs": 1, "precision": "fp32"})
+    a = stages.run(path, ("train.output_dir=" + str(tmp_path / "a"),), say=lambda *_: None)
+    b = stages.run(path, ("train.output_dir=" + str(tmp_path / "b"),), say=lambda *_: None)
+    wa = checkpoint.load(a.output_dir / checkpoint.LAST)["model"]
+    wb = checkpoint.load(b.output_dir / checkpoint.LAST)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("data.root=/nonexistent/images", "/nonexistent/images"),
+    ("model.backbone.name=resnet1800", "model.backbone.name: 'resnet1800' is not a timm model"),
+    ("model.backbone.weights=/nonexistent/w.pth", "'/nonexistent/w.pth' not found"),
+    ("finetune.freeze=[layer9]", "finetune.freeze: unknown stage 'layer9'"),
+    ("tracking.uri=http://127.0.0.1:9", "tracking server http://127.0.0.1:9 is not reachable"),
+])
+def test_user_errors_are_one_line_and_mark_the_run_failed(task_file, uri, tmp_path, monkeypatch, override, expected):
+    monkeypatch.chdir(tmp_path)
+    path = task_file()
+    result = CliRunner().invoke(main, ["run", str(path), override])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0], result.output
+    assert "Traceback" not in result.output
+    if "tracking" in override or "backbone.name" in override:
+        return  # fails before a run is opened
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])[0]
+    assert run.info.status == "FAILED" and expected in run.data.tags["error"]
+
+
+def test_weights_file_that_is_not_a_state_dict(task_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"hello": "world"}, tmp_path / "bad.pth")
+    result = CliRunner().invoke(main, ["run", str(task_file()), f"model.backbone.weights={tmp_path / 'bad.pth'}"])
+    assert result.exit_code == 1 and "holds no state_dict" in result.output
+
+
+def test_debug_flag_shows_the_traceback(task_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["--debug", "run", str(task_file()), "data.root=/nonexistent"])
+    assert result.exit_code == 1 and "Traceback" in result.output
