@@ -1,4 +1,6 @@
 """Fine-tuning control: freezing holds (weights and BN statistics), groups carry the right lr, unfreezing works."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -169,3 +171,53 @@ def test_group_table_lists_every_part():
     lines = table.splitlines()
     assert lines[0].split() == ["part", "params", "trainable", "lr", "weight_decay"]
     assert "from epoch 3" in lines[1] and lines[-1].startswith("head")
+
+
+def test_run_from_a_state_dict_keeps_frozen_tensors_and_lr_ratios(task_file, uri, tmp_path, monkeypatch):
+    """The issue's acceptance check, end to end through `pipeline run` and MLflow."""
+    import timm
+    from mlflow import MlflowClient
+
+    from pipeline import checkpoint, stages
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(1)
+    source = timm.create_model("resnet18", num_classes=1000).state_dict()
+    torch.save(source, tmp_path / "resnet18.pth")
+    path = task_file(model={"backbone": {"name": "resnet18", "weights": str(tmp_path / "resnet18.pth")}},
+                     train={"epochs": 2, "lr": 1e-2, "warmup_epochs": 0.5})
+    result = stages.run(path, ("finetune.freeze=[stem,layer1,layer2]", "finetune.bn=frozen",
+                               "finetune.layer_decay=0.5"), say=lambda *_: None)
+    client = MlflowClient(uri)
+    local = client.download_artifacts(result.run_id, "checkpoints/best.pt", str(tmp_path / "dl"))
+    logged = {k.removeprefix("backbone.body."): v for k, v in checkpoint.load(Path(local))["model"].items()}
+    frozen = [k for k in source if k.startswith(("conv1.", "bn1.", "layer1.", "layer2."))]
+    assert frozen and all(torch.equal(logged[k], source[k]) for k in frozen)  # weights and BN running stats
+    assert not torch.equal(logged["layer4.1.conv2.weight"], source["layer4.1.conv2.weight"])
+    assert not torch.equal(logged["layer4.1.bn2.running_var"], source["layer4.1.bn2.running_var"])
+    history = {g: [m.value for m in client.get_metric_history(result.run_id, f"lr/{g}")]
+               for g in ("layer4", "layer3", "head")}
+    assert len(history["head"]) >= 3
+    for l4, l3, head in zip(history["layer4"], history["layer3"], history["head"]):
+        assert l4 / head == pytest.approx(0.5) and l3 / head == pytest.approx(0.25)
+    assert not client.get_metric_history(result.run_id, "lr/layer2")
+    tags = client.get_run(result.run_id).data.tags
+    assert tags["frozen_stages"] == "stem,layer1,layer2" and tags["weights"] == str(tmp_path / "resnet18.pth")
+
+
+def test_gradual_unfreezing_in_a_run(task_file, uri, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from pipeline import stages
+
+    monkeypatch.chdir(tmp_path)
+    said = []
+    path = task_file(train={"epochs": 2, "log_every": 1})
+    result = stages.run(path, ("finetune.freeze=all", "finetune.unfreeze={layer4: 2}"), say=said.append)
+    assert any("epoch 2: unfreezing layer4" in line for line in said)
+    client = MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(result.run_id, "unfreeze/layer4")] == [2]
+    steps_per_epoch = 3  # 60 images, batch 16, last batch dropped
+    layer4 = client.get_metric_history(result.run_id, "lr/layer4")
+    assert layer4 and min(m.step for m in layer4) > steps_per_epoch
+    assert min(m.step for m in client.get_metric_history(result.run_id, "lr/head")) == 1
