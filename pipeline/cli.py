@@ -17,7 +17,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as err:
-            self._fail(ctx, f"error: {err}", err)
+            self._fail(ctx, f"error: {_one_line(err)}", err)
         except KeyboardInterrupt:
             click.echo("interrupted; checkpoints stay on disk, resume with --resume", err=True)
             sys.exit(130)
@@ -35,6 +35,14 @@ class _Group(click.Group):
             traceback.print_exception(err)
         click.echo(message, err=True)
         sys.exit(1)
+
+
+def _one_line(err: UserError) -> str:
+    # A UserError raised in a DataLoader worker comes back wrapped with the worker's traceback: keep its message.
+    text = str(err)
+    if "Original Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split("UserError: ", 1)[-1]
+    return text
 
 
 @click.group(cls=_Group)
@@ -74,11 +82,12 @@ def data() -> None:
 @data.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("data/shapes"), show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def synth(out: Path, seed: int) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing dataset.")
+def synth(out: Path, seed: int, overwrite: bool) -> None:
     """Write the synthetic shapes dataset (ImageFolder for classification)."""
     from pipeline.data import synth as synth_data
 
-    click.echo(f"wrote {synth_data.generate(out, seed=seed)}")
+    click.echo(f"wrote {synth_data.generate(out, seed=seed, overwrite=overwrite)}")
 
 
 @main.group()
@@ -94,3 +103,71 @@ def pull(names: tuple[str, ...]) -> None:
 
     for path in W.pull(list(names)):
         click.echo(f"cached {path}")
+
+
+@main.command()
+@click.argument("task_file", type=click.Path(path_type=Path))
+@click.argument("args", nargs=-1, required=True)
+@click.option("--resume", is_flag=True, help="Reopen the same sweep and skip the runs it already FINISHED.")
+def sweep(task_file: Path, args: tuple[str, ...], resume: bool) -> None:
+    """Run TASK_FILE once per combination of swept values (key=v1,v2,...) under one parent MLflow run.
+
+    Arguments with one value (train.epochs=5) apply to every run.
+    """
+    from pipeline import sweep as sweep_runs
+
+    sweep_runs.run(task_file, args, resume=resume, say=click.echo)
+
+
+@main.command()
+@click.argument("experiment")
+@click.option("--metric", default=None, help="Metric to compare (default: the task's primary, e.g. val/top1).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder for the plots and runs.csv.")
+@click.option("--parent", default=None, help="Only the runs of the sweep with this parent run id.")
+@click.option("--uri", default=None, help="Tracking store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
+def compare(experiment: str, metric: str | None, out: Path | None, parent: str | None, uri: str | None) -> None:
+    """Table (and with --out, plots) of the runs of EXPERIMENT (a task file's name), sorted by depth."""
+    from pipeline import compare as compare_runs
+
+    compare_runs.run(experiment, uri=uri, metric=metric, out=out, parent=parent, say=click.echo)
+
+
+@main.command()
+@click.argument("source")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the predictions.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--top-k", type=int, default=5, show_default=True, help="Classes per image (classification).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps.")
+@click.option("--uri", default=None, help="Tracking store of a run id or models:/ SOURCE.")
+def predict(source: str, inputs: tuple[str, ...], out: Path, batch_size: int, top_k: int, device: str,
+            uri: str | None) -> None:
+    """Run SOURCE (a checkpoint, an MLflow run id or a models:/ URI) on INPUTS (images, folders, globs)."""
+    from pipeline import predict as predictor
+
+    predictor.run(source, list(inputs), out, uri=uri, batch_size=batch_size, top_k=top_k, device=device,
+                  say=click.echo)
+
+
+@main.command()
+@click.argument("source")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="File to write (default: <backbone>.onnx).")
+@click.option("--log-to-run", is_flag=True, help="Also log the file to the source's MLflow run (artifacts: export/).")
+@click.option("--uri", default=None, help="Tracking store of a run id or models:/ SOURCE.")
+def export(source: str, fmt: str, out: Path | None, log_to_run: bool, uri: str | None) -> None:
+    """Export SOURCE (a checkpoint, an MLflow run id or a models:/ URI) and check it against PyTorch."""
+    from pipeline import export as exporter
+
+    exporter.run(source, fmt, out, uri=uri, log_to_run=log_to_run, say=click.echo)
+
+
+@main.command()
+@click.option("--uri", default=None, help="Tracking store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=5000, show_default=True)
+def ui(uri: str | None, host: str, port: int) -> None:
+    """Start the MLflow UI on the tracking store (Ctrl-C stops it)."""
+    from pipeline import tracking
+
+    sys.exit(tracking.ui(uri, host=host, port=port, say=click.echo))

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline import backbones, checkpoint, config, engine, feature_cache, finetune, tracking
+from pipeline import backbones, checkpoint, config, engine, feature_cache, finetune, profile, tracking
 from pipeline.data import synth
+from pipeline.data.transforms import reseed_worker
 from pipeline.errors import UserError
 from pipeline.tasks import TASKS
 
@@ -31,7 +32,9 @@ class RunResult:
     wall_time: float
 
 
-def run(task_file: str | Path, overrides: tuple[str, ...] = (), resume: bool = False, say=print) -> RunResult:
+def run(task_file: str | Path, overrides: tuple[str, ...] = (), resume: bool = False, say=print,
+        parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> RunResult:
+    """Run one task file. A sweep passes `parent_run_id` (the run nests under it) and `tags` (its swept values)."""
     started = time.perf_counter()
     # 1. prepare: config, output folder, tracking store
     cfg = config.load(task_file, overrides)
@@ -45,8 +48,10 @@ def run(task_file: str | Path, overrides: tuple[str, ...] = (), resume: bool = F
     backbones.check_name(backbone_name)
     tracker = tracking.Tracker.start(
         uri, experiment, run_name=f"{backbone_name}-{datetime.now():%Y%m%d-%H%M%S}",
-        params=tracking.flatten(cfg.model_dump(mode="json")), tags=_early_tags(cfg, task_file),
-        run_id=last["run_id"] if last else None)
+        # depth as a param too: MLflow's parallel-coordinates chart offers params and metrics, not tags
+        params={**tracking.flatten(cfg.model_dump(mode="json")), "depth": str(backbones.depth(backbone_name) or "")},
+        tags={**_early_tags(cfg, task_file), **(tags or {})},
+        run_id=last["run_id"] if last else None, parent_run_id=parent_run_id)
     with tracker:  # FAILED / KILLED with the error as a tag on any exception
         result = _run(cfg, task, task_file, output_dir, tracker, last, say)
     result.wall_time = time.perf_counter() - started
@@ -56,6 +61,8 @@ def run(task_file: str | Path, overrides: tuple[str, ...] = (), resume: bool = F
 
 
 def _run(cfg, task, task_file, output_dir: Path, tracker: tracking.Tracker, last: dict | None, say) -> RunResult:
+    if last is None and (output_dir / checkpoint.LAST).exists():
+        say(f"note: {output_dir} holds an earlier run's checkpoints; this run replaces them (--resume continues it)")
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(config.to_yaml(cfg))
     tracker.log_artifact(output_dir / "config.yaml")
@@ -91,7 +98,7 @@ def _run(cfg, task, task_file, output_dir: Path, tracker: tracking.Tracker, last
     table = finetune.group_table(groups, plan, model)
     say(table)
     tracker.log_text(table + "\n", "param_groups.txt")
-    tracker.set_tags(_model_tags(model, info, device, precision, plan))
+    tracker.set_tags(_model_tags(model, info, device, precision, plan, cfg.data.image_size))
 
     train_loader, val_loader = _loaders(train_ds, val_ds, cfg.data.batch_size, cfg.data.num_workers, device, cfg.seed)
     if len(train_loader) == 0:
@@ -168,7 +175,8 @@ def seed_everything(seed: int) -> None:
 
 def _loaders(train_ds, val_ds, batch_size: int, num_workers, device: torch.device, seed: int):
     workers = auto_workers(device) if num_workers == "auto" else num_workers
-    common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0}
+    common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
+              "worker_init_fn": reseed_worker}
     generator = torch.Generator().manual_seed(seed)
     train = DataLoader(train_ds, batch_size=batch_size, shuffle=True, drop_last=len(train_ds) > batch_size,
                        generator=generator, **common)
@@ -193,9 +201,10 @@ def _early_tags(cfg, task_file) -> dict[str, str]:
             "weights": cfg.model.backbone.weights}
 
 
-def _model_tags(model, info, device, precision, plan) -> dict[str, str]:
+def _model_tags(model, info, device, precision, plan, image_size: int) -> dict[str, str]:
     frozen = [s for s in plan.parts if s in plan.frozen]
-    return {"num_params": str(sum(p.numel() for p in model.parameters())),
+    # gflops: multiply-accumulates per image at the task's input size (see profile.gflops), for depth comparisons
+    return {"num_params": str(profile.num_params(model)), "gflops": f"{profile.gflops(model, image_size):.4f}",
             "trainable_params": str(finetune.trainable_params(model)),
             "frozen_stages": ",".join(frozen) or "none", "num_classes": str(info.get("num_classes", "")),
             "weights": model.backbone.weights, "device": str(device), "precision": precision}

@@ -7,7 +7,9 @@ downloaded with short timeouts. Every failure is a `UserError` naming the weight
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -49,16 +51,36 @@ def hub_state_dict(tagged_name: str, download: bool = True) -> dict[str, torch.T
 
 
 def hub_file(tagged_name: str, download: bool = True) -> Path:
-    cfg = timm.models.get_pretrained_cfg(tagged_name)
+    cfg = _pretrained_cfg(tagged_name)
     cached = _cached_file(cfg)
     if cached is not None:
         return cached
     if not download or os.environ.get("HF_HUB_OFFLINE") == "1":
         raise _missing(tagged_name, "not in the local cache and downloads are off")
+    host = _host(cfg)
+    if not _reachable(host):
+        # huggingface_hub would retry with back-off for a minute before giving up on a machine without a network.
+        raise _missing(tagged_name, f"not in the local cache and {host} is not reachable")
     try:
         return _download(cfg)
     except Exception as err:  # any network or hub failure means the same to the user: no weights here
         raise _missing(tagged_name, f"download failed: {' '.join(str(err).split())[:160]}") from None
+
+
+def _host(cfg) -> str:
+    if cfg.hf_hub_id:
+        from huggingface_hub import constants
+
+        return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    return urlparse(cfg.url).hostname or ""
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _cached_file(cfg) -> Path | None:

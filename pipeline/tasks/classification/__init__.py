@@ -50,8 +50,8 @@ def build_data(data: ClassificationData, *, mean, std, seed: int):
     train_spec, val_spec = default_transforms(data.image_size)
     train_spec = data.train_transforms if data.train_transforms is not None else train_spec
     val_spec = data.val_transforms if data.val_transforms is not None else val_spec
-    train_tf = build_transforms(train_spec, field="data.train_transforms", mean=mean, std=std)
-    val_tf = build_transforms(val_spec, field="data.val_transforms", mean=mean, std=std)
+    train_tf = build_transforms(train_spec, field="data.train_transforms", mean=mean, std=std, seed=seed)
+    val_tf = build_transforms(val_spec, field="data.val_transforms", mean=mean, std=std, seed=seed)
     train_ds, val_ds, classes = build_datasets(
         Path(data.root), data.format, val_fraction=data.val_fraction, seed=seed, train_transform=train_tf,
         val_transform=val_tf, skip_bad_images=data.skip_bad_images, download=data.download)

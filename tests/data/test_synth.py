@@ -1,0 +1,102 @@
+import hashlib
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data import synth
+from pipeline.errors import UserError
+
+
+def _digest(root):
+    sha = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            sha.update(str(path.relative_to(root)).encode())
+            sha.update(path.read_bytes())
+    return sha.hexdigest()
+
+
+def test_layout_and_counts(tmp_path):
+    root = synth.generate(tmp_path / "shapes", image_size=32, train_per_class=3, val_per_class=2)
+    assert root == tmp_path / "shapes" / "classification"
+    assert "shapes" in (tmp_path / "shapes" / "README.txt").read_text()
+    for split, count in (("train", 3), ("val", 2)):
+        assert sorted(p.name for p in (root / split).iterdir()) == sorted(synth.SHAPES)
+        for kind in synth.SHAPES:
+            files = sorted((root / split / kind).glob("*.png"))
+            assert len(files) == count
+            with Image.open(files[0]) as img:
+                assert img.mode == "RGB" and img.size == (32, 32)
+    assert not list(tmp_path.glob("shapes/.*"))  # no scratch folder left behind
+
+
+def test_same_seed_gives_identical_bytes_and_other_seed_differs(tmp_path):
+    args = dict(image_size=32, train_per_class=2, val_per_class=1)
+    first = _digest(synth.generate(tmp_path / "a", seed=3, **args))
+    again = _digest(synth.generate(tmp_path / "b", seed=3, **args))
+    other = _digest(synth.generate(tmp_path / "c", seed=4, **args))
+    assert first == again
+    assert first != other
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    synth.generate(tmp_path, image_size=16, train_per_class=1, val_per_class=1)
+    with pytest.raises(UserError, match="already exists"):
+        synth.generate(tmp_path, image_size=16, train_per_class=1, val_per_class=1)
+    synth.generate(tmp_path, image_size=16, train_per_class=2, val_per_class=1, overwrite=True)
+    assert len(list((tmp_path / "classification" / "train" / "star").iterdir())) == 2
+
+
+def test_ensure_generates_only_when_missing(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(synth, "generate", lambda out, seed, overwrite: calls.append(out))
+    (tmp_path / "have" / "classification" / "train").mkdir(parents=True)
+    assert synth.ensure(tmp_path / "have") == tmp_path / "have" / "classification"
+    assert calls == []
+    synth.ensure(tmp_path / "missing")
+    assert calls == [tmp_path / "missing"]
+
+
+def test_mean_colour_does_not_predict_the_class(tmp_path):
+    root = synth.generate(tmp_path, image_size=32, train_per_class=40, val_per_class=1)
+    means = {kind: np.stack([np.asarray(Image.open(p), dtype=np.float64).mean(axis=(0, 1))
+                             for p in sorted((root / "train" / kind).glob("*.png"))])
+             for kind in synth.SHAPES}
+    class_means = np.stack([m.mean(axis=0) for m in means.values()])
+    within_spread = np.mean([m.std(axis=0).mean() for m in means.values()])
+    between_spread = class_means.std(axis=0).mean()
+    assert between_spread < 0.25 * within_spread
+    # A nearest-class-mean classifier on mean RGB stays near chance (1/6).
+    hits = sum(int(np.argmin(np.linalg.norm(class_means - x, axis=1)) == label)
+               for label, m in enumerate(means.values()) for x in m)
+    assert hits / (40 * len(synth.SHAPES)) < 0.35
+
+
+@pytest.mark.parametrize("kind", synth.SHAPES)
+def test_draw_shape_returns_polygon_and_box_matching_the_pixels(kind):
+    background = np.zeros((64, 64, 3), dtype=np.uint8)
+    image, drawn = synth.draw_shape(background, kind, center=(30.0, 34.0), radius=20.0, angle=0.3,
+                                    color=(255, 255, 255))
+    assert background.max() == 0  # input untouched
+    polygon = np.array(drawn.polygon)
+    x, y, w, h = drawn.bbox
+    assert np.all(polygon >= np.array([x, y]) - 1e-9) and np.all(polygon <= np.array([x + w, y + h]) + 1e-9)
+    assert np.linalg.norm(polygon - [30, 34], axis=1).max() == pytest.approx(20.0)
+    # Painted area (anti-aliased coverage) matches the polygon's shoelace area.
+    xs, ys = polygon[:, 0], polygon[:, 1]
+    area = 0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1)))
+    assert image[:, :, 0].sum() / 255.0 == pytest.approx(area, rel=0.03)
+    assert tuple(image[34, 30]) == (255, 255, 255)
+    rows, cols = np.nonzero(image[:, :, 0])
+    assert cols.min() >= math.floor(x) and cols.max() <= math.ceil(x + w)
+    assert rows.min() >= math.floor(y) and rows.max() <= math.ceil(y + h)
+
+
+def test_shapes_are_clearly_lighter_than_their_background():
+    for index in range(50):
+        rng = np.random.default_rng(index)
+        shape, background = synth.random_colors(rng)
+        luma = np.array([0.299, 0.587, 0.114])
+        assert np.all(np.dot(shape, luma) - background @ luma >= synth.MIN_CONTRAST - 1e-6)
