@@ -217,5 +217,6 @@ def _summary(state: engine.FitState, metrics: dict, primary: str) -> str:
                      f"{h.get('train/throughput', 0):.0f}", f"{h.get('epoch_time', 0):.1f}s"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    extras = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val/") and isinstance(v, float))
+    extras = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                       if k.startswith("val/") and k.count("/") == 1 and isinstance(v, float))
     return "\n".join(lines + [f"best epoch {state.best_epoch}: {extras}"])

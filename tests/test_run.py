@@ -36,7 +36,8 @@ def test_run_trains_and_logs_everything(task_file, uri: str, tmp_path: Path, mon
     # per-epoch metrics at steps 1..3, per-step loss and one lr per group
     top1 = client.get_metric_history(result.run_id, "val/top1")
     assert [m.step for m in top1] == [1, 2, 3]
-    for key in ("val/top5", "val/loss", "train/throughput", "epoch_time", "best/top1"):
+    for key in ("val/top5", "val/loss", "val/acc/circle", "val/mean_class_acc", "train/throughput", "epoch_time",
+                "best/top1"):
         assert client.get_metric_history(result.run_id, key), key
     losses = client.get_metric_history(result.run_id, "train/loss")
     assert len(losses) >= 3

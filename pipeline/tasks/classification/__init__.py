@@ -1,6 +1,7 @@
 """Image classification: backbone -> global average pool -> dropout -> linear head; top-1 / top-5 / loss metrics."""
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
@@ -36,6 +37,12 @@ class Config(TaskConfig):
 
 
 PRIMARY = "val/top1"
+MAX_PER_CLASS_METRICS = 50
+
+
+def _metric_name(name: str) -> str:
+    # MLflow metric keys allow letters, digits and _ - . / and spaces.
+    return re.sub(r"[^A-Za-z0-9_\-. ]", "_", name)
 
 
 def default_transforms(image_size: int) -> tuple[list[dict], list[dict]]:
@@ -138,6 +145,8 @@ class Evaluator:
         out = {PRIMARY: cm.diag().sum().item() / self.count, "val/top5": self._top5.item() / self.count,
                "val/loss": self._loss.item() / self.count, "val/mean_class_acc": sum(per_class) / len(per_class),
                "confusion": cm.numpy(), "per_class": dict(zip(self.classes, per_class))}
+        if self.num_classes <= MAX_PER_CLASS_METRICS:  # beyond that, the per-class CSV artifact is more readable
+            out.update({f"val/acc/{_metric_name(c)}": acc for c, acc in zip(self.classes, per_class)})
         return out
 
 
