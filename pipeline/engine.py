@@ -164,7 +164,7 @@ def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torc
                     schedule: Schedule, scaler: torch.amp.GradScaler | None, state: FitState, s: StepSettings,
                     log: LogFn, desc: str = "") -> dict[str, float]:
     model.train()
-    steps_per_epoch = len(loader) // s.accum_steps
+    steps_per_epoch = -(-len(loader) // s.accum_steps)
     total_loss = torch.zeros((), device=s.device)
     window_loss = torch.zeros((), device=s.device)
     window, images, nonfinite, micro = 0, 0, 0, 0
@@ -190,12 +190,12 @@ def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torc
         window_loss += detached
         window += 1
         images += batch_len(batch)
-        if micro % s.accum_steps:
-            continue
+        if micro % s.accum_steps and micro != len(loader):
+            continue  # accumulate; the epoch's last batch steps even with a partial accumulation
         schedule.apply(optimizer, state.step)
         _optimizer_step(model, optimizer, scaler, s.clip_grad_norm)
         state.step += 1
-        if state.step % s.log_every == 0 or micro == len(loader):
+        if window and (state.step % s.log_every == 0 or micro == len(loader)):
             mean = (window_loss / window).item()  # the only read of device values in the loop
             rate = images / (time.perf_counter() - start)
             lrs = _stage_lrs(optimizer)

@@ -116,7 +116,7 @@ def _run(cfg, task, task_file, output_dir: Path, tracker: tracking.Tracker, last
         model.input_is_features = True
         say(f"cached backbone features of {len(train_loader.dataset)} train / {len(val_loader.dataset)} val images "
             f"in {time.perf_counter() - started:.1f}s; the head trains on them")
-    steps_per_epoch = len(train_loader) // t.accum_steps
+    steps_per_epoch = -(-len(train_loader) // t.accum_steps)  # the last, partial accumulation steps too
     schedule = engine.make_schedule(t.schedule, t.epochs, steps_per_epoch, t.warmup_epochs, t.min_lr_ratio,
                                     t.step_milestones, t.step_gamma, t.poly_power)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
