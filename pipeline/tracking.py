@@ -11,6 +11,8 @@ import importlib.metadata
 import logging
 import os
 import ssl
+import subprocess
+import sys
 import time
 import traceback
 import urllib.error
@@ -18,6 +20,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -171,6 +174,14 @@ class Tracker:
         client.update_run(run_id, status="RUNNING")
         return cls(client, run_id, run.info.experiment_id)
 
+    @classmethod
+    def attach(cls, uri: str, run_id: str) -> Tracker:
+        """An existing run, to add artifacts or tags to it (compare plots, exported models) without changing its
+        status: unlike `start(run_id=...)` it is not set back to RUNNING. Do not use it as a `with` block."""
+        check_reachable(uri)
+        run = get_run(uri, run_id)
+        return cls(mlflow.MlflowClient(uri), run.run_id, run.experiment_id)
+
     @property
     def run_id(self) -> str:
         return self._run_id
@@ -321,3 +332,113 @@ def _model_requirements(serialization: str) -> list[str]:
     packages = MODEL_REQUIREMENTS + (("cloudpickle",) if serialization == "pickle" else ())
     # local version labels (`2.5.1+cpu`) are not on PyPI: pin the public version
     return [f"{pkg}=={importlib.metadata.version(pkg).split('+')[0]}" for pkg in packages]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading runs back: sweep --resume, compare, predict, export
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run as stored, in plain Python values, so that callers never handle MLflow's types."""
+
+    run_id: str
+    name: str
+    experiment_id: str
+    status: str
+    start_time: float | None  # seconds since the epoch
+    end_time: float | None
+    params: dict[str, str]
+    tags: dict[str, str]
+    metrics: dict[str, float]  # the latest value of each metric
+
+    @property
+    def parent_run_id(self) -> str | None:
+        return self.tags.get(MLFLOW_PARENT_RUN_ID)
+
+    @property
+    def wall_time(self) -> float | None:
+        """Seconds from start to end; None while the run has not ended."""
+        return self.end_time - self.start_time if self.end_time and self.start_time else None
+
+
+def _record(run: Any) -> RunRecord:
+    info, data = run.info, run.data
+    return RunRecord(run_id=info.run_id, name=info.run_name or "", experiment_id=info.experiment_id,
+                     status=info.status, start_time=info.start_time / 1000 if info.start_time else None,
+                     end_time=info.end_time / 1000 if info.end_time else None, params=dict(data.params),
+                     tags=dict(data.tags), metrics=dict(data.metrics))
+
+
+def get_run(uri: str, run_id: str) -> RunRecord:
+    try:
+        return _record(mlflow.MlflowClient(uri).get_run(run_id))
+    except MlflowException as e:
+        raise UserError(f"run '{run_id}' is not in tracking store {uri}; check the run id, or point --uri / "
+                        "MLFLOW_TRACKING_URI at the store that holds it") from e
+
+
+def search_runs(uri: str, experiment: str, parent_run_id: str | None = None) -> list[RunRecord]:
+    """Every active run of `experiment` (only the children of `parent_run_id` when given), oldest first."""
+    check_reachable(uri)
+    client = mlflow.MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None or found.lifecycle_stage == "deleted":
+        names = sorted(e.name for e in client.search_experiments())
+        raise UserError(f"experiment '{experiment}' is not in tracking store {uri}; experiments there: "
+                        f"{', '.join(names) or 'none'} (or point --uri / MLFLOW_TRACKING_URI at another store)")
+    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'" if parent_run_id else ""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([found.experiment_id], query, order_by=["attributes.start_time ASC"],
+                                  page_token=token)
+        runs += [_record(r) for r in page]
+        token = page.token
+        if not token:
+            return runs
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every logged value of `key`, in step order; empty when the run never logged it."""
+    history = mlflow.MlflowClient(uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in history)
+
+
+def download_artifact(uri: str, run_id: str, artifact_path: str, dst_dir: str | Path) -> Path:
+    """Copy one artifact file of a run into `dst_dir`; a `UserError` names what the run holds when it is missing."""
+    client = mlflow.MlflowClient(uri)
+    folder = str(Path(artifact_path).parent) if "/" in artifact_path else None
+    present = [a.path for a in client.list_artifacts(run_id, folder)]
+    if artifact_path not in present:
+        raise UserError(f"run {run_id} has no artifact '{artifact_path}' ({folder or 'its root'} holds: "
+                        f"{', '.join(present) or 'nothing'}); the run may have failed before saving it, be a sweep's "
+                        "parent, or have run with tracking.log_checkpoint: false")
+    return Path(client.download_artifacts(run_id, artifact_path, str(dst_dir)))
+
+
+def model_source_run(uri: str, model_uri: str) -> str:
+    """The id of the run that logged the model at `model_uri` (`models:/m-...`, `models:/name/1`, `models:/name@a`)."""
+    try:
+        with _process_tracking_uri(uri):  # `models:/` URIs resolve against the process-wide store
+            run_id = mlflow.models.get_model_info(model_uri).run_id
+    except MlflowException as e:
+        raise UserError(f"model '{model_uri}' is not in tracking store {uri}; check the URI (the run's Artifacts / "
+                        "Logged models tab shows it), or point --uri / MLFLOW_TRACKING_URI at its store") from e
+    if not run_id:
+        raise UserError(f"model '{model_uri}' is linked to no run, so its config and classes are unknown; pass the "
+                        "run id or a checkpoint path instead")
+    return run_id
+
+
+def ui(uri: str | None, host: str = "127.0.0.1", port: int = 5000, say=print) -> int:
+    """Run `mlflow ui` on the store (`uri`, else as `resolve_uri`) until stopped; returns its exit code.
+
+    A tracking server serves its own UI, so for an http(s) store there is nothing to start.
+    """
+    uri = resolve_uri(uri)
+    if urllib.parse.urlparse(uri).scheme in ("http", "https"):
+        raise UserError(f"tracking store {uri} is a server, which serves the UI itself: open {uri} in a browser")
+    check_reachable(uri)
+    say(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl-C stops it)")
+    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                            "--host", host, "--port", str(port)])
