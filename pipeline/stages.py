@@ -158,6 +158,8 @@ def _run(cfg, task, task_file, output_dir: Path, tracker: tracking.Tracker, last
         tracker.log_artifact(output_dir / checkpoint.BEST, "checkpoints")
     if plan.cache_features:
         model.input_is_features = False  # the exported model takes images
+    # Inference needs no grad switching; torch.export would record it and the logged graph would not load.
+    model.backbone.no_grad_stages = 0
     if cfg.tracking.log_model:
         say("logging the model to MLflow ...")
         model.to("cpu", memory_format=torch.contiguous_format).float().eval()

@@ -36,6 +36,8 @@ def trained(tmp_path_factory, empty_store: Path, shapes: Path):
         "data": {"root": str(shapes), "image_size": 32, "batch_size": 64, "num_workers": 0,
                  "val_transforms": [{"name": "Resize", "height": 32, "width": 32}]},
         "model": {"backbone": {"name": "resnet18", "weights": "none"}},
+        # A frozen prefix trains under no_grad: the logged model must still export and load.
+        "finetune": {"freeze": ["stem", "layer1"]},
         "train": {"epochs": 1, "output_dir": str(folder / "out")},
         "tracking": {"uri": uri, "log_model": True}}))
     with pytest.MonkeyPatch.context() as mp:
