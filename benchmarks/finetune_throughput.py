@@ -39,7 +39,7 @@ def measure(model: Classifier, freeze, cached: bool, args, settings: engine.Step
     loss = lambda m, b: {"ce": torch.nn.functional.cross_entropy(m(b[0]).float(), b[1])}  # noqa: E731
     state = engine.FitState()
     schedule = engine.Schedule("constant", steps)
-    engine.train_one_epoch(model, loss, loader[:2], opt, schedule, None, state, settings, log=lambda *a: None)  # warm
+    engine.train_one_epoch(model, loss, loader[:3], opt, schedule, None, state, settings, log=lambda *a: None)  # warm
     start = time.perf_counter()
     engine.train_one_epoch(model, loss, loader, opt, schedule, None, state, settings, log=lambda *a: None)
     return steps * args.batch / (time.perf_counter() - start)
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--precision", default="auto")
     args = parser.parse_args()
     device = engine.resolve_device("auto")
