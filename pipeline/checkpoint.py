@@ -12,11 +12,15 @@ import torch
 from pipeline.errors import UserError
 
 LAST = "last.pt"
+PREVIOUS = "last.prev.pt"  # the checkpoint before `last.pt`, kept so a damaged last one never ends a run
 BEST = "best.pt"
 
 
-def save(state: dict, path: Path) -> None:
-    """A reader sees the old file or the new one, never half of one: a crash mid-write leaves the old checkpoint."""
+def save(state: dict, path: Path, keep_previous: bool = False) -> None:
+    """A reader sees the old file or the new one, never half of one: a crash mid-write leaves the old checkpoint.
+
+    With `keep_previous`, the file being replaced is kept as `last.prev.pt` (see `load_resumable`).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -24,6 +28,8 @@ def save(state: dict, path: Path) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, path.parent / PREVIOUS)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -38,6 +44,17 @@ def load(path: Path) -> dict:
     except Exception as err:  # truncated or foreign files fail in many ways
         raise UserError(f"checkpoint '{path}' is unreadable ({' '.join(str(err).split())[:120]}); "
                         f"delete it to start over") from None
+
+
+def load_resumable(folder: Path, say=print) -> dict:
+    """The newest complete checkpoint in `folder`: `last.pt`, else (missing, truncated, corrupt) `last.prev.pt`."""
+    try:
+        return load(folder / LAST)
+    except UserError as err:
+        if not (folder / PREVIOUS).exists():
+            raise
+        say(f"warning: {err}; resuming from the previous checkpoint {folder / PREVIOUS} instead")
+        return load(folder / PREVIOUS)
 
 
 def rng_state() -> dict:

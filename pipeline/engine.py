@@ -329,6 +329,6 @@ def _save(f: Fit, state: FitState, best: bool) -> None:
         "rng": checkpoint.rng_state(),
         **f.extra,
     }
-    checkpoint.save(ckpt, f.output_dir / checkpoint.LAST)
+    checkpoint.save(ckpt, f.output_dir / checkpoint.LAST, keep_previous=True)
     if best:
         checkpoint.save({"model": model_state, "fit": state.as_dict(), **f.extra}, f.output_dir / checkpoint.BEST)

@@ -42,7 +42,7 @@ def run(task_file: str | Path, overrides: tuple[str, ...] = (), resume: bool = F
     experiment = cfg.tracking.experiment or Path(task_file).stem
     backbone_name = cfg.model.backbone.name
     output_dir = Path(cfg.train.output_dir or f"outputs/{experiment}/{backbone_name}")
-    last = checkpoint.load(output_dir / checkpoint.LAST) if resume else None
+    last = checkpoint.load_resumable(output_dir, say) if resume else None
     uri = tracking.resolve_uri(cfg.tracking.uri)
     tracking.check_reachable(uri)
     backbones.check_name(backbone_name)

@@ -119,3 +119,17 @@ def test_debug_flag_shows_the_traceback(task_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["--debug", "run", str(task_file()), "data.root=/nonexistent"])
     assert result.exit_code == 1 and "Traceback" in result.output
+
+
+def test_resume_survives_a_truncated_last_checkpoint(task_file, uri: str, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = task_file(train={"epochs": 3})
+    first = stages.run(path, ("train.epochs=2",), say=lambda *_: None)
+    last = first.output_dir / checkpoint.LAST
+    last.write_bytes(last.read_bytes()[:1000])
+    said = []
+    result = stages.run(path, resume=True, say=said.append)
+    assert result.run_id == first.run_id
+    assert any("after epoch 1" in line for line in said)  # epoch 2 is trained again from the previous checkpoint
+    assert checkpoint.load(last)["fit"]["epoch"] == 3
+    assert MlflowClient(uri).get_run(first.run_id).info.status == "FINISHED"
