@@ -92,16 +92,16 @@ def _group_stages(body: nn.Module, out_modules: list[str], reductions: list[int]
         # Hook- or getter-based extractors (EfficientNet, ViT) run as one piece: stages by parameter order.
         return names, _stages_by_param_order(body, out_modules, names), False
     groups: OrderedDict[str, list[nn.Module]] = OrderedDict((n, []) for n in names)
-    stage_iter = iter(names[-len(taps):])
-    current = names[0] if len(names) > len(taps) else None
+    stage_of_tap = dict(zip(taps, names[-len(taps):]))
+    pending: list[nn.Module] = []  # children since the previous tap
     for child_name, module in children:
-        if current is None or (current == "stem" and len(names) > len(taps) and child_name in taps):
-            current = next(stage_iter)
-        groups[current].append(module)
-        if child_name in taps:
-            current = next(stage_iter, None)
-        if current is None:
-            break
+        pending.append(module)
+        if child_name not in stage_of_tap:
+            continue
+        stage = stage_of_tap[child_name]
+        if stage == names[1] and len(names) > len(taps):
+            groups["stem"], pending = pending[:-1], pending[-1:]  # the children before the first tap
+        groups[stage], pending = pending, []
     return names, groups, True
 
 
