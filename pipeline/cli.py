@@ -21,12 +21,10 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted; checkpoints stay on disk, resume with --resume", err=True)
             sys.exit(130)
-        except MemoryError as err:
-            self._fail(ctx, "error: out of memory; lower data.batch_size or data.image_size (checkpoints kept)", err)
-        except RuntimeError as err:
-            if "out of memory" in str(err).lower():
-                self._fail(ctx, "error: out of memory; lower data.batch_size or data.image_size (checkpoints kept)",
-                           err)
+        except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+            if isinstance(err, MemoryError) or _is_oom(err):
+                self._fail(ctx, "error: out of memory; lower data.batch_size or data.image_size, or raise "
+                                "train.accum_steps to keep the effective batch (checkpoints so far are kept)", err)
             raise
 
     @staticmethod
@@ -35,6 +33,12 @@ class _Group(click.Group):
             traceback.print_exception(err)
         click.echo(message, err=True)
         sys.exit(1)
+
+
+def _is_oom(err: BaseException) -> bool:
+    # CUDA: torch.OutOfMemoryError ("CUDA out of memory"); CPU: "DefaultCPUAllocator: not enough memory".
+    text = str(err).lower()
+    return type(err).__name__ == "OutOfMemoryError" or "out of memory" in text or "not enough memory" in text
 
 
 def _one_line(err: UserError) -> str:

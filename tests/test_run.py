@@ -133,3 +133,42 @@ def test_resume_survives_a_truncated_last_checkpoint(task_file, uri: str, tmp_pa
     assert any("after epoch 1" in line for line in said)  # epoch 2 is trained again from the previous checkpoint
     assert checkpoint.load(last)["fit"]["epoch"] == 3
     assert MlflowClient(uri).get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_out_of_memory_says_what_to_do_and_marks_the_run_failed(task_file, uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from pipeline import engine
+
+    real = engine.train_one_epoch
+    calls = []
+
+    def second_epoch_oom(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 123456789 bytes.")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", second_epoch_oom)
+    path = task_file()
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 1
+    assert "error: out of memory; lower data.batch_size" in result.output and "Traceback" not in result.output
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])[0]
+    assert run.info.status == "FAILED" and "not enough memory" in run.data.tags["error"]
+    assert checkpoint.load(tmp_path / "out" / checkpoint.LAST)["fit"]["epoch"] == 1  # epoch 1 is kept
+
+
+def test_corrupt_image_is_named_and_can_be_skipped(task_file, shapes, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    import shutil
+
+    root = tmp_path / "imgs"
+    shutil.copytree(shapes, root)
+    bad = root / "val" / "circle" / "broken.png"  # every val image is read each epoch
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    path = task_file(data={"root": str(root)}, train={"epochs": 1, "output_dir": str(tmp_path / "o")})
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 1 and "broken.png" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["run", str(path), "data.skip_bad_images=true"])
+    assert result.exit_code == 0, result.output
