@@ -68,6 +68,8 @@ def _run(cfg, task, task_file, output_dir: Path, tracker: tracking.Tracker, last
     tracker.log_artifact(output_dir / "config.yaml")
     seed_everything(cfg.seed)
     device = engine.resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
     precision = engine.resolve_precision(cfg.train.precision, device)
 
     # 2. data
