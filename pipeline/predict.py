@@ -23,11 +23,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline import backbones, checkpoint, config, engine, stages, tracking
-from pipeline.data.images import read_rgb
+from pipeline.data.images import IMAGE_EXTENSIONS, read_rgb
 from pipeline.data.transforms import build_transforms
 from pipeline.errors import UserError
 from pipeline.tasks import TASKS
-from pipeline.tasks.classification.data import IMAGE_EXTENSIONS
 
 CHECKPOINT_ARTIFACT = "checkpoints/best.pt"
 # How many unreadable file names a skip message lists before "...".

@@ -31,6 +31,9 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
+# File types every dataset adapter and `pipeline predict` pick up (compared lower-case).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+
 def read_rgb(path: str | Path) -> np.ndarray:
     """Decode `path` fully and return its pixels as an (H, W, 3) uint8 array."""
     path = Path(path)

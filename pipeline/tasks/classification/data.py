@@ -23,12 +23,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.data.images import read_rgb
+from pipeline.data.images import IMAGE_EXTENSIONS, read_rgb
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 FORMATS = ("imagefolder", "cifar10", "cifar100")
 
 # An albumentations Compose (or anything called as transform(image=hwc_uint8) -> {"image": tensor}).
