@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline import backbones, checkpoint, config, engine, feature_cache, finetune, profile, tracking
-from pipeline.data import synth
+from pipeline.data import shapes
 from pipeline.data.transforms import reseed_worker
 from pipeline.errors import UserError
 from pipeline.tasks import TASKS
@@ -74,7 +74,7 @@ def _run(cfg, task, task_file, output_dir: Path, tracker: tracking.Tracker, last
 
     # 2. data
     if cfg.data.synth_if_missing:
-        synth.ensure(Path(cfg.data.root).parent, seed=0)
+        shapes.ensure(Path(cfg.data.root).parent, task.SYNTH, seed=0)
     default_mean, default_std = backbones.pretrained_mean_std(cfg.model.backbone.name)
     train_ds, val_ds, info = task.build_data(cfg.data, mean=cfg.data.mean or default_mean,
                                              std=cfg.data.std or default_std, seed=cfg.seed)
@@ -165,7 +165,8 @@ def _run(cfg, task, task_file, output_dir: Path, tracker: tracking.Tracker, last
     if cfg.tracking.log_model:
         say("logging the model to MLflow ...")
         model.to("cpu", memory_format=torch.contiguous_format).float().eval()
-        tracker.log_model(model, task.example_input(cfg.data.image_size).numpy())
+        tracker.log_model(task.inference_module(model), task.example_input(cfg.data.image_size).numpy(),
+                          serialization=task.LOG_FORMAT)
     say(_summary(state, metrics, primary))
     return RunResult(run_id=tracker.run_id, output_dir=output_dir, best=metrics[primary], primary=primary,
                      metrics={k: v for k, v in metrics.items() if isinstance(v, float)}, wall_time=0.0)

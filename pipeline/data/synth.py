@@ -100,14 +100,6 @@ def generate(
     return target
 
 
-def ensure(out: Path, seed: int = 0) -> Path:
-    """Generate the default dataset under `out` unless it is already there; return the ImageFolder root."""
-    target = Path(out) / "classification"
-    if not (target / "train").is_dir():
-        generate(Path(out), seed=seed, overwrite=True)
-    return target
-
-
 def render_single_shape(rng: np.random.Generator, kind: str, image_size: int) -> tuple[np.ndarray, DrawnShape]:
     """One shape of `kind` at a random size, place, angle and colour on a random background."""
     shape_color, background_colors = random_colors(rng)

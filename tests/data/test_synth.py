@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import synth
+from pipeline.data import shapes, synth
 from pipeline.errors import UserError
 
 
@@ -51,11 +51,11 @@ def test_existing_output_needs_overwrite(tmp_path):
 
 def test_ensure_generates_only_when_missing(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(synth, "generate", lambda out, seed, overwrite: calls.append(out))
+    monkeypatch.setitem(shapes.KINDS, "classification", lambda out, seed, overwrite: calls.append(out))
     (tmp_path / "have" / "classification" / "train").mkdir(parents=True)
-    assert synth.ensure(tmp_path / "have") == tmp_path / "have" / "classification"
+    assert shapes.ensure(tmp_path / "have", "classification") == tmp_path / "have" / "classification"
     assert calls == []
-    synth.ensure(tmp_path / "missing")
+    shapes.ensure(tmp_path / "missing", "classification")
     assert calls == [tmp_path / "missing"]
 
 

@@ -37,6 +37,8 @@ class Config(TaskConfig):
 
 
 PRIMARY = "val/top1"
+SYNTH = "classification"  # the synthetic shapes dataset for data.synth_if_missing
+LOG_FORMAT = "pt2"  # how tracking.log_model serialises inference_module(model)
 MAX_PER_CLASS_METRICS = 50
 
 
@@ -102,6 +104,11 @@ def loss(model: Classifier, batch) -> dict[str, torch.Tensor]:
 
 def predict(model: Classifier, batch) -> torch.Tensor:
     return model(batch[0])
+
+
+def inference_module(model: Classifier) -> nn.Module:
+    """What MLflow logs: images in, one tensor (logits) out."""
+    return model
 
 
 def example_input(image_size: int) -> torch.Tensor:
