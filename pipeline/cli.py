@@ -85,13 +85,19 @@ def data() -> None:
 
 @data.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("data/shapes"), show_default=True)
+@click.option("--kind", "kinds", multiple=True, help="Dataset kind(s) to write (default: all): classification, coco, "
+              "faces.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing dataset.")
-def synth(out: Path, seed: int, overwrite: bool) -> None:
-    """Write the synthetic shapes dataset (ImageFolder for classification)."""
-    from pipeline.data import synth as synth_data
+def synth(out: Path, kinds: tuple[str, ...], seed: int, overwrite: bool) -> None:
+    """Write the synthetic shapes datasets (ImageFolder, COCO scenes with masks, identities)."""
+    from pipeline.data import shapes
 
-    click.echo(f"wrote {synth_data.generate(out, seed=seed, overwrite=overwrite)}")
+    unknown = sorted(set(kinds) - set(shapes.KINDS))
+    if unknown:
+        raise UserError(f"--kind: unknown {', '.join(unknown)}; choose from {', '.join(shapes.KINDS)}")
+    for kind in kinds or shapes.KINDS:
+        click.echo(f"wrote {shapes.KINDS[kind](out, seed=seed, overwrite=overwrite)}")
 
 
 @main.group()

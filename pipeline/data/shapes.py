@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.data import synth
+from pipeline.data import synth, synth_coco
 
 KINDS = {
     "classification": synth.generate,  # ImageFolder: one shape per image
+    "coco": synth_coco.generate,  # scenes of 0-3 shapes: COCO json (boxes, polygons) and class-index masks
 }
 
 
