@@ -273,6 +273,9 @@ def fit(f: Fit, state: FitState) -> FitState:
     """Run the remaining epochs of `f`, continuing from `state` (epoch 0 for a new run)."""
     for epoch in range(state.epoch + 1, f.epochs + 1):
         _unfreeze(f, epoch, state.step)
+        sampler = getattr(f.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # order and augmentation of an epoch depend on it, not on history
+            sampler.set_epoch(epoch)
         desc = f"epoch {epoch}/{f.epochs}"
         train_metrics = train_one_epoch(f.model, f.loss, f.train_loader, f.optimizer, f.schedule, f.scaler, state,
                                         f.settings, f.log, desc=desc)
@@ -287,8 +290,9 @@ def fit(f: Fit, state: FitState) -> FitState:
             state.best, state.best_epoch, state.bad_epochs = primary, epoch, 0
         else:
             state.bad_epochs += 1
-        f.log({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "steps_per_epoch"}, epoch)
+        # Checkpoint first: a run killed in between resumes after this epoch and logs its metrics then (epoch_metrics).
         _save(f, state, best=improved)
+        f.log(epoch_metrics(state.history[-1]), epoch)
         f.on_epoch_end(epoch, metrics)
         f.say(f"{desc}  loss {train_metrics['train/loss_epoch']:.4f}  {evaluator.primary} {primary:.4f}"
               f"{' (best)' if improved else ''}  {train_metrics['train/throughput']:.0f} img/s  "
@@ -298,6 +302,11 @@ def fit(f: Fit, state: FitState) -> FitState:
                   f"(best {state.best:.4f} at epoch {state.best_epoch})")
             break
     return state
+
+
+def epoch_metrics(history_entry: dict) -> dict[str, float]:
+    """What is logged at the end of an epoch, from its entry in FitState.history."""
+    return {k: v for k, v in history_entry.items() if k != "steps_per_epoch"}
 
 
 def _eta(state: FitState, epochs: int) -> str:

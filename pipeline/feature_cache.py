@@ -9,9 +9,10 @@ import sys
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
+from pipeline.data.sampling import EpochSampler
 from pipeline.engine import StepSettings, autocast, to_device
 from pipeline.errors import UserError
 
@@ -46,14 +47,9 @@ def cached_loaders(model: nn.Module, train_loader: DataLoader, val_loader: DataL
                   for v in range(max(1, views))]
     train = TensorDataset(*(torch.cat(parts) for parts in zip(*(t.tensors for t in train_sets))))
     val = compute(model, val_loader, s, "caching val features")
-    n = len(train_sets[0])
-    generator = torch.Generator().manual_seed(seed)
-    sampler = RandomSampler(train, num_samples=n, generator=generator)
-    batch = train_loader.batch_size
-    # The loader draws its worker seed from the same generator as the sampler, exactly like a shuffling loader does,
-    # so a seeded run visits the samples in the same order as it would on images.
-    return (DataLoader(train, batch_size=batch, sampler=sampler, drop_last=train_loader.drop_last,
-                       generator=generator),
+    # The same order as training on images: a permutation seeded by (seed, epoch), so resuming replays it.
+    sampler = EpochSampler(len(train), seed, with_seeds=False, num_samples=len(train_sets[0]))
+    return (DataLoader(train, batch_size=train_loader.batch_size, sampler=sampler, drop_last=train_loader.drop_last),
             DataLoader(val, batch_size=val_loader.batch_size))
 
 

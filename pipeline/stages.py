@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from pipeline import backbones, checkpoint, config, engine, feature_cache, finetune, profile, tracking
 from pipeline.data import shapes
+from pipeline.data.sampling import EpochSampler, SeededDataset
 from pipeline.data.transforms import reseed_worker
 from pipeline.errors import UserError
 from pipeline.tasks import TASKS
@@ -130,6 +131,9 @@ def _run(cfg, task, task_file, output_dir: Path, tracker: tracking.Tracker, last
         state = engine.FitState(**last["fit"])
         checkpoint.set_rng_state(last["rng"])
         say(f"resuming {output_dir} after epoch {state.epoch} (MLflow run {tracker.run_id})")
+        # Epochs checkpointed but killed before their metrics reached MLflow; the tracker skips those it has.
+        for epoch, entry in enumerate(state.history, start=1):
+            tracker.log_metrics(engine.epoch_metrics(entry), epoch)
 
     # 5. fit
     fit = engine.Fit(
@@ -182,10 +186,13 @@ def _loaders(train_ds, val_ds, batch_size: int, num_workers, device: torch.devic
     workers = auto_workers(device) if num_workers == "auto" else num_workers
     common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
               "worker_init_fn": reseed_worker}
-    generator = torch.Generator().manual_seed(seed)
-    train = DataLoader(train_ds, batch_size=batch_size, shuffle=True, drop_last=len(train_ds) > batch_size,
-                       generator=generator, **common)
-    val = DataLoader(val_ds, batch_size=batch_size, shuffle=False, **common)
+    # Order and augmentation are functions of (seed, epoch, index): see pipeline/data/sampling.py.
+    train = DataLoader(SeededDataset(train_ds), batch_size=batch_size, sampler=EpochSampler(len(train_ds), seed),
+                       drop_last=len(train_ds) > batch_size, generator=torch.Generator().manual_seed(seed),
+                       collate_fn=getattr(train_ds, "collate_fn", None), **common)
+    # A dataset with a `collate_fn` attribute batches its own way (detection: lists of variable-size images).
+    val = DataLoader(val_ds, batch_size=batch_size, shuffle=False, collate_fn=getattr(val_ds, "collate_fn", None),
+                     **common)
     return train, val
 
 

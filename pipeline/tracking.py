@@ -140,6 +140,9 @@ class Tracker:
         self._run_id = run_id
         self._experiment_id = experiment_id
         self._finished = False
+        # Highest step already logged per metric key of a resumed run: a resumed run replays the steps after its last
+        # checkpoint exactly, so points at or below these steps are already there and are not logged twice.
+        self._logged_steps: dict[str, int] = {}
 
     @classmethod
     def start(cls, uri: str, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str],
@@ -172,7 +175,10 @@ class Tracker:
             raise UserError(f"run {run_id} is not in tracking store {uri}; check the run id, or point tracking.uri / "
                             "MLFLOW_TRACKING_URI at the store that holds it") from e
         client.update_run(run_id, status="RUNNING")
-        return cls(client, run_id, run.info.experiment_id)
+        tracker = cls(client, run_id, run.info.experiment_id)
+        tracker._logged_steps = {key: max(m.step for m in client.get_metric_history(run_id, key))
+                                 for key in run.data.metrics}
+        return tracker
 
     @classmethod
     def attach(cls, uri: str, run_id: str) -> Tracker:
@@ -211,8 +217,10 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """All metrics of one step in one request. NaN and inf are stored as they are (MLflow accepts them)."""
         timestamp = int(time.time() * 1000)
-        batch = [Metric(k, float(v), timestamp, step) for k, v in metrics.items()]
-        self._client.log_batch(self._run_id, metrics=batch)
+        batch = [Metric(k, float(v), timestamp, step) for k, v in metrics.items()
+                 if step > self._logged_steps.get(k, -1)]
+        if batch:
+            self._client.log_batch(self._run_id, metrics=batch)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._client.log_artifact(self._run_id, str(path), artifact_path)
