@@ -78,6 +78,17 @@ def show_config(task_file: Path, overrides: tuple[str, ...]) -> None:
     click.echo(config.to_yaml(config.load(task_file, overrides)), nl=False)
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--uri", default=None, help="Tracking store (default: the one the run used).")
+def sync(run_dir: Path, uri: str | None) -> None:
+    """Send the tracking records a run kept in RUN_DIR while its MLflow server was unreachable."""
+    from pipeline import tracking
+
+    count = tracking.sync(run_dir, uri, say=lambda *_: None)
+    click.echo(f"sent {count} kept tracking records from {run_dir}")
+
+
 @main.group()
 def data() -> None:
     """Datasets."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline import backbones, checkpoint, config, engine, feature_cache, finetune, profile, tracking
+from pipeline import backbones, checkpoint, config, engine, feature_cache, finetune, outbox, profile, tracking
 from pipeline.data import shapes
 from pipeline.data.sampling import EpochSampler, SeededDataset
 from pipeline.data.transforms import reseed_worker
@@ -57,14 +57,19 @@ def run(task_file: str | Path, overrides: tuple[str, ...] = (), resume: bool = F
         result = _run(cfg, task, task_file, output_dir, tracker, last, say)
     result.wall_time = time.perf_counter() - started
     say(f"done in {result.wall_time:.0f}s: best {result.primary} {result.best:.4f}; checkpoints in {output_dir}/; "
-        f"MLflow run {result.run_id} in {uri} (view: mlflow ui --backend-store-uri {uri})")
+        f"MLflow run {result.run_id} in {uri} ({_view_hint(uri)})")
     return result
+
+
+def _view_hint(uri: str) -> str:
+    return f"open {uri}" if uri.startswith(("http:", "https:")) else f"view: pipeline ui --uri {uri}"
 
 
 def _run(cfg, task, task_file, output_dir: Path, tracker: tracking.Tracker, last: dict | None, say) -> RunResult:
     if last is None and (output_dir / checkpoint.LAST).exists():
         say(f"note: {output_dir} holds an earlier run's checkpoints; this run replaces them (--resume continues it)")
     output_dir.mkdir(parents=True, exist_ok=True)
+    tracker.keep_offline(output_dir / outbox.NAME, say)  # a server lost mid-run no longer stops training
     (output_dir / "config.yaml").write_text(config.to_yaml(cfg))
     tracker.log_artifact(output_dir / "config.yaml")
     seed_everything(cfg.seed)

@@ -18,7 +18,7 @@ import traceback
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +37,16 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from pipeline.errors import UserError
+from pipeline.outbox import NAME as OUTBOX
+from pipeline.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default, relative to the working directory
 TRUNCATION_MARK = " ...[truncated]"
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+RETRY_EVERY = 30.0  # seconds between attempts to reach a lost tracking server mid-run
+FINAL_RETRIES, FINAL_RETRY_WAIT = 3, 5.0  # at the end of a run: a last chance before leaving records to `sync`
 # Pinned in the logged model's requirements.txt; listing them skips MLflow's slow requirement inference.
 MODEL_REQUIREMENTS = ("torch", "torchvision", "timm")
 
@@ -85,6 +89,36 @@ def _check_server(uri: str, timeout: float) -> None:
         raise UserError(f"tracking server {uri} is not reachable ({reason}); start it with "
                         "'mlflow server --backend-store-uri sqlite:///mlflow.db --port 5000' or unset "
                         f"tracking.uri / MLFLOW_TRACKING_URI to use the local {DEFAULT_URI}") from e
+
+
+def server_up(uri: str, timeout: float = 3.0) -> bool:
+    """False only when an http(s) tracking server does not answer; local stores count as up."""
+    try:
+        check_reachable(uri, timeout) if urllib.parse.urlparse(uri).scheme in ("http", "https") else None
+    except UserError:
+        return False
+    return True
+
+
+def sync(run_dir: Path, uri: str | None = None, say: Callable[[str], None] = print) -> int:
+    """`pipeline sync RUN_DIR`: send the records a run kept while its tracking server was unreachable."""
+    path = Path(run_dir) / OUTBOX
+    if not path.exists():
+        raise UserError(f"{path} not found: nothing to sync (a run keeps records there only while its tracking "
+                        f"server is unreachable)")
+    try:
+        box = Outbox.read(path)
+    except (ValueError, OSError) as err:  # json.JSONDecodeError is a ValueError
+        raise UserError(f"{path} is damaged ({err}); it cannot be synced") from None
+    box.uri = uri or box.uri
+    check_reachable(box.uri)
+    tracker = Tracker(mlflow.MlflowClient(box.uri), box.run_id, get_run(box.uri, box.run_id).experiment_id)
+    tracker._outbox, tracker._say = box, say
+    count = len(box.pending)
+    if not tracker.flush(force=True):
+        raise UserError(f"sending {path} to {box.uri} failed part way; {len(box.pending)} records are left in it, "
+                        f"run 'pipeline sync {run_dir}' again")
+    return count
 
 
 def _sqlite_path(uri: str) -> Path:
@@ -143,6 +177,9 @@ class Tracker:
         # Highest step already logged per metric key of a resumed run: a resumed run replays the steps after its last
         # checkpoint exactly, so points at or below these steps are already there and are not logged twice.
         self._logged_steps: dict[str, int] = {}
+        self._outbox: Outbox | None = None  # set by keep_offline: the server may go away mid-run
+        self._say: Callable[[str], None] = print
+        self._last_retry = 0.0
 
     @classmethod
     def start(cls, uri: str, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str],
@@ -211,30 +248,108 @@ class Tracker:
         self._client.log_batch(self._run_id, params=new)  # the client splits it into requests of MLflow's max size
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        batch = [RunTag(k, _shorten(str(v), MAX_TAG_VAL_LENGTH, what=f"tag {k}")) for k, v in tags.items()]
-        self._client.log_batch(self._run_id, tags=batch)
+        self._send({"op": "tags", "tags": {k: _shorten(str(v), MAX_TAG_VAL_LENGTH, what=f"tag {k}")
+                                           for k, v in tags.items()}})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """All metrics of one step in one request. NaN and inf are stored as they are (MLflow accepts them)."""
-        timestamp = int(time.time() * 1000)
-        batch = [Metric(k, float(v), timestamp, step) for k, v in metrics.items()
-                 if step > self._logged_steps.get(k, -1)]
-        if batch:
-            self._client.log_batch(self._run_id, metrics=batch)
+        new = {k: float(v) for k, v in metrics.items() if step > self._logged_steps.get(k, -1)}
+        if new:
+            self._send({"op": "metrics", "metrics": new, "step": step, "timestamp": int(time.time() * 1000)})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._client.log_artifact(self._run_id, str(path), artifact_path)
+        self._send({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._client.log_text(self._run_id, text, artifact_file)
+        self._send({"op": "text", "text": text, "artifact_file": artifact_file})
 
     def log_figure(self, fig: Any, artifact_file: str) -> None:
         """A matplotlib figure; the file extension picks the format (`curves.png`)."""
-        self._client.log_figure(self._run_id, fig, artifact_file)
+        if self._outbox is None:
+            self._client.log_figure(self._run_id, fig, artifact_file)
+            return
+        path = self._outbox.path.parent / "figures" / artifact_file  # a file the outbox can send later
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, bbox_inches="tight")
+        self.log_artifact(path, str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+    # -- surviving a lost server -----------------------------------------------------------------------------------
+
+    def keep_offline(self, outbox_path: Path, say: Callable[[str], None] = print) -> None:
+        """From now on a call that fails because the tracking server is gone does not stop the run: it is kept in
+        `outbox_path` (in order, on disk) and retried every RETRY_EVERY seconds; `pipeline sync` sends leftovers."""
+        self._outbox = Outbox(outbox_path, self._run_id, self._client.tracking_uri)
+        self._say = say
+        if urllib.parse.urlparse(self._client.tracking_uri).scheme in ("http", "https"):
+            # Fail a request in seconds, not after MLflow's default of minutes of retries: the outbox retries later.
+            for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                                ("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")):
+                os.environ.setdefault(name, value)
+
+    @property
+    def offline(self) -> bool:
+        return bool(self._outbox and self._outbox.pending)
+
+    def _send(self, record: dict) -> None:
+        if self._outbox is None:
+            self._apply(record)
+            return
+        if self._outbox.pending:
+            self._outbox.append(record)
+            self.flush()
+            return
+        try:
+            self._apply(record)
+        except Exception:
+            if server_up(self._client.tracking_uri):
+                raise  # not an outage: a real error
+            self._outbox.append(record)
+            self._last_retry = time.monotonic()
+            self._say(f"warning: tracking server {self._client.tracking_uri} is unreachable; training goes on and "
+                      f"tracking records are kept in {self._outbox.path} until it is back")
+
+    def flush(self, force: bool = False) -> bool:
+        """Send what the outbox holds (at most every RETRY_EVERY seconds unless `force`); True once it is empty."""
+        box = self._outbox
+        if box is None or not box.pending:
+            return True
+        if not force and time.monotonic() - self._last_retry < RETRY_EVERY:
+            return False
+        self._last_retry = time.monotonic()
+        if not server_up(box.uri):
+            return False
+        done = 0
+        try:
+            for record in box.pending:
+                self._apply(record)
+                done += 1
+        except Exception:
+            return False
+        finally:
+            box.sent(done)
+        self._say(f"tracking server {box.uri} is back: sent {done} kept records")
+        return True
+
+    def _apply(self, record: dict) -> None:
+        op, run_id = record["op"], self._run_id
+        if op == "metrics":
+            self._client.log_batch(run_id, metrics=[Metric(k, v, record["timestamp"], record["step"])
+                                                    for k, v in record["metrics"].items()])
+        elif op == "tags":
+            self._client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+        elif op == "artifact":
+            self._client.log_artifact(run_id, record["path"], record["artifact_path"])
+        elif op == "text":
+            self._client.log_text(run_id, record["text"], record["artifact_file"])
+        elif op == "status":
+            self._client.set_terminated(run_id, status=record["status"], end_time=record["end_time"])
+        else:
+            raise ValueError(f"unknown tracking record {op!r}")
 
     def log_model(self, model: torch.nn.Module, input_example: np.ndarray, name: str = "model", step: int = 0,
-                  serialization: Literal["pt2", "pickle"] = "pt2") -> str:
-        """Log `model` as an MLflow LoggedModel of this run and return its URI (`models:/m-...`).
+                  serialization: Literal["pt2", "pickle"] = "pt2") -> str | None:
+        """Log `model` as an MLflow LoggedModel of this run and return its URI (`models:/m-...`), or None when the
+        tracking server is unreachable (a model is too big to keep for `sync`; the run's best.pt holds it).
 
         The model must map one float32 tensor to one tensor; wrap a model with dict or tuple outputs so that it
         returns a tensor. A copy is exported in eval mode, float32, on CPU; the caller's model is left untouched.
@@ -245,6 +360,19 @@ class Tracker:
         `pickle` saves the module itself: any model, but loading needs its classes importable and runs pickle code.
         Metrics logged at `step` are linked to the model, so the model list in MLflow's UI can show them.
         """
+        if self.offline:
+            self._say("warning: the model was not logged to MLflow (tracking server unreachable); best.pt holds it")
+            return None
+        try:
+            return self._log_model(model, input_example, name, step, serialization)
+        except Exception:
+            if self._outbox is None or server_up(self._client.tracking_uri):
+                raise
+            self._say("warning: the model was not logged to MLflow (tracking server lost); best.pt holds it")
+            return None
+
+    def _log_model(self, model: torch.nn.Module, input_example: np.ndarray, name: str, step: int,
+                   serialization: Literal["pt2", "pickle"]) -> str:
         example = np.asarray(input_example, dtype=np.float32)
         if serialization == "pt2" and example.shape[0] < 2:
             raise ValueError("log_model: input_example needs a batch of at least 2 for pt2: torch.export fixes a "
@@ -277,8 +405,16 @@ class Tracker:
             raise ValueError(f"finish: status must be one of {', '.join(RUN_STATUSES)}, got {status!r}")
         if error:
             self.set_tags({"error": error})
-        self._client.set_terminated(self._run_id, status=status)
+        self._send({"op": "status", "status": status, "end_time": int(time.time() * 1000)})
         self._finished = True
+        if self.offline:
+            for _ in range(FINAL_RETRIES):
+                time.sleep(FINAL_RETRY_WAIT)
+                if self.flush(force=True):
+                    return
+            self._say(f"warning: tracking server {self._outbox.uri} is still unreachable; run {self._run_id} "
+                      f"stays RUNNING there. Its {len(self._outbox.pending)} kept records are in "
+                      f"{self._outbox.path}: send them with 'pipeline sync {self._outbox.path.parent}'")
 
     def __enter__(self) -> Tracker:
         return self
