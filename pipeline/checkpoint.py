@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 
@@ -42,8 +43,16 @@ def load(path: Path) -> dict:
     except FileNotFoundError:
         raise UserError(f"checkpoint '{path}' not found; run without --resume to start a new run") from None
     except Exception as err:  # truncated or foreign files fail in many ways
-        raise UserError(f"checkpoint '{path}' is unreadable ({' '.join(str(err).split())[:120]}); "
-                        f"delete it to start over") from None
+        raise UserError(f"checkpoint '{path}' is unreadable ({load_error_reason(err)}); delete it to start over") from None
+
+
+def load_error_reason(err: Exception) -> str:
+    """Why `torch.load(..., weights_only=True)` refused a file, in a few words."""
+    text = " ".join(str(err).split())
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if "Weights only load failed" in text and found:
+        return f"it holds pickled code that asks to run {found.group(1)}, refused: files load with weights_only=True"
+    return text[:160]
 
 
 def load_resumable(folder: Path, say=print) -> dict:

@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 import timm
 import torch
 
+from pipeline.checkpoint import load_error_reason
 from pipeline.errors import UserError
 
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -137,7 +138,7 @@ def read_state_dict(path: str | Path, what: str = "model.backbone.weights") -> d
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types; all mean "not a safe state_dict"
-        raise UserError(f"{what}: '{path}' is not a loadable state_dict ({' '.join(str(err).split())[:160]})") from None
+        raise UserError(f"{what}: '{path}' is not a loadable state_dict ({load_error_reason(err)})") from None
     return unwrap_state_dict(obj, path, what)
 
 
