@@ -1,6 +1,7 @@
 """The `pipeline` command: parse, call one function, print. No logic lives here."""
 from __future__ import annotations
 
+import logging
 import sys
 import traceback
 from pathlib import Path
@@ -55,6 +56,22 @@ def _one_line(err: UserError) -> str:
 def main(ctx: click.Context, debug: bool) -> None:
     """Fine-tune pretrained ResNet-family backbones and compare them in MLflow."""
     ctx.ensure_object(dict)["debug"] = debug
+    _show_pipeline_logs()
+
+
+class _Echo(logging.Handler):
+    """The pipeline's log records (skipped images, dropped boxes) on stderr next to the rest of the CLI's output."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "warning: " if record.levelno >= logging.WARNING else ""
+        click.echo(prefix + self.format(record), err=True)
+
+
+def _show_pipeline_logs() -> None:
+    logger = logging.getLogger("pipeline")
+    if not any(isinstance(h, _Echo) for h in logger.handlers):
+        logger.addHandler(_Echo())
+        logger.setLevel(logging.INFO)
 
 
 @main.command()

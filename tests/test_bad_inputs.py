@@ -1,0 +1,135 @@
+"""The bad-input matrix: each row fails with exit 1 and one `error:` line naming the culprit, no traceback, and once
+the MLflow run is open it is marked FAILED with the reason as its `error` tag. Task-specific rows (annotations, masks,
+pairs files) live with each task's tests."""
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from pipeline import checkpoint
+from pipeline.cli import main
+from pipeline.tasks import TASKS
+
+
+def _unknown_key(tmp_path, path):
+    return [str(path), "train.lrr=0.1"], "did you mean train.lr", False
+
+
+def _wrong_type(tmp_path, path):
+    return [str(path), "train.epochs=many"], "train.epochs", False
+
+
+def _broken_yaml(tmp_path, path):
+    path.write_text("task: classification\ndata: {root: [unclosed\n")
+    return [str(path)], "broken YAML", False
+
+
+def _missing_task_file(tmp_path, path):
+    return [str(tmp_path / "nope.yaml")], "nope.yaml", False
+
+
+def _missing_data_root(tmp_path, path):
+    return [str(path), "data.root=/nonexistent/images"], "/nonexistent/images", True
+
+
+def _empty_dataset(tmp_path, path):
+    for split in ("train", "val"):
+        (tmp_path / "empty" / split / "cat").mkdir(parents=True)
+    return [str(path), f"data.root={tmp_path / 'empty'}"], "holds no images", True
+
+
+def _copy_with(tmp_path, shapes, name: str, content: bytes) -> Path:
+    root = tmp_path / "imgs"
+    shutil.copytree(shapes, root)
+    (root / "val" / "circle" / name).write_bytes(content)  # every val image is read each epoch
+    return root
+
+
+def _corrupt_image(tmp_path, path, shapes):
+    root = _copy_with(tmp_path, shapes, "broken.png", b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    return [str(path), f"data.root={root}"], "broken.png", True
+
+
+def _truncated_image(tmp_path, path, shapes):
+    good = next((shapes / "val" / "circle").iterdir()).read_bytes()
+    root = _copy_with(tmp_path, shapes, "cut.png", good[: len(good) // 2])
+    return [str(path), f"data.root={root}"], "cut.png", True
+
+
+def _unknown_backbone(tmp_path, path):
+    return [str(path), "model.backbone.name=resnet1800"], "'resnet1800' is not a timm model", False
+
+
+def _missing_weights_file(tmp_path, path):
+    return [str(path), "model.backbone.weights=/nonexistent/w.pth"], "'/nonexistent/w.pth' not found", True
+
+
+def _unknown_stage(tmp_path, path):
+    return [str(path), "finetune.freeze=[layer9]"], "finetune.freeze: unknown stage 'layer9'", True
+
+
+def _unreachable_tracking(tmp_path, path):
+    return [str(path), "tracking.uri=http://127.0.0.1:9"], "tracking server http://127.0.0.1:9 is not reachable", False
+
+
+ROWS = [_unknown_key, _wrong_type, _broken_yaml, _missing_task_file, _missing_data_root, _empty_dataset, _corrupt_image,
+        _truncated_image, _unknown_backbone, _missing_weights_file, _unknown_stage,
+        _unreachable_tracking]
+
+
+def _expect_clean_failure(result, culprit: str, uri: str, run_opened: bool) -> None:
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and culprit in errors[0], result.output
+    assert "Traceback" not in result.output
+    experiment = MlflowClient(uri).get_experiment_by_name("tiny")
+    runs = MlflowClient(uri).search_runs([experiment.experiment_id]) if experiment else []
+    if run_opened:
+        assert len(runs) == 1 and runs[0].info.status == "FAILED" and culprit in runs[0].data.tags["error"]
+    else:
+        assert runs == []
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda f: f.__name__.strip("_"))
+def test_bad_input_fails_cleanly(row, task_file, shapes, uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = task_file()
+    kwargs = {"shapes": shapes} if "shapes" in row.__code__.co_varnames else {}
+    args, culprit, run_opened = row(tmp_path, path, **kwargs)
+    _expect_clean_failure(CliRunner().invoke(main, ["run", *args]), culprit, uri, run_opened)
+
+
+def test_skip_bad_images_counts_and_names_them(task_file, shapes, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = _copy_with(tmp_path, shapes, "broken.png", b"not an image")
+    result = CliRunner().invoke(main, ["run", str(task_file(train={"epochs": 1})), f"data.root={root}",
+                                       "data.skip_bad_images=true"])
+    assert result.exit_code == 0, result.output
+    assert "broken.png" in result.output and "skipped 1" in result.output
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(task_file, uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    task = TASKS["classification"]
+    loss, calls = task.loss, []
+
+    def diverging(model, batch):  # 3 good steps (epoch 1), then NaN
+        calls.append(1)
+        out = loss(model, batch)
+        return out if len(calls) <= 3 else {k: v * float("nan") for k, v in out.items()}
+
+    monkeypatch.setattr(task, "loss", diverging)
+    path = task_file(train={"epochs": 3, "max_nonfinite": 2})
+    result = CliRunner().invoke(main, ["run", str(path)])
+    _expect_clean_failure(result, "loss was not finite for 2 consecutive steps (last at step 3)", uri, True)
+    assert checkpoint.load(tmp_path / "out" / checkpoint.LAST)["fit"]["epoch"] == 1  # the last good one stays
+
+
+def test_config_of_a_failed_run_is_still_saved(task_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["run", str(task_file()), "data.root=/nonexistent"])
+    assert result.exit_code == 1
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["data"]["root"] == "/nonexistent"
