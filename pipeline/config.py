@@ -95,6 +95,8 @@ class TrainConfig(Section):
     output_dir: str | None = None
     log_every: int = Field(10, gt=0)
     max_nonfinite: int = Field(5, gt=0)
+    # Under torchrun: BatchNorm statistics over the global batch instead of each process's share.
+    sync_bn: bool = False
 
 
 class TrackingConfig(Section):

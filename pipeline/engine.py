@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import checkpoint, finetune
+from pipeline import checkpoint, distributed, finetune
 from pipeline.errors import UserError
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -158,6 +158,7 @@ class StepSettings:
     clip_grad_norm: float | None = None
     log_every: int = 10
     max_nonfinite: int = 5
+    ctx: distributed.Context = distributed.Context()  # data-parallel rank and world size (torchrun)
 
 
 def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torch.optim.Optimizer,
@@ -169,14 +170,16 @@ def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torc
     window_loss = torch.zeros((), device=s.device)
     window, images, nonfinite, micro = 0, 0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
+               disable=not s.ctx.main)
     for micro, batch in enumerate(bar, start=1):
         batch = to_device(batch, s.device, s.channels_last)
         with autocast(s.device, s.precision):
             losses = loss_fn(model, batch)
             loss = sum(losses.values())
-        # One host sync per step, so a diverging run stops before its weights turn to NaN.
-        if not torch.isfinite(loss):
+        # One host sync per step (as GradScaler has), so a diverging run stops before its weights turn to NaN; under
+        # DDP every rank must agree to skip, or the others would wait for its gradients forever.
+        if not distributed.all_true(s.ctx, torch.isfinite(loss)):
             nonfinite += 1
             optimizer.zero_grad(set_to_none=True)
             if nonfinite >= s.max_nonfinite:
@@ -196,7 +199,7 @@ def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torc
         _optimizer_step(model, optimizer, scaler, s.clip_grad_norm)
         state.step += 1
         if window and (state.step % s.log_every == 0 or micro == len(loader)):
-            mean = (window_loss / window).item()  # the only read of device values in the loop
+            mean = distributed.mean(s.ctx, window_loss / window).item()  # the only other read of device values
             rate = images / (time.perf_counter() - start)
             lrs = _stage_lrs(optimizer)
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}", img_s=f"{rate:.0f}")
@@ -206,7 +209,9 @@ def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torc
     bar.close()
     elapsed = time.perf_counter() - start
     done = max(1, micro - nonfinite)
-    return {"train/loss_epoch": (total_loss / done).item(), "train/throughput": images / max(elapsed, 1e-9),
+    # Under DDP: the loss averaged over ranks and the throughput of all of them (each rank takes as many images).
+    return {"train/loss_epoch": distributed.mean(s.ctx, total_loss / done).item(),
+            "train/throughput": images * s.ctx.world / max(elapsed, 1e-9),
             "epoch_time": elapsed, "steps_per_epoch": steps_per_epoch}
 
 
@@ -231,11 +236,14 @@ def _stage_lrs(optimizer) -> dict[str, float]:
 @torch.no_grad()
 def evaluate(model: nn.Module, predict, evaluator, loader: Iterable, s: StepSettings, desc: str = "eval") -> dict:
     model.eval()
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, mininterval=1.0):
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
+                      disable=not s.ctx.main):
         batch = to_device(batch, s.device, s.channels_last)
         with autocast(s.device, s.precision):
             outputs = predict(model, batch)
         evaluator.update(outputs, batch)
+    if hasattr(evaluator, "merge"):  # each rank saw its shard of the validation set
+        evaluator = distributed.merge_evaluators(s.ctx, evaluator)
     return evaluator.compute()
 
 
@@ -319,9 +327,10 @@ def _unfreeze(f: Fit, epoch: int, step: int) -> None:
     stages = f.plan.unfreezing_at(epoch)
     if not stages:
         return
-    finetune.apply(f.model, f.plan, epoch)
+    model = distributed.unwrap(f.model)
+    finetune.apply(model, f.plan, epoch)
     factor = f.schedule.factor(step)
-    for group in finetune.param_groups(f.model, f.plan, f.base_lr, f.weight_decay, epoch=epoch, only=stages):
+    for group in finetune.param_groups(model, f.plan, f.base_lr, f.weight_decay, epoch=epoch, only=stages):
         group["lr"] = group["base_lr"] * factor
         f.optimizer.add_param_group(group)
     f.say(f"epoch {epoch}: unfreezing {', '.join(stages)}")
@@ -329,7 +338,9 @@ def _unfreeze(f: Fit, epoch: int, step: int) -> None:
 
 
 def _save(f: Fit, state: FitState, best: bool) -> None:
-    model_state = f.model.state_dict()
+    if not f.settings.ctx.main:
+        return  # one writer: rank 0's weights are every rank's weights
+    model_state = distributed.unwrap(f.model).state_dict()
     ckpt = {
         "model": model_state,
         "optimizer": f.optimizer.state_dict(),

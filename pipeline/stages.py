@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
-from pipeline import backbones, checkpoint, config, engine, feature_cache, finetune, outbox, profile, tracking
+from pipeline import backbones, checkpoint, config, distributed, engine, feature_cache, finetune, outbox, profile, tracking
 from pipeline.data import shapes
 from pipeline.data.sampling import EpochSampler, SeededDataset
 from pipeline.data.transforms import reseed_worker
@@ -36,6 +36,18 @@ class RunResult:
 def run(task_file: str | Path, overrides: tuple[str, ...] = (), resume: bool = False, say=print,
         parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> RunResult:
     """Run one task file. A sweep passes `parent_run_id` (the run nests under it) and `tags` (its swept values)."""
+    ctx = distributed.init()  # one process unless started by torchrun
+    try:
+        return _process(ctx, task_file, overrides, resume, say if ctx.main else _silent, parent_run_id, tags)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _silent(*_) -> None:
+    """`say` of ranks other than 0: one voice on the console."""
+
+
+def _process(ctx: distributed.Context, task_file, overrides, resume, say, parent_run_id, tags) -> RunResult:
     started = time.perf_counter()
     # 1. prepare: config, output folder, tracking store
     cfg = config.load(task_file, overrides)
@@ -45,16 +57,20 @@ def run(task_file: str | Path, overrides: tuple[str, ...] = (), resume: bool = F
     output_dir = Path(cfg.train.output_dir or f"outputs/{experiment}/{backbone_name}")
     last = checkpoint.load_resumable(output_dir, say) if resume else None
     uri = tracking.resolve_uri(cfg.tracking.uri)
-    tracking.check_reachable(uri)
     backbones.check_name(backbone_name)
+    if not ctx.main:  # rank 0 logs for every rank
+        tracker = tracking.Silent(distributed.broadcast(ctx, None))
+        return _run(cfg, task, task_file, output_dir, tracker, last, say, ctx)
+    tracking.check_reachable(uri)
     tracker = tracking.Tracker.start(
         uri, experiment, run_name=f"{backbone_name}-{datetime.now():%Y%m%d-%H%M%S}",
         # depth as a param too: MLflow's parallel-coordinates chart offers params and metrics, not tags
         params={**tracking.flatten(cfg.model_dump(mode="json")), "depth": str(backbones.depth(backbone_name) or "")},
         tags={**_early_tags(cfg, task_file), **(tags or {})},
         run_id=last["run_id"] if last else None, parent_run_id=parent_run_id)
+    distributed.broadcast(ctx, tracker.run_id)
     with tracker:  # FAILED / KILLED with the error as a tag on any exception
-        result = _run(cfg, task, task_file, output_dir, tracker, last, say)
+        result = _run(cfg, task, task_file, output_dir, tracker, last, say, ctx)
     result.wall_time = time.perf_counter() - started
     say(f"done in {result.wall_time:.0f}s: best {result.primary} {result.best:.4f}; checkpoints in {output_dir}/; "
         f"MLflow run {result.run_id} in {uri} ({_view_hint(uri)})")
@@ -65,22 +81,25 @@ def _view_hint(uri: str) -> str:
     return f"open {uri}" if uri.startswith(("http:", "https:")) else f"view: pipeline ui --uri {uri}"
 
 
-def _run(cfg, task, task_file, output_dir: Path, tracker: tracking.Tracker, last: dict | None, say) -> RunResult:
+def _run(cfg, task, task_file, output_dir: Path, tracker, last: dict | None, say,
+         ctx: distributed.Context) -> RunResult:
     if last is None and (output_dir / checkpoint.LAST).exists():
         say(f"note: {output_dir} holds an earlier run's checkpoints; this run replaces them (--resume continues it)")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tracker.keep_offline(output_dir / outbox.NAME, say)  # a server lost mid-run no longer stops training
-    (output_dir / "config.yaml").write_text(config.to_yaml(cfg))
-    tracker.log_artifact(output_dir / "config.yaml")
+    if ctx.main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tracker.keep_offline(output_dir / outbox.NAME, say)  # a server lost mid-run no longer stops training
+        (output_dir / "config.yaml").write_text(config.to_yaml(cfg))
+        tracker.log_artifact(output_dir / "config.yaml")
     seed_everything(cfg.seed)
-    device = engine.resolve_device(cfg.train.device)
+    device = distributed.device_for(ctx, engine.resolve_device(cfg.train.device))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
     precision = engine.resolve_precision(cfg.train.precision, device)
 
     # 2. data
-    if cfg.data.synth_if_missing:
+    if cfg.data.synth_if_missing and ctx.main:
         shapes.ensure(Path(cfg.data.root).parent, task.SYNTH, seed=0)
+    distributed.barrier(ctx)
     default_mean, default_std = backbones.pretrained_mean_std(cfg.model.backbone.name)
     train_ds, val_ds, info = task.build_data(cfg.data, mean=cfg.data.mean or default_mean,
                                              std=cfg.data.std or default_std, seed=cfg.seed)
@@ -98,6 +117,13 @@ def _run(cfg, task, task_file, output_dir: Path, tracker: tracking.Tracker, last
                               unfreeze=ft.unfreeze, no_decay_norm_bias=ft.no_decay_norm_bias, epochs=cfg.train.epochs,
                               cache_features=ft.cache_features)
     finetune.apply(model, plan, epoch_done)
+    if ctx.active:
+        _check_data_parallel(plan)
+        if cfg.train.sync_bn:
+            if device.type != "cuda":
+                raise UserError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm); on CPU set "
+                                "train.sync_bn=false, or finetune.bn=frozen for the same result on any split")
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     groups = finetune.groups_until(model, plan, cfg.train.lr, cfg.train.weight_decay, epoch_done)
@@ -108,14 +134,17 @@ def _run(cfg, task, task_file, output_dir: Path, tracker: tracking.Tracker, last
     tracker.log_text(table + "\n", "param_groups.txt")
     tracker.set_tags(_model_tags(model, info, device, precision, plan, cfg.data.image_size))
 
-    train_loader, val_loader = _loaders(train_ds, val_ds, cfg.data.batch_size, cfg.data.num_workers, device, cfg.seed)
+    # Evaluators that can merge (see distributed.merge_evaluators) let each rank score a shard of the validation set.
+    shard_val = hasattr(task.make_evaluator(info), "merge")
+    train_loader, val_loader = _loaders(train_ds, val_ds, cfg.data.batch_size, cfg.data.num_workers, device, cfg.seed,
+                                        ctx, shard_val)
     if len(train_loader) == 0:
         raise UserError(f"data.batch_size={cfg.data.batch_size} is larger than the {len(train_ds)} training images; "
                         f"lower it")
     t = cfg.train
     settings = engine.StepSettings(device=device, precision=precision, channels_last=t.channels_last,
                                    accum_steps=t.accum_steps, clip_grad_norm=t.clip_grad_norm, log_every=t.log_every,
-                                   max_nonfinite=t.max_nonfinite)
+                                   max_nonfinite=t.max_nonfinite, ctx=ctx)
     if plan.cache_features:
         feature_cache.check(model, cfg.task, info.get("random_train_transforms", False), ft.cached_views)
         started = time.perf_counter()
@@ -142,7 +171,7 @@ def _run(cfg, task, task_file, output_dir: Path, tracker: tracking.Tracker, last
 
     # 5. fit
     fit = engine.Fit(
-        model=model, loss=task.loss, predict=task.predict, make_evaluator=lambda: task.make_evaluator(info),
+        model=distributed.wrap(ctx, model, device), loss=task.loss, predict=task.predict, make_evaluator=lambda: task.make_evaluator(info),
         train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, schedule=schedule, plan=plan,
         base_lr=t.lr, weight_decay=t.weight_decay,
         settings=settings,
@@ -150,15 +179,21 @@ def _run(cfg, task, task_file, output_dir: Path, tracker: tracking.Tracker, last
         extra={"run_id": tracker.run_id, "config": cfg.model_dump(mode="json"), "info": info,
                "task_file": str(task_file)},
         log=tracker.log_metrics, say=say)
-    say(f"training {cfg.model.backbone.name} on {device} ({precision}{', channels_last' if t.channels_last else ''}) "
+    on = f"{ctx.world} processes ({device.type}), global batch {cfg.data.batch_size * ctx.world}" if ctx.active \
+        else str(device)
+    say(f"training {cfg.model.backbone.name} on {on} ({precision}{', channels_last' if t.channels_last else ''}) "
         f"for {t.epochs} epochs, {steps_per_epoch} steps each")
     state = engine.fit(fit, state)
+    distributed.barrier(ctx)  # rank 0 has written the last checkpoint
 
     # 6. evaluate the best checkpoint once more, for its report
     best = checkpoint.load(output_dir / checkpoint.BEST)
     model.load_state_dict(best["model"])
     metrics = engine.evaluate(model, task.predict, task.make_evaluator(info), val_loader, fit.settings, desc="best")
     primary = task.PRIMARY
+    if not ctx.main:
+        return RunResult(run_id=tracker.run_id, output_dir=output_dir, best=metrics[primary], primary=primary,
+                         metrics={}, wall_time=0.0)
     tracker.log_metrics({f"best/{primary.split('/', 1)[1]}": metrics[primary], "best/epoch": state.best_epoch},
                         state.epoch)
     for path in task.report(metrics, info, output_dir / "report"):
@@ -187,16 +222,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _loaders(train_ds, val_ds, batch_size: int, num_workers, device: torch.device, seed: int):
+def _check_data_parallel(plan: finetune.Plan) -> None:
+    if plan.cache_features:
+        raise UserError("finetune.cache_features runs in one process; drop torchrun or set "
+                        "finetune.cache_features=false")
+    if plan.unfreeze:
+        raise UserError("finetune.unfreeze (gradual unfreezing) runs in one process: DistributedDataParallel cannot "
+                        "add parameters mid-run; drop torchrun or the unfreeze schedule")
+
+
+def _loaders(train_ds, val_ds, batch_size: int, num_workers, device: torch.device, seed: int,
+             ctx: distributed.Context = distributed.Context(), shard_val: bool = False):
     workers = auto_workers(device) if num_workers == "auto" else num_workers
     common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
               "worker_init_fn": reseed_worker}
     # Order and augmentation are functions of (seed, epoch, index): see pipeline/data/sampling.py.
-    train = DataLoader(SeededDataset(train_ds), batch_size=batch_size, sampler=EpochSampler(len(train_ds), seed),
+    sampler = EpochSampler(len(train_ds), seed, rank=ctx.rank, world=ctx.world)
+    if hasattr(train_ds, "group_batches"):  # a dataset may reorder it so batches share a trait (detection: aspect)
+        sampler = train_ds.group_batches(sampler, batch_size)
+    train = DataLoader(SeededDataset(train_ds), batch_size=batch_size, sampler=sampler,
                        drop_last=len(train_ds) > batch_size, generator=torch.Generator().manual_seed(seed),
                        collate_fn=getattr(train_ds, "collate_fn", None), **common)
     # A dataset with a `collate_fn` attribute batches its own way (detection: lists of variable-size images).
-    val = DataLoader(val_ds, batch_size=batch_size, shuffle=False, collate_fn=getattr(val_ds, "collate_fn", None),
+    val_part = Subset(val_ds, range(ctx.rank, len(val_ds), ctx.world)) if ctx.active and shard_val else val_ds
+    val = DataLoader(val_part, batch_size=batch_size, shuffle=False, collate_fn=getattr(val_ds, "collate_fn", None),
                      **common)
     return train, val
 

@@ -431,6 +431,34 @@ class Tracker:
             self.finish(status, error="".join(traceback.format_exception_only(exc)).strip())
 
 
+class Silent:
+    """The tracker of ranks other than 0 under torchrun: rank 0 logs for every rank, these calls do nothing."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def __enter__(self) -> Silent:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def keep_offline(self, outbox_path: Path, say: Callable[[str], None] = print) -> None:
+        return None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        return None
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        return None
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        return None
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        return None
+
+
 def load_model(uri: str, model_uri: str) -> torch.nn.Module:
     """The module logged by `Tracker.log_model` (`models:/m-...`) in the store at `uri`.
 

@@ -144,6 +144,19 @@ class Evaluator:
         self._loss += F.cross_entropy(logits, labels, reduction="sum")
         self.count += len(labels)
 
+    def merge(self, other: Evaluator) -> None:
+        """Add another rank's counts (data-parallel evaluation on shards of the validation set)."""
+        if other.confusion is None:
+            return
+        if self.confusion is None:
+            self.confusion, self._top5, self._loss = other.confusion, other._top5, other._loss
+        else:
+            device = self.confusion.device
+            self.confusion += other.confusion.to(device)
+            self._top5 += other._top5.to(device)
+            self._loss += other._loss.to(device)
+        self.count += other.count
+
     def compute(self) -> dict:
         if self.confusion is None or self.count == 0:
             return {PRIMARY: 0.0, "val/top5": 0.0, "val/loss": float("nan")}
