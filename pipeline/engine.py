@@ -171,7 +171,7 @@ def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torc
     window, images, nonfinite, micro = 0, 0, 0, 0
     start = time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
-               disable=not s.ctx.main)
+               **_quiet_unless_main(s))
     for micro, batch in enumerate(bar, start=1):
         batch = to_device(batch, s.device, s.channels_last)
         with autocast(s.device, s.precision):
@@ -215,6 +215,11 @@ def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torc
             "epoch_time": elapsed, "steps_per_epoch": steps_per_epoch}
 
 
+def _quiet_unless_main(s: StepSettings) -> dict:
+    # Only rank 0 draws progress bars; otherwise tqdm's own defaults hold (TQDM_DISABLE=1 turns them off).
+    return {} if s.ctx.main else {"disable": True}
+
+
 def _optimizer_step(model: nn.Module, optimizer, scaler, clip: float | None) -> None:
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -237,7 +242,7 @@ def _stage_lrs(optimizer) -> dict[str, float]:
 def evaluate(model: nn.Module, predict, evaluator, loader: Iterable, s: StepSettings, desc: str = "eval") -> dict:
     model.eval()
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
-                      disable=not s.ctx.main):
+                      **_quiet_unless_main(s)):
         batch = to_device(batch, s.device, s.channels_last)
         with autocast(s.device, s.precision):
             outputs = predict(model, batch)

@@ -1,0 +1,139 @@
+"""Shared by the benchmarks: a task's model and real batches from its synthetic dataset, and the timed loops.
+
+Every timing alternates between the things compared (A B A B ...) and keeps the median, so load from other processes
+on a shared machine slows every column alike and the printed ratios hold even when absolute numbers wander.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would interleave with the tables
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from pipeline import backbones, config, engine, finetune  # noqa: E402
+from pipeline.data import shapes  # noqa: E402
+from pipeline.tasks import TASKS  # noqa: E402
+
+
+def load_task(task_file: str, overrides: tuple[str, ...] = ()):
+    """Config, task module, datasets and info of a task file; its synthetic data is generated when missing."""
+    cfg = config.load(task_file, overrides)
+    task = TASKS[cfg.task]
+    if cfg.data.synth_if_missing:
+        shapes.ensure(Path(cfg.data.root).parent, task.SYNTH, seed=0)
+    mean, std = backbones.pretrained_mean_std(cfg.model.backbone.name)
+    train_ds, val_ds, info = task.build_data(cfg.data, mean=cfg.data.mean or mean, std=cfg.data.std or std,
+                                             seed=cfg.seed)
+    return cfg, task, train_ds, val_ds, info
+
+
+def loader(dataset, batch_size: int, workers: int, shuffle: bool = True) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, drop_last=True,
+                      collate_fn=getattr(dataset, "collate_fn", None), persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def first_batches(dataset, batch_size: int, n: int) -> list:
+    return list(itertools.islice(loader(dataset, batch_size, 0), n))
+
+
+def build_model(cfg, task, info, backbone: str | None, device: torch.device, channels_last: bool):
+    """The task's model with the task file's fine-tuning plan, random init, and the optimizer the pipeline builds."""
+    b = cfg.model.backbone.model_copy(update={"name": backbone or cfg.model.backbone.name, "weights": "none"})
+    model = task.build_model(cfg.model.model_copy(update={"backbone": b}), info, say=lambda *_: None)
+    ft, t = cfg.finetune, cfg.train
+    plan = finetune.make_plan(model, freeze=ft.freeze, bn=ft.bn, lr_mult=ft.lr_mult, layer_decay=ft.layer_decay,
+                              unfreeze={}, no_decay_norm_bias=ft.no_decay_norm_bias, epochs=1)
+    finetune.apply(model, plan, 0)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    groups = finetune.param_groups(model, plan, t.lr, t.weight_decay)
+    optimizer = engine.build_optimizer(groups, t.optimizer, t.lr, t.momentum, t.nesterov, t.betas)
+    return model, optimizer
+
+
+class Sized:
+    """`steps` items cycling over `batches` (or over a loader, restarted as needed), with a length for the engine."""
+
+    def __init__(self, source, steps: int) -> None:
+        self.source, self.steps = source, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        return itertools.islice(itertools.cycle(self.source) if isinstance(self.source, list)
+                                else _restarting(self.source), self.steps)
+
+
+def _restarting(source):
+    while True:
+        yield from source
+
+
+def pipeline_rate(model, loss, optimizer, source, steps: int, s: engine.StepSettings) -> float:
+    """img/s of engine.train_one_epoch: the pipeline's own training step, progress bar and logging included."""
+    state, schedule = engine.FitState(), engine.Schedule("constant", steps)
+    result = engine.train_one_epoch(model, loss, Sized(source, steps), optimizer, schedule, None, state, s,
+                                    log=lambda *a: None)
+    return result["train/throughput"]
+
+
+def bare_rate(model, loss, optimizer, source, steps: int, s: engine.StepSettings) -> float:
+    """img/s of the loop anyone would write by hand: device copy, autocast, backward, step. Nothing else."""
+    model.train()
+    images = 0
+    sync(s.device)
+    start = time.perf_counter()
+    for batch in Sized(source, steps):
+        batch = engine.to_device(batch, s.device, s.channels_last)
+        with engine.autocast(s.device, s.precision):
+            total = sum(loss(model, batch).values())
+        total.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        images += engine.batch_len(batch)
+    sync(s.device)
+    return images / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def inference_rate(model, predict, batches: list, steps: int, s: engine.StepSettings) -> float:
+    model.eval()
+    images = 0
+    sync(s.device)
+    start = time.perf_counter()
+    for batch in Sized(batches, steps):
+        batch = engine.to_device(batch, s.device, s.channels_last)
+        with engine.autocast(s.device, s.precision):
+            predict(model, batch)
+        images += engine.batch_len(batch)
+    sync(s.device)
+    return images / (time.perf_counter() - start)
+
+
+def alternate(measures: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """Median of `rounds` measurements of each, taken in turns after one untimed warm-up each."""
+    for measure in measures.values():
+        measure()
+    taken: dict[str, list[float]] = {name: [] for name in measures}
+    for _ in range(rounds):
+        for name, measure in measures.items():
+            taken[name].append(measure())
+    return {name: statistics.median(v) for name, v in taken.items()}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_line(device: torch.device, precision: str) -> str:
+    what = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    return f"{device} ({what}), {precision}"

@@ -1,0 +1,54 @@
+"""The pipeline's training step against a bare PyTorch loop: same model, size, batch, precision and memory format.
+
+    python benchmarks/engine_overhead.py [tasks/quickstart.yaml] [--steps 20] [--rounds 3]
+
+Three columns, measured in turns: a bare loop on fixed tensors, engine.train_one_epoch on the same tensors (the cost
+of the engine: non-finite check, schedule, per-stage lr, logging), and engine.train_one_epoch on the task's real
+loader (decode and augmentation in the loop, as `pipeline run` trains, with its worker count). Targets: engine >= 0.95
+of bare on tensors and >= 0.85 with its data loading.
+"""
+from __future__ import annotations
+
+import argparse
+
+import _common as C
+
+from pipeline import engine, stages
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task_file", nargs="?", default="tasks/quickstart.yaml")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    cfg, task, train_ds, _, info = C.load_task(args.task_file, tuple(args.overrides))
+    device = engine.resolve_device(cfg.train.device)
+    precision = engine.resolve_precision(cfg.train.precision, device)
+    s = engine.StepSettings(device=device, precision=precision, channels_last=cfg.train.channels_last,
+                            log_every=cfg.train.log_every)
+    model, optimizer = C.build_model(cfg, task, info, None, device, cfg.train.channels_last)
+    batch = cfg.data.batch_size
+    tensors = C.first_batches(train_ds, batch, 4)
+    workers = stages.auto_workers(device) if cfg.data.num_workers == "auto" else cfg.data.num_workers
+    real = C.loader(train_ds, batch, workers)
+    rates = C.alternate({
+        "bare loop": lambda: C.bare_rate(model, task.loss, optimizer, tensors, args.steps, s),
+        "engine": lambda: C.pipeline_rate(model, task.loss, optimizer, tensors, args.steps, s),
+        f"engine + loader ({workers} workers)": lambda: C.pipeline_rate(model, task.loss, optimizer, real,
+                                                                         args.steps, s),
+    }, args.rounds)
+    print(f"{args.task_file}: {cfg.model.backbone.name}, {cfg.data.image_size} px, batch {batch}, "
+          f"{C.device_line(device, precision)}{' + channels_last' if cfg.train.channels_last else ''}")
+    bare = rates["bare loop"]
+    print(f"{'':<30}{'img/s':>9}{'x bare':>8}")
+    for name, rate in rates.items():
+        print(f"{name:<30}{rate:>9.1f}{rate / bare:>8.2f}")
+    engine_only, with_data = list(rates.values())[1:]
+    print(f"summary: engine {engine_only / bare:.2f}x bare (target >= 0.95), with its data loading "
+          f"{with_data / bare:.2f}x (target >= 0.85)")
+
+
+if __name__ == "__main__":
+    main()
