@@ -25,35 +25,40 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="Override the task files' batch size.")
     args = parser.parse_args()
     files = args.task_files or ["tasks/quickstart.yaml", *sorted(glob.glob("tasks/*shapes*.yaml"))]
-    header = f"{'task file':<30}{'backbone':<11}{'size':>5}{'batch':>6}{'train':>9}{'bare':>9}{'x bare':>8}{'infer':>9}"
-    printed, ratios = False, []
+    device = engine.resolve_device("auto")
+    print(f"{C.device_line(device, engine.resolve_precision('auto', device))} (precision auto); img/s")
+    print(f"{'task file':<30}{'backbone':<11}{'size':>5}{'batch':>6}{'train':>9}{'bare':>9}{'x bare':>8}{'infer':>9}")
+    ratios: list[float] = []
     for path in files:
-        cfg, task, train_ds, val_ds, info = C.load_task(path)
-        device = engine.resolve_device(cfg.train.device)
-        precision = engine.resolve_precision(cfg.train.precision, device)
-        if not printed:
-            print(C.device_line(device, precision) + "; img/s")
-            print(header)
-            printed = True
-        s = engine.StepSettings(device=device, precision=precision, channels_last=cfg.train.channels_last,
-                                log_every=cfg.train.log_every)
-        batch = args.batch or cfg.data.batch_size
-        train_batches = C.first_batches(train_ds, batch, 3)
-        val_batches = C.first_batches(val_ds, batch, 3)
-        for name in args.backbones:
-            model, optimizer = C.build_model(cfg, task, info, name, device, cfg.train.channels_last)
-            rates = C.alternate({
-                "train": lambda: C.pipeline_rate(model, task.loss, optimizer, train_batches, args.steps, s),
-                "bare": lambda: C.bare_rate(model, task.loss, optimizer, train_batches, args.steps, s),
-            }, args.rounds)
-            infer = C.inference_rate(model, task.predict, val_batches, args.steps, s)
-            ratio = rates["train"] / rates["bare"]
-            ratios.append(ratio)
-            print(f"{path.split('/')[-1]:<30}{name:<11}{cfg.data.image_size:>5}{batch:>6}{rates['train']:>9.1f}"
-                  f"{rates['bare']:>9.1f}{ratio:>8.2f}{infer:>9.1f}", flush=True)
-            del model, optimizer
-    print(f"summary: pipeline/bare training img/s from {min(ratios):.2f}x to {max(ratios):.2f}x over "
-          f"{len(ratios)} task x backbone pairs")
+        try:
+            ratios += measure_task(path, args)
+        except Exception as err:  # one broken task file should not hide the others' numbers
+            print(f"{path}: failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}", flush=True)
+    print(f"summary: pipeline/bare training img/s from {min(ratios, default=0):.2f}x to {max(ratios, default=0):.2f}x "
+          f"over {len(ratios)} task x backbone pairs")
+
+
+def measure_task(path: str, args) -> list[float]:
+    cfg, task, train_ds, val_ds, info = C.load_task(path)
+    device = engine.resolve_device(cfg.train.device)
+    s = engine.StepSettings(device=device, precision=engine.resolve_precision(cfg.train.precision, device),
+                            channels_last=cfg.train.channels_last, log_every=cfg.train.log_every)
+    batch = args.batch or cfg.data.batch_size
+    train_batches = C.first_batches(train_ds, batch, 3)
+    val_batches = C.first_batches(val_ds, batch, 3)
+    ratios = []
+    for name in args.backbones:
+        model, optimizer = C.build_model(cfg, task, info, name, device, cfg.train.channels_last)
+        rates = C.alternate({
+            "train": lambda: C.pipeline_rate(model, task.loss, optimizer, train_batches, args.steps, s),
+            "bare": lambda: C.bare_rate(model, task.loss, optimizer, train_batches, args.steps, s),
+        }, args.rounds)
+        infer = C.inference_rate(model, task.predict, val_batches, args.steps, s)
+        ratios.append(rates["train"] / rates["bare"])
+        print(f"{path.split('/')[-1]:<30}{name:<11}{cfg.data.image_size:>5}{batch:>6}{rates['train']:>9.1f}"
+              f"{rates['bare']:>9.1f}{ratios[-1]:>8.2f}{infer:>9.1f}", flush=True)
+        del model, optimizer
+    return ratios
 
 
 if __name__ == "__main__":
