@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.data import synth, synth_coco
+from pipeline.data import synth, synth_coco, synth_faces
 
 KINDS = {
     "classification": synth.generate,  # ImageFolder: one shape per image
+    "faces": synth_faces.generate,  # identities (compositions of 2-4 shapes) and an LFW-style held-out pairs set
     "coco": synth_coco.generate,  # scenes of 0-3 shapes: COCO json (boxes, polygons) and class-index masks
 }
 
