@@ -136,12 +136,19 @@ def _inside(name: str, tap: str) -> bool:
     return name == tap or name.startswith(tap + ".")
 
 
-def build(name: str, weights: str = "imagenet", out_indices: tuple[int, ...] | None = None) -> Backbone:
-    """Build backbone `name` (any timm model) and load its weights: imagenet | a timm tag | a file path | none."""
+def build(name: str, weights: str = "imagenet", out_indices: tuple[int, ...] | None = None,
+          output_stride: int = 32) -> Backbone:
+    """Build backbone `name` (any timm model) and load its weights: imagenet | a timm tag | a file path | none.
+
+    `output_stride` 8 or 16 dilates the last stages instead of striding them (timm models that support it, e.g.
+    ResNets); the weights are the same, `strides` then reports the dilated reductions.
+    """
     check_name(name)
     kwargs = {"features_only": True}
     if out_indices is not None:
         kwargs["out_indices"] = out_indices
+    if output_stride != 32:
+        kwargs["output_stride"] = output_stride
     if weights == "none":
         return Backbone(timm.create_model(name, pretrained=False, **kwargs), name, weights="none")
     if W.is_path(weights):
@@ -155,16 +162,16 @@ def build(name: str, weights: str = "imagenet", out_indices: tuple[int, ...] | N
     return Backbone(body, name, weights=weights if W.is_path(weights) else tagged)
 
 
-def build_or_random(name: str, weights: str, fallback_to_random: bool, say=print) -> Backbone:
+def build_or_random(name: str, weights: str, fallback_to_random: bool, say=print, output_stride: int = 32) -> Backbone:
     """`build`, except that unreachable hub weights fall back to random init when asked (the quickstart alone)."""
     try:
-        return build(name, weights)
+        return build(name, weights, output_stride=output_stride)
     except UserError as err:
         if not fallback_to_random or weights == "none" or W.is_path(weights):
             raise
         say(f"\n!!! {err}\n!!! continuing from RANDOM INIT (weights=none); accuracy will be lower than with "
             f"pretrained weights\n")
-        return build(name, "none")
+        return build(name, "none", output_stride=output_stride)
 
 
 def _load(name: str, state_dict: dict, source: str, kwargs: dict) -> nn.Module:

@@ -156,3 +156,16 @@ def test_fallback_to_random_only_when_asked():
     assert b.weights == "none" and "RANDOM INIT" in messages[0]
     with pytest.raises(UserError):
         backbones.build_or_random("resnet34", "imagenet", fallback_to_random=False)
+
+
+@pytest.mark.parametrize("output_stride, strides", [(16, [2, 4, 8, 16, 16]), (8, [2, 4, 8, 8, 8])])
+def test_output_stride_dilates_the_last_stages(tmp_path: Path, output_stride: int, strides: list[int]):
+    full = timm.create_model("resnet18", pretrained=False)
+    torch.save(full.state_dict(), tmp_path / "w.pth")
+    b = backbones.build("resnet18", str(tmp_path / "w.pth"), output_stride=output_stride)
+    assert b.stages == STAGES and list(b.strides.values()) == strides
+    assert _same(b, full)  # dilation changes no weight shapes
+    out = b(torch.randn(1, 3, 64, 64))
+    assert [v.shape[-1] for v in out.values()] == [64 // s for s in strides]
+    random = backbones.build_or_random("resnet18", "none", False, output_stride=output_stride)
+    assert list(random.strides.values()) == strides
