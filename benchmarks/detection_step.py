@@ -1,6 +1,6 @@
 """Where a Faster R-CNN training step goes, and what the gather-based RoIAlign saves against torchvision's kernel.
 
-    python benchmarks/detection_step.py [TASK_FILE] [--steps 3] [--rounds 3] [--top 15]
+    python benchmarks/detection_step.py [TASK_FILE] [--set key=value ...] [--steps 3] [--rounds 3] [--top 15]
 
 Prints, for the task file's model and batch (default tasks/detection_shapes.yaml): step time with torchvision's
 MultiScaleRoIAlign and with the pipeline's (alternating, medians), the step split into the forward pass of each
@@ -13,7 +13,6 @@ import statistics
 import time
 
 import _common as C
-import torch
 from torch.profiler import ProfilerActivity, profile
 from torchvision.ops import MultiScaleRoIAlign
 
@@ -25,11 +24,12 @@ PARTS = ("backbone", "fpn", "rpn", "roi_heads")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task_file", nargs="?", default="tasks/detection_shapes.yaml")
+    parser.add_argument("--set", nargs="*", default=[], help="Task file overrides, e.g. train.precision=fp32.")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
-    cfg, task, train_ds, _, info = C.load_task(args.task_file)
+    cfg, task, train_ds, _, info = C.load_task(args.task_file, tuple(args.set))
     device = engine.resolve_device(cfg.train.device)
     s = engine.StepSettings(device=device, precision=engine.resolve_precision(cfg.train.precision, device),
                             channels_last=cfg.train.channels_last)

@@ -5,7 +5,13 @@ synthetic dataset kind, see pipeline/data/shapes.py), `build_data`, `build_model
 `report`, and for MLflow model logging `inference_module` (images -> one tensor), `example_input` and `LOG_FORMAT`.
 """
 from pipeline.tasks import classification
+from pipeline.tasks import detection
+from pipeline.tasks import face
+from pipeline.tasks import segmentation
 
 TASKS = {
     "classification": classification,
+    "detection": detection,
+    "face": face,
+    "segmentation": segmentation,
 }
