@@ -119,13 +119,15 @@ def inference_rate(model, predict, batches: list, steps: int, s: engine.StepSett
 
 
 def alternate(measures: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
-    """Median of `rounds` measurements of each, taken in turns after one untimed warm-up each."""
+    """Median of `rounds` measurements of each, taken in turns (forward, then backward) after one warm-up each."""
     for measure in measures.values():
         measure()
     taken: dict[str, list[float]] = {name: [] for name in measures}
-    for _ in range(rounds):
-        for name, measure in measures.items():
-            taken[name].append(measure())
+    order = list(measures)
+    for r in range(rounds):
+        # Reversed every other round: a measurement's position in a round (caches, clocks) must not favour it.
+        for name in order if r % 2 == 0 else order[::-1]:
+            taken[name].append(measures[name]())
     return {name: statistics.median(v) for name, v in taken.items()}
 
 

@@ -6,6 +6,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
 
+import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -178,7 +179,9 @@ def report(metrics: dict, info: dict, out_dir: Path) -> list[Path]:
     """Artifacts people would rather see than read: the confusion matrix plot and a per-class accuracy table."""
     out_dir.mkdir(parents=True, exist_ok=True)
     fig_path = out_dir / "confusion_matrix.png"
-    confusion_figure(metrics["confusion"], info["classes"]).savefig(fig_path, dpi=110, bbox_inches="tight")
+    fig = confusion_figure(metrics["confusion"], info["classes"])
+    fig.savefig(fig_path, dpi=110, bbox_inches="tight")
+    plt.close(fig)  # pyplot keeps every figure alive until closed
     table_path = out_dir / "per_class_accuracy.csv"
     table_path.write_text(per_class_table(metrics["confusion"], info["classes"]))
     return [fig_path, table_path]

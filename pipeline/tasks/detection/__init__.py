@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Literal
 
 import albumentations as A
+import matplotlib.pyplot as plt
 import torch
 from pydantic import Field, field_validator
 from torch import nn
@@ -162,7 +163,9 @@ def report(metrics: dict, info: dict, out_dir: Path) -> list[Path]:
     table = out_dir / "per_class_ap.csv"
     table.write_text(per_class_table(metrics["per_class"], info["category_ids"]))
     picture = out_dir / "val_boxes.png"
-    boxes_figure(metrics["samples"], info["classes"]).savefig(picture, dpi=110, bbox_inches="tight")
+    fig = boxes_figure(metrics["samples"], info["classes"])
+    fig.savefig(picture, dpi=110, bbox_inches="tight")
+    plt.close(fig)  # pyplot keeps every figure alive until closed
     return [results, table, picture]
 
 
