@@ -30,9 +30,8 @@ def settings_for(device: torch.device) -> list[tuple[str, str, bool]]:
 
 
 def step_rate(model, batch, steps: int, settings: engine.StepSettings) -> float:
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    for g in opt.param_groups:
-        g["base_lr"] = 1e-3
+    opt = engine.build_optimizer([{"params": list(model.parameters()), "base_lr": 1e-3}], "adamw", 1e-3, 0.9, True,
+                                 (0.9, 0.999))
     scaler = torch.amp.GradScaler(settings.device.type) if settings.precision == "fp16" else None
     loss = lambda m, b: {"ce": F.cross_entropy(m(b[0]).float(), b[1])}  # noqa: E731
     state, schedule = engine.FitState(), engine.Schedule("constant", steps)

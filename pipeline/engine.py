@@ -87,9 +87,13 @@ def batch_len(batch) -> int:
 
 def build_optimizer(groups: list[dict], name: str, lr: float, momentum: float, nesterov: bool,
                     betas: tuple[float, float]) -> torch.optim.Optimizer:
+    """SGD or AdamW, fused where PyTorch has a fused kernel for the parameters' device (CPU and CUDA): one kernel
+    for all parameters instead of a loop over them. On this 2-core CPU, AdamW's step on resnet18 takes 9 ms fused
+    against 28-46 ms looped (benchmarks/engine_overhead.py shows the whole step)."""
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
 @dataclass(frozen=True)
