@@ -17,7 +17,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would interleave wit
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from pipeline import backbones, config, engine, finetune  # noqa: E402
+from pipeline import backbones, config, engine, finetune, small_conv  # noqa: E402
 from pipeline.data import shapes  # noqa: E402
 from pipeline.tasks import TASKS  # noqa: E402
 
@@ -45,7 +45,8 @@ def first_batches(dataset, batch_size: int, n: int) -> list:
 
 
 def build_model(cfg, task, info, backbone: str | None, device: torch.device, channels_last: bool):
-    """The task's model with the task file's fine-tuning plan, random init, and the optimizer the pipeline builds."""
+    """The task's model as `pipeline run` trains it (the task file's fine-tuning plan, small_conv on CPU), random init,
+    and the optimizer the pipeline builds."""
     b = cfg.model.backbone.model_copy(update={"name": backbone or cfg.model.backbone.name, "weights": "none"})
     model = task.build_model(cfg.model.model_copy(update={"backbone": b}), info, say=lambda *_: None)
     ft, t = cfg.finetune, cfg.train
@@ -53,6 +54,8 @@ def build_model(cfg, task, info, backbone: str | None, device: torch.device, cha
                               unfreeze={}, no_decay_norm_bias=ft.no_decay_norm_bias, epochs=1)
     finetune.apply(model, plan, 0)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if device.type == "cpu":
+        small_conv.convert(model)  # as stages._run does
     groups = finetune.param_groups(model, plan, t.lr, t.weight_decay)
     optimizer = engine.build_optimizer(groups, t.optimizer, t.lr, t.momentum, t.nesterov, t.betas)
     return model, optimizer

@@ -3,7 +3,8 @@
     python benchmarks/precision_layout.py [--backbones resnet18 resnet50] [--sizes 64 224] [--batch 32] [--steps 8]
 
 For each backbone and image size: fp32 NCHW, fp32 channels_last, bf16 NCHW, bf16 channels_last (and fp16 on CUDA),
-as img/s of the pipeline's training step (engine.train_one_epoch) on synthetic tensors, with the ratio to fp32 NCHW.
+as img/s of the pipeline's training step (engine.train_one_epoch, fused AdamW, on CPU small_conv's weight gradients as
+`pipeline run` has them) on synthetic tensors, with the ratio to fp32 NCHW.
 Rounds alternate between the settings and the median is kept, so a noisy shared machine hurts every column alike.
 """
 from __future__ import annotations
@@ -13,12 +14,12 @@ import os
 import statistics
 import time
 
-import torch
-import torch.nn.functional as F
+os.environ.setdefault("TQDM_DISABLE", "1")  # before torch, which imports tqdm: bars would interleave with the table
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would interleave with the table
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from pipeline import backbones, engine  # noqa: E402
+from pipeline import backbones, engine, small_conv  # noqa: E402
 from pipeline.tasks.classification import Classifier  # noqa: E402
 
 
@@ -66,6 +67,8 @@ def main() -> None:
     for name in args.backbones:
         torch.manual_seed(0)
         model = Classifier(backbones.build(name, "none"), 10).to(device)
+        if device.type == "cpu":
+            small_conv.convert(model)  # as `pipeline run` trains on CPU
         for size in args.sizes:
             batch = (torch.randn(args.batch, 3, size, size, device=device),
                      torch.randint(0, 10, (args.batch,), device=device))

@@ -97,6 +97,8 @@ class TrainConfig(Section):
     max_nonfinite: int = Field(5, gt=0)
     # Under torchrun: BatchNorm statistics over the global batch instead of each process's share.
     sync_bn: bool = False
+    # torch.compile the model for training and evaluation (compiles on the first steps; benchmarks/compile_step.py).
+    compile: bool = False
 
 
 class TrackingConfig(Section):

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from pipeline import backbones, checkpoint, config, distributed, engine, feature_cache, finetune, outbox, profile, tracking
+from pipeline import (backbones, checkpoint, config, distributed, engine, feature_cache, finetune, outbox, profile,
+                      small_conv, tracking)
 from pipeline.data import shapes
 from pipeline.data.sampling import EpochSampler, SeededDataset
 from pipeline.data.transforms import reseed_worker
@@ -126,6 +127,10 @@ def _run(cfg, task, task_file, output_dir: Path, tracker, last: dict | None, say
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
+    if device.type == "cpu":
+        small_conv.convert(model)  # weight gradients of small maps by GEMM: resnet18 at 64 px trains 1.5x faster
+    if cfg.train.compile:
+        model.compile()  # in place: the same module, parameters and state_dict, its calls go through torch.compile
     groups = finetune.groups_until(model, plan, cfg.train.lr, cfg.train.weight_decay, epoch_done)
     optimizer = engine.build_optimizer(groups, cfg.train.optimizer, cfg.train.lr, cfg.train.momentum,
                                        cfg.train.nesterov, cfg.train.betas)
@@ -206,6 +211,7 @@ def _run(cfg, task, task_file, output_dir: Path, tracker, last: dict | None, say
         model.input_is_features = False  # the exported model takes images
     # Inference needs no grad switching; torch.export would record it and the logged graph would not load.
     model.backbone.no_grad_stages = 0
+    small_conv.restore(model)
     if cfg.tracking.log_model:
         say("logging the model to MLflow ...")
         model.to("cpu", memory_format=torch.contiguous_format).float().eval()

@@ -135,3 +135,43 @@ def test_out_of_memory_says_what_to_do_and_marks_the_run_failed(task_file, uri, 
     run = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])[0]
     assert run.info.status == "FAILED" and "not enough memory" in run.data.tags["error"]
     assert checkpoint.load(tmp_path / "out" / checkpoint.LAST)["fit"]["epoch"] == 1  # epoch 1 is kept
+
+
+def test_compile_and_small_conv_are_wired_into_the_run(task_file, uri: str, tmp_path: Path, monkeypatch):
+    """train.compile compiles the model in place (same state_dict keys in checkpoints, logged model loads); on CPU
+    the model trains with small_conv's convolutions and is logged with plain ones."""
+    monkeypatch.chdir(tmp_path)
+    compiled, seen = [], []
+    original_compile = torch.nn.Module.compile
+
+    def compile_eager(self, *args, **kwargs):  # the real inductor compile takes a minute on 2 cores
+        compiled.append(type(self).__name__)
+        return original_compile(self, backend="eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_eager)
+    original_fit = stages.engine.fit
+
+    def fit(f, state):
+        seen.append({type(m).__name__ for m in f.model.modules()})
+        return original_fit(f, state)
+
+    monkeypatch.setattr(stages.engine, "fit", fit)
+    original_log_model = stages.tracking.Tracker.log_model
+
+    def log_model(self, model, *args, **kwargs):
+        seen.append({type(m).__name__ for m in model.modules()})
+        return original_log_model(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(stages.tracking.Tracker, "log_model", log_model)
+    path = task_file(train={"epochs": 1, "compile": True}, tracking={"uri": uri, "log_model": True})
+    result = stages.run(path, say=lambda *_: None)
+    assert compiled == ["Classifier"]
+    trained, logged = seen
+    assert "SmallMapConv2d" in trained and "Conv2d" not in trained
+    assert "Conv2d" in logged and "SmallMapConv2d" not in logged
+    run = MlflowClient(uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["train.compile"] == "True"
+    state = checkpoint.load(result.output_dir / checkpoint.BEST)["model"]
+    assert not any(k.startswith("_orig_mod") for k in state)
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert [m.source_run_id for m in models] == [result.run_id]
