@@ -58,7 +58,13 @@ def build_model(cfg, task, info, backbone: str | None, device: torch.device, cha
         small_conv.convert(model)  # as stages._run does
     groups = finetune.param_groups(model, plan, t.lr, t.weight_decay)
     optimizer = engine.build_optimizer(groups, t.optimizer, t.lr, t.momentum, t.nesterov, t.betas)
+    BENCH_SCHEDULE.apply(optimizer, 0)
     return model, optimizer
+
+
+# Benchmarks step at the first lr of a long warmup: speed does not depend on the lr, and a random-init detector at its
+# task file's full lr without warmup can diverge within a benchmark's few dozen steps (seen on an H100).
+BENCH_SCHEDULE = engine.Schedule("constant", 1, warmup_steps=1000)
 
 
 class Sized:
@@ -82,9 +88,8 @@ def _restarting(source):
 
 def pipeline_rate(model, loss, optimizer, source, steps: int, s: engine.StepSettings) -> float:
     """img/s of engine.train_one_epoch: the pipeline's own training step, progress bar and logging included."""
-    state, schedule = engine.FitState(), engine.Schedule("constant", steps)
-    result = engine.train_one_epoch(model, loss, Sized(source, steps), optimizer, schedule, None, state, s,
-                                    log=lambda *a: None)
+    result = engine.train_one_epoch(model, loss, Sized(source, steps), optimizer, BENCH_SCHEDULE, None,
+                                    engine.FitState(), s, log=lambda *a: None)
     return result["train/throughput"]
 
 
