@@ -1,4 +1,5 @@
-"""small_conv: weight gradients of small feature maps by GEMM must equal the convolution's own, in every case it takes."""
+"""small_conv: convolutions of small feature maps by GEMM must equal the convolution's own outputs and gradients, in
+every case they take."""
 from __future__ import annotations
 
 import copy
@@ -37,6 +38,24 @@ def test_weight_grad_matches_convolution_backward(shape):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-{s[1]}k{s[2]}s{s[3]}p{s[4]}d{s[5]}")
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_forward_and_input_grad_match_the_convolution(shape, bias):
+    cin, cout, k, stride, pad, dil, size = shape
+    conv = nn.Conv2d(cin, cout, k, stride, pad, dil, bias=bias).double().to(memory_format=torch.channels_last)
+    x = torch.randn(3, cin, *size, dtype=torch.float64).to(memory_format=torch.channels_last).requires_grad_()
+    expected = conv(x)
+    got = small_conv.conv_forward(x.detach(), conv.weight.detach(), None if conv.bias is None else conv.bias.detach(),
+                                  conv.stride, conv.padding, conv.dilation)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    grad_out = torch.randn_like(expected)
+    expected_gx = torch.autograd.grad(expected, x, grad_out)[0]
+    got_gx = small_conv.input_grad(grad_out, x.shape, conv.weight.detach(), conv.stride, conv.padding, conv.dilation)
+    assert got_gx.shape == x.shape and got_gx.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got_gx, expected_gx, rtol=1e-10, atol=1e-10)
+
+
 def _grads(conv, x, autocast: bool):
     x = x.detach().requires_grad_(x.requires_grad)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -48,7 +67,10 @@ def _grads(conv, x, autocast: bool):
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_converted_conv_trains_like_nn_conv2d(autocast, bias, stride):
+@pytest.mark.parametrize("full", [False, True], ids=["weightgrad", "fullgemm"])
+def test_converted_conv_trains_like_nn_conv2d(autocast, bias, stride, full, monkeypatch):
+    # full: this small weight takes the all-GEMM path too (in models only weights of 1M+ elements do).
+    monkeypatch.setattr(small_conv, "FULL_GEMM_MIN_WEIGHT", 0 if full else 1 << 40)
     torch.manual_seed(0)
     plain = nn.Conv2d(32, 48, 3, stride, 1, bias=bias).to(memory_format=torch.channels_last)
     fast = copy.deepcopy(plain)
@@ -64,6 +86,22 @@ def test_converted_conv_trains_like_nn_conv2d(autocast, bias, stride):
     for name in gp_p:
         assert gp_f[name].dtype == torch.float32  # accumulated into the fp32 parameter, as autocast does
         torch.testing.assert_close(gp_f[name], gp_p[name], **tol)
+
+
+def test_all_gemm_path_is_taken_only_for_large_weights_on_small_maps(monkeypatch):
+    calls = []
+    original = small_conv.conv_forward
+    monkeypatch.setattr(small_conv, "conv_forward", lambda *a: calls.append(a[1].shape) or original(*a))
+    side = int(small_conv.FULL_GEMM_MAX_PIXELS ** 0.5)
+    for channels, size, expect in [(512, side, True), (512, side + 1, False), (64, side, False)]:
+        conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        assert (conv.weight.numel() >= small_conv.FULL_GEMM_MIN_WEIGHT) is (channels == 512)
+        small_conv.convert(conv)
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            conv(torch.randn(1, channels, size, size)).float().sum().backward()
+        assert bool(calls) is expect, (channels, size)
+        assert conv.weight.grad is not None
 
 
 def test_gemm_path_is_taken_only_for_small_maps_in_training(monkeypatch):
