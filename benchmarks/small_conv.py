@@ -1,11 +1,12 @@
-"""Weight gradients of small-map convolutions: oneDNN's kernel against pipeline.small_conv's GEMM, on CPU.
+"""Small-map convolutions: oneDNN's kernels against pipeline.small_conv's GEMMs, on CPU.
 
     python benchmarks/small_conv.py [--batch 32] [--rounds 5]
 
-Part 1, per convolution (resnet18's 3x3 convs and a 1x1 downsample, by output map size): milliseconds of the weight
-gradient alone, bf16 and fp32, native vs GEMM, with the ratio; it is what sets small_conv.MAX_OUTPUT_PIXELS.
-Part 2, whole training steps (forward, backward, fused AdamW) of resnet18 and resnet50 at 64 and 128 px, bf16 and
-fp32 with channels_last, plain nn.Conv2d vs converted, so the per-conv gains are seen in what a user trains.
+Part 1, per convolution (resnet18's 3x3 convs and a 1x1 downsample, by output map size), bf16 and fp32: milliseconds
+of the forward, the input gradient and the weight gradient, native vs GEMM, with the ratios. These are hot-cache
+numbers; small_conv's limits were set from whole steps, where weights come from memory and the GEMMs win more.
+Part 2, whole training steps (forward, backward, the pipeline's AdamW) of resnet18 and resnet50 at 64 and 128 px,
+bf16 and fp32 with channels_last: plain nn.Conv2d, GEMM weight gradients only, and small_conv as the pipeline runs it.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pipeline import small_conv  # noqa: E402
+from pipeline import engine, small_conv  # noqa: E402
 
 # (in, out, kernel, stride, input side): resnet18's stages at 64 and 128 px inputs and the stage-4 downsample.
 CONVS = [(512, 512, 3, 1, 2), (512, 512, 3, 1, 4), (256, 512, 3, 2, 8), (256, 512, 1, 2, 8), (256, 256, 3, 1, 4),
@@ -38,33 +39,36 @@ def timed(fn, rounds: int) -> float:
 
 
 def per_conv(batch: int, rounds: int) -> list[float]:
-    print(f"weight gradient of one conv, batch {batch}, channels_last: ms (native / GEMM = speedup)")
-    print(f"{'conv':<28}{'out map':>8}{'bf16 native':>13}{'GEMM':>8}{'x':>7}{'fp32 native':>13}{'GEMM':>8}{'x':>7}")
     gains = []
-    for cin, cout, k, stride, side in CONVS:
-        row = f"{cin}->{cout} {k}x{k} stride {stride}"
-        out_side = (side + 2 * (k // 2) - k) // stride + 1
-        row = f"{row:<28}{f'{out_side}x{out_side}':>8}"
-        for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (torch.bfloat16, torch.float32):
+        print(f"\n{str(dtype).split('.')[-1]}, batch {batch}, channels_last: ms native / GEMM (speedup)")
+        print(f"{'conv':<26}{'out map':>8}{'forward':>22}{'input grad':>22}{'weight grad':>22}")
+        for cin, cout, k, stride, side in CONVS:
+            out_side = (side + 2 * (k // 2) - k) // stride + 1
+            row = f"{f'{cin}->{cout} {k}x{k} stride {stride}':<26}{f'{out_side}x{out_side}':>8}"
             x = torch.randn(batch, cin, side, side, dtype=dtype).to(memory_format=torch.channels_last)
             w = torch.randn(cout, cin, k, k, dtype=dtype).to(memory_format=torch.channels_last)
             conf = ((stride, stride), (k // 2, k // 2), (1, 1))
             g = torch.randn_like(F.conv2d(x, w, None, *conf)).contiguous(memory_format=torch.channels_last)
-            native = lambda: torch.ops.aten.convolution_backward(g, x, w, None, *conf, False, [0, 0], 1,  # noqa: E731
-                                                                 [False, True, False])
-            gemm = lambda: small_conv.weight_grad(g, x, w.shape, *conf)  # noqa: E731
-            # Alternate the two, so load from other processes falls on both.
-            a, b = zip(*[(timed(native, 1), timed(gemm, 1)) for _ in range(rounds)])
-            a, b = statistics.median(a), statistics.median(b)
-            row += f"{a:>13.2f}{b:>8.2f}{a / b:>7.2f}"
+
+            def native(mask):
+                return lambda: torch.ops.aten.convolution_backward(g, x, w, None, *conf, False, [0, 0], 1, mask)
+            pairs = [(lambda: F.conv2d(x, w, None, *conf), lambda: small_conv.conv_forward(x, w, None, *conf)),
+                     (native([True, False, False]), lambda: small_conv.input_grad(g, x.shape, w, *conf)),
+                     (native([False, True, False]), lambda: small_conv.weight_grad(g, x, w.shape, *conf))]
+            for a_fn, b_fn in pairs:
+                # Alternate the two, so load from other processes falls on both.
+                a, b = zip(*[(timed(a_fn, 1), timed(b_fn, 1)) for _ in range(rounds)])
+                a, b = statistics.median(a), statistics.median(b)
+                row += f"{f'{a:.2f} / {b:.2f} ({a / b:.1f}x)':>22}"
             if dtype == torch.bfloat16 and out_side * out_side <= small_conv.MAX_OUTPUT_PIXELS[dtype]:
                 gains.append(a / b)
-        print(row)
+            print(row)
     return gains
 
 
 def step_rate(model, x, y, precision: str, steps: int) -> float:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = engine.build_optimizer([{"params": list(model.parameters())}], "adamw", 1e-4, 0.9, False, (0.9, 0.999))
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -79,30 +83,32 @@ def step_rate(model, x, y, precision: str, steps: int) -> float:
     return steps * len(x) / (time.perf_counter() - start)
 
 
+VARIANTS = {"plain": None, "wgrad only": 1 << 62, "small_conv": small_conv.FULL_GEMM_MIN_WEIGHT}
+
+
 def whole_steps(batch: int, rounds: int) -> list[str]:
-    print(f"\ntraining step img/s, batch {batch}, channels_last, fused AdamW (plain -> converted = speedup)")
-    print(f"{'model':<10}{'size':>5}{'fp32 plain':>12}{'converted':>11}{'x':>6}{'bf16 plain':>12}{'converted':>11}"
-          f"{'x':>6}{'bf16/fp32':>11}")
+    print(f"\ntraining step img/s, batch {batch}, channels_last, the pipeline's AdamW: plain nn.Conv2d, GEMM weight "
+          f"gradients only, small_conv as the pipeline runs it (speedup over plain)")
+    print(f"{'model':<10}{'size':>5}{'precision':>10}" + "".join(f"{v:>18}" for v in VARIANTS))
     summary = []
     for name in ("resnet18", "resnet50"):
         model = timm.create_model(name, num_classes=10).to(memory_format=torch.channels_last).train()
         for size in (64, 128):
             x = torch.randn(batch, 3, size, size).to(memory_format=torch.channels_last)
             y = torch.randint(0, 10, (batch,))
-            rates = {}
             for precision in ("fp32", "bf16"):
-                got = {"plain": [], "converted": []}
+                got = {v: [] for v in VARIANTS}
                 for _ in range(rounds):
-                    for kind in ("plain", "converted"):
-                        (small_conv.convert if kind == "converted" else small_conv.restore)(model)
-                        got[kind].append(step_rate(model, x, y, precision, 3))
-                rates[precision] = {k: statistics.median(v) for k, v in got.items()}
+                    for variant, min_weight in VARIANTS.items():
+                        (small_conv.restore if min_weight is None else small_conv.convert)(model)
+                        small_conv.FULL_GEMM_MIN_WEIGHT = min_weight or VARIANTS["small_conv"]
+                        got[variant].append(step_rate(model, x, y, precision, 3))
+                rates = {v: statistics.median(r) for v, r in got.items()}
+                cells = [f"{r:.1f} ({r / rates['plain']:.2f}x)" for r in rates.values()]
+                print(f"{name:<10}{size:>5}{precision:>10}" + "".join(f"{c:>18}" for c in cells))
+                summary.append(f"{name}@{size} {precision} {rates['small_conv'] / rates['plain']:.2f}x")
             small_conv.restore(model)
-            f, b = rates["fp32"], rates["bf16"]
-            print(f"{name:<10}{size:>5}{f['plain']:>12.1f}{f['converted']:>11.1f}{f['converted'] / f['plain']:>6.2f}"
-                  f"{b['plain']:>12.1f}{b['converted']:>11.1f}{b['converted'] / b['plain']:>6.2f}"
-                  f"{b['converted'] / f['converted']:>11.2f}")
-            summary.append(f"{name}@{size} bf16 {b['converted'] / b['plain']:.2f}x")
+    small_conv.FULL_GEMM_MIN_WEIGHT = VARIANTS["small_conv"]
     return summary
 
 
@@ -115,7 +121,7 @@ def main() -> None:
     gains = per_conv(args.batch, args.rounds)
     steps = whole_steps(args.batch, max(1, args.rounds // 2))
     print(f"summary: GEMM weight gradient {min(gains):.1f}-{max(gains):.1f}x oneDNN's on the bf16 convs it takes; "
-          f"whole step converted vs plain: {', '.join(steps)}")
+          f"whole step small_conv vs plain: {', '.join(steps)}")
 
 
 if __name__ == "__main__":

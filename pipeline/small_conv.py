@@ -4,9 +4,9 @@ oneDNN's kernels are slow where a ResNet's feature maps are small. Its weight-gr
 resnet18's last stage at a 64 px input (2x2 maps, batch 32) the bf16 AMX kernel takes 18 ms per 3x3 conv, the same
 product written as im2col + one GEMM 1.5 ms; at 8x8 maps the GEMM still wins 2x, from 16x16 on the kernel wins. Where
 the weight is also large, forward and input gradient are slow too: 4.5 ms each for 512x512x3x3 at 2x2, where one GEMM
-takes 1 ms. Inside a training step (weights out of cache) that holds down to 256x256x3x3 at 4x4: with forward and
-input gradient by GEMM for those, resnet18 at 64 px trains 1.4x faster in bf16 and 1.2x in fp32 than with the
-weight gradient alone, resnet50 1.4x (benchmarks/small_conv.py prints the tables). The GEMMs read the channels_last
+takes 1 ms. Inside a training step (weights out of cache) that holds down to 256x256x3x3 at 4x4. In whole steps at
+64 px, resnet18 trains 1.6-1.9x faster than with plain convs in bf16 and 1.3x in fp32, resnet50 1.7-1.9x and 1.3-1.5x;
+at 128 px 1.3-1.8x and 1.0-1.3x (benchmarks/small_conv.py prints the tables). The GEMMs read the channels_last
 input through strided windows, so the only copy is the im2col matrix, and their results are channels_last.
 
 `convert(model)` makes every plain `nn.Conv2d` a `SmallMapConv2d`: the same module with the same parameters and
