@@ -89,7 +89,8 @@ def build_optimizer(groups: list[dict], name: str, lr: float, momentum: float, n
                     betas: tuple[float, float]) -> torch.optim.Optimizer:
     """SGD or AdamW, fused where PyTorch has a fused kernel for the parameters' device (CPU and CUDA): one kernel
     for all parameters instead of a loop over them. On this 2-core CPU, AdamW's step on resnet18 takes 9 ms fused
-    against 28-46 ms looped (benchmarks/engine_overhead.py shows the whole step)."""
+    against 28-46 ms looped (benchmarks/engine_overhead.py shows the whole step). AdamW is `DenseAdamW`, which spares
+    the kernel a copy of every channels_last weight; fused SGD still makes those copies."""
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, fused=fused)

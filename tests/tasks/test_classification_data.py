@@ -258,3 +258,41 @@ def test_cifar_corrupt_file_is_a_user_error(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(UserError, match="test_batch"):
         _build(tmp_path, fmt="cifar10")
+
+
+# ---------------------------------------------------------------------------------------------------- decode cache
+
+
+def _counting_reads(monkeypatch):
+    from pipeline.tasks.classification import data as data_module
+    reads = []
+    original = data_module.read_rgb
+    monkeypatch.setattr(data_module, "read_rgb", lambda path: reads.append(path) or original(path))
+    return reads
+
+
+def test_decoded_images_are_cached_within_the_budget(tmp_path, monkeypatch):
+    _folder(tmp_path / "train", {"a": 3, "b": 3})
+    _folder(tmp_path / "val", {"a": 1, "b": 1})
+    flip = build_transforms([{"name": "HorizontalFlip", "p": 1.0}], field="data.train_transforms",
+                            mean=(0, 0, 0), std=(1, 1, 1))
+    one_image = 12 * 10 * 3
+    train, val, _ = _build(tmp_path, train_transform=flip, cache_bytes=4 * one_image)
+    reads = _counting_reads(monkeypatch)
+    first = [train[i][0] for i in range(len(train))]
+    assert len(reads) == 6
+    reads.clear()
+    again = [train[i][0] for i in range(len(train))]
+    assert len(reads) == 2  # the four that fit the budget come from memory; the last two are decoded again
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)  # a transform never sees (or changes) the cached array itself
+    val[0], val[0]
+    assert len(reads) == 3  # val has its own cache
+
+
+def test_cache_off_reads_every_time(tmp_path, monkeypatch):
+    _folder(tmp_path, {"a": 2, "b": 2})
+    train, _, _ = _build(tmp_path, val_fraction=0.5, cache_bytes=0)
+    reads = _counting_reads(monkeypatch)
+    train[0], train[0]
+    assert len(reads) == 2

@@ -24,6 +24,9 @@ class ClassificationData(DataConfig):
     # With one folder of classes (no train/ and val/), hold out this stratified fraction for validation.
     val_fraction: float = Field(0.0, ge=0, lt=1)
     download: bool = False
+    # Decoded ImageFolder images kept in memory, per split and loader process, up to this many MiB: later epochs
+    # neither read nor decode them. 0 decodes every time.
+    cache_mb: int = Field(512, ge=0)
 
 
 class ClassificationModel(ModelConfig):
@@ -64,7 +67,8 @@ def build_data(data: ClassificationData, *, mean, std, seed: int):
     val_tf = build_transforms(val_spec, field="data.val_transforms", mean=mean, std=std, seed=seed)
     train_ds, val_ds, classes = build_datasets(
         Path(data.root), data.format, val_fraction=data.val_fraction, seed=seed, train_transform=train_tf,
-        val_transform=val_tf, skip_bad_images=data.skip_bad_images, download=data.download)
+        val_transform=val_tf, skip_bad_images=data.skip_bad_images, download=data.download,
+        cache_bytes=data.cache_mb << 20)
     info = {"classes": list(classes), "num_classes": len(classes), "train_size": len(train_ds),
             "val_size": len(val_ds), "random_train_transforms": is_random(train_spec)}
     return train_ds, val_ds, info
