@@ -104,10 +104,14 @@ class DenseAdamW(torch.optim.AdamW):
     state and state_dict keep their shapes. A grad whose layout differs from its parameter's (one assigned by hand)
     is first copied to the parameter's layout: PyTorch's fused kernel pairs their elements by memory order."""
 
-    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):
-        has_complex = super()._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
-        if not group["fused"]:
+    def _init_group(self, group, *args):
+        # (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps); before torch 2.6 AdamW also took an
+        # `amsgrad` flag after grads.
+        has_complex = super()._init_group(group, *args)
+        if not group.get("fused"):
             return has_complex
+        params, grads = args[:2]
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs = args[-4:-1]
         grads[:] = [g if g.stride() == p.stride() else torch.empty_like(p).copy_(g) for p, g in zip(params, grads)]
         lists = [x for x in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs) if x]
         for i, tensors in enumerate(zip(*lists)):
