@@ -105,7 +105,7 @@ class DenseAdamW(torch.optim.AdamW):
     is first copied to the parameter's layout: PyTorch's fused kernel pairs their elements by memory order."""
 
     def _init_group(self, group, *args):
-        # (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps); before torch 2.6 AdamW also took an
+        # (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps); older torch (2.3) AdamW also takes an
         # `amsgrad` flag after grads.
         has_complex = super()._init_group(group, *args)
         if not group.get("fused"):
