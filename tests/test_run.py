@@ -137,9 +137,10 @@ def test_out_of_memory_says_what_to_do_and_marks_the_run_failed(task_file, uri, 
     assert checkpoint.load(tmp_path / "out" / checkpoint.LAST)["fit"]["epoch"] == 1  # epoch 1 is kept
 
 
-def test_compile_and_small_conv_are_wired_into_the_run(task_file, uri: str, tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compile"])
+def test_compile_and_small_conv_are_wired_into_the_run(compile_, task_file, uri: str, tmp_path: Path, monkeypatch):
     """train.compile compiles the model in place (same state_dict keys in checkpoints, logged model loads); on CPU
-    the model trains with small_conv's convolutions and is logged with plain ones."""
+    an eager model trains with small_conv's convolutions, a compiled one with plain ones; both are logged plain."""
     monkeypatch.chdir(tmp_path)
     compiled, seen = [], []
     original_compile = torch.nn.Module.compile
@@ -163,14 +164,17 @@ def test_compile_and_small_conv_are_wired_into_the_run(task_file, uri: str, tmp_
         return original_log_model(self, model, *args, **kwargs)
 
     monkeypatch.setattr(stages.tracking.Tracker, "log_model", log_model)
-    path = task_file(train={"epochs": 1, "compile": True}, tracking={"uri": uri, "log_model": True})
+    path = task_file(train={"epochs": 1, "compile": compile_}, tracking={"uri": uri, "log_model": True})
     result = stages.run(path, say=lambda *_: None)
-    assert compiled == ["Classifier"]
+    assert compiled == (["Classifier"] if compile_ else [])
     trained, logged = seen
-    assert "SmallMapConv2d" in trained and "Conv2d" not in trained
+    if compile_:
+        assert "Conv2d" in trained and "SmallMapConv2d" not in trained
+    else:
+        assert "SmallMapConv2d" in trained and "Conv2d" not in trained
     assert "Conv2d" in logged and "SmallMapConv2d" not in logged
     run = MlflowClient(uri).get_run(result.run_id)
-    assert run.info.status == "FINISHED" and run.data.params["train.compile"] == "True"
+    assert run.info.status == "FINISHED" and run.data.params["train.compile"] == str(compile_)
     state = checkpoint.load(result.output_dir / checkpoint.BEST)["model"]
     assert not any(k.startswith("_orig_mod") for k in state)
     models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
