@@ -10,9 +10,9 @@ at 128 px 1.3-1.8x and 1.0-1.3x (benchmarks/small_conv.py prints the tables). Th
 input through strided windows, so the only copy is the im2col matrix, and their results are channels_last.
 
 `convert(model)` makes every plain `nn.Conv2d` a `SmallMapConv2d`: the same module with the same parameters and
-state_dict, whose training forward routes small outputs through `_GemmWeightGrad` (weight gradient by GEMM) or, for
-large weights, `_GemmConv` (forward, input and weight gradients by GEMM). Eval mode, no-grad code and other devices
-run `nn.Conv2d.forward` unchanged; `restore(model)` undoes the conversion (before export or pickling).
+state_dict, whose training forward routes small outputs through `_GemmConv`: weight gradient by GEMM and, for large
+weights, forward and input gradient too. Eval mode, no-grad code and other devices run `nn.Conv2d.forward`
+unchanged; `restore(model)` undoes the conversion (before export or pickling).
 """
 from __future__ import annotations
 
@@ -40,11 +40,10 @@ class SmallMapConv2d(nn.Conv2d):
             pixels = _output_pixels(x, self)
             if pixels <= MAX_OUTPUT_PIXELS.get(dtype, 0):
                 full = pixels <= FULL_GEMM_MAX_PIXELS and self.weight.numel() >= FULL_GEMM_MIN_WEIGHT
-                function = _GemmConv if full else _GemmWeightGrad
                 with torch.autocast("cpu", enabled=False):
                     weight = self.weight.to(dtype)
                     bias = None if self.bias is None else self.bias.to(dtype)
-                    return function.apply(x.to(dtype), weight, bias, self.stride, self.padding, self.dilation)
+                    return _GemmConv.apply(x.to(dtype), weight, bias, self.stride, self.padding, self.dilation, full)
         return super().forward(x)
 
 
@@ -126,13 +125,17 @@ def weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: torch.Siz
     return (_pixel_rows(grad_out).t() @ cols).view(out_ch, kh, kw, in_ch).permute(0, 3, 1, 2)
 
 
-class _GemmWeightGrad(torch.autograd.Function):
-    """conv2d whose backward takes the input gradient from oneDNN and the weight gradient from `weight_grad`."""
+class _GemmConv(torch.autograd.Function):
+    """conv2d whose weight gradient is a GEMM (`weight_grad`); with `full`, forward and input gradient are GEMMs too
+    (`conv_forward`, `input_grad`), else they are oneDNN's."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, full: bool):
         ctx.save_for_backward(x, weight)
         ctx.conv = (tuple(stride), tuple(padding), tuple(dilation))
+        ctx.full = full
+        if full:
+            return conv_forward(x, weight, bias, stride, padding, dilation)
         return F.conv2d(x, weight, bias, stride, padding, dilation)
 
     @staticmethod
@@ -141,35 +144,16 @@ class _GemmWeightGrad(torch.autograd.Function):
         stride, padding, dilation = ctx.conv
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
-        if need_x:
+        if need_x and ctx.full:
+            grad_x = input_grad(grad_out, x.shape, weight, stride, padding, dilation)
+        elif need_x:
             grad_x = torch.ops.aten.convolution_backward(grad_out, x, weight, None, stride, padding, dilation, False,
                                                          [0, 0], 1, [True, False, False])[0]
         if need_w:
             grad_w = weight_grad(grad_out, x, weight.shape, stride, padding, dilation)
         if need_b:
             grad_b = grad_out.sum((0, 2, 3))
-        return grad_x, grad_w, grad_b, None, None, None
-
-
-class _GemmConv(torch.autograd.Function):
-    """conv2d whose forward, input gradient and weight gradient are all GEMMs (`conv_forward`, `input_grad`,
-    `weight_grad`)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation):
-        ctx.save_for_backward(x, weight)
-        ctx.conv = (tuple(stride), tuple(padding), tuple(dilation))
-        return conv_forward(x, weight, bias, stride, padding, dilation)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        stride, padding, dilation = ctx.conv
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = input_grad(grad_out, x.shape, weight, stride, padding, dilation) if need_x else None
-        grad_w = weight_grad(grad_out, x, weight.shape, stride, padding, dilation) if need_w else None
-        grad_b = grad_out.sum((0, 2, 3)) if need_b else None
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
