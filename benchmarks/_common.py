@@ -17,9 +17,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would interleave wit
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from pipeline import backbones, config, engine, finetune, small_conv  # noqa: E402
+from pipeline import allocator, backbones, config, engine, finetune, small_conv  # noqa: E402
 from pipeline.data import shapes  # noqa: E402
 from pipeline.tasks import TASKS  # noqa: E402
+
+allocator.keep_freed_memory()  # as `pipeline run` does: every loop measured reuses its freed memory
 
 
 def load_task(task_file: str, overrides: tuple[str, ...] = ()):

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline import backbones, checkpoint, config, engine, stages, tracking
+from pipeline import allocator, backbones, checkpoint, config, engine, stages, tracking
 from pipeline.data.images import IMAGE_EXTENSIONS, read_rgb
 from pipeline.data.transforms import build_transforms
 from pipeline.errors import UserError
@@ -225,6 +225,7 @@ def run(source: str, inputs: list[str], out: str | Path, uri: str | None = None,
     """Predict every image of `inputs` in batches on the best device and write the task's files into `out`."""
     if batch_size < 1 or top_k < 1:
         raise UserError(f"--batch-size ({batch_size}) and --top-k ({top_k}) must be at least 1")
+    allocator.keep_freed_memory()  # every batch frees what the next allocates
     paths = find_images(inputs)
     loaded = load(source, uri)
     io = task_io(loaded.cfg.task)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from pipeline import (backbones, checkpoint, config, distributed, engine, feature_cache, finetune, outbox, profile,
+from pipeline import (allocator, backbones, checkpoint, config, distributed, engine, feature_cache, finetune, outbox, profile,
                       small_conv, tracking)
 from pipeline.data import shapes
 from pipeline.data.sampling import EpochSampler, SeededDataset
@@ -37,6 +37,7 @@ class RunResult:
 def run(task_file: str | Path, overrides: tuple[str, ...] = (), resume: bool = False, say=print,
         parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> RunResult:
     """Run one task file. A sweep passes `parent_run_id` (the run nests under it) and `tags` (its swept values)."""
+    allocator.keep_freed_memory()  # a training process reuses its memory every step; don't fault it back in
     ctx = distributed.init()  # one process unless started by torchrun
     try:
         return _process(ctx, task_file, overrides, resume, say if ctx.main else _silent, parent_run_id, tags)
