@@ -34,9 +34,11 @@ def main() -> None:
         for mode in MODES if r % 2 == 0 else MODES[::-1]:
             # Any MALLOC_* variable leaves glibc as it is; MALLOC_PERTURB_=0 is glibc's default and changes nothing.
             env = {**os.environ, "MALLOC_PERTURB_": "0"} if mode == "glibc default" else os.environ
-            out = subprocess.run([sys.executable, __file__, args.task_file, "--child", mode, "--steps", str(args.steps)],
-                                 env=env, check=True, capture_output=True, text=True).stdout
+            command = [sys.executable, __file__, args.task_file, "--child", mode, "--steps", str(args.steps)]
+            out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
             taken[mode].append(json.loads(out.strip().splitlines()[-1]))
+    if not all(run["kept"] for run in taken["kept"]):
+        print("note: the 'kept' runs could not keep freed memory (not glibc, or MALLOC_* / LD_PRELOAD set here)")
     precisions = list(taken[MODES[0]][0]["rates"])
     med = {(m, p, k): statistics.median(run[k][p] for run in taken[m]) for m in MODES for p in precisions
            for k in ("rates", "faults", "kernel")}
@@ -57,7 +59,7 @@ def child(task_file: str, steps: int) -> dict:
 
     import _common as C  # keeps freed memory on import, unless a MALLOC_* variable is set
 
-    from pipeline import engine
+    from pipeline import allocator, engine
 
     cfg, task, train_ds, _, info = C.load_task(task_file)
     device = engine.resolve_device(cfg.train.device)
@@ -73,8 +75,8 @@ def child(task_file: str, steps: int) -> dict:
         faults[precision] = (after.ru_minflt - before.ru_minflt) / steps
         kernel[precision] = (after.ru_stime - before.ru_stime) / steps * 1000
         del model, optimizer
-    return {"rates": rates, "faults": faults, "kernel": kernel, "model": f"{cfg.model.backbone.name}, {cfg.data.image_size} px, "
-                                                       f"batch {cfg.data.batch_size}"}
+    model = f"{cfg.model.backbone.name}, {cfg.data.image_size} px, batch {cfg.data.batch_size}"
+    return {"rates": rates, "faults": faults, "kernel": kernel, "model": model, "kept": allocator.keep_freed_memory()}
 
 
 if __name__ == "__main__":

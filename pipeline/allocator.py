@@ -42,7 +42,7 @@ def _apply() -> bool:
     try:
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # glibc's; musl has a mallopt that ignores everything
+        libc.gnu_get_libc_version  # glibc only: other C libraries' mallopt (musl's is a stub) mean other things
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

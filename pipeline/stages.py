@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from pipeline import (allocator, backbones, checkpoint, config, distributed, engine, feature_cache, finetune, outbox, profile,
-                      small_conv, tracking)
+from pipeline import (allocator, backbones, checkpoint, config, distributed, engine, feature_cache, finetune, outbox,
+                      profile, small_conv, tracking)
 from pipeline.data import shapes
 from pipeline.data.sampling import EpochSampler, SeededDataset
 from pipeline.data.transforms import reseed_worker
