@@ -1,5 +1,6 @@
 """Parameter and GFLOP counts against the published ImageNet figures, and compare's pieces on hand-made runs."""
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def test_compare_errors_are_one_line(store: str, args, expected):
 
 def test_ui_starts_mlflow_ui_on_the_configured_store(tmp_path: Path, monkeypatch):
     calls = []
-    monkeypatch.setattr(tracking.subprocess, "call", lambda command: calls.append(command) or 0)
+    monkeypatch.setattr(subprocess, "call", lambda command: calls.append(command) or 0)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     result = CliRunner().invoke(main, ["ui", "--port", "5055"])

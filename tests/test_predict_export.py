@@ -44,7 +44,7 @@ def trained(tmp_path_factory, empty_store: Path, shapes: Path):
         mp.chdir(folder)
         result = stages.run(task, say=lambda *_: None)
         experiment = mlflow.MlflowClient(uri).get_experiment_by_name("tiny").experiment_id
-        with tracking._process_tracking_uri(uri):
+        with tracking.process_tracking_uri(uri):
             (model,) = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
         yield {"uri": uri, "run_id": result.run_id, "checkpoint": result.output_dir / "best.pt",
                "model_uri": f"models:/{model.model_id}", "folder": folder, "images": shapes / "val"}

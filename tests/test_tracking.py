@@ -141,7 +141,7 @@ def test_resume_keeps_logged_params_and_warns(uri, caplog):
     run = client.get_run(first.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params == {"train.lr": "0.001", "train.epochs": "3", "train.resume": "True"}
-    warnings = [r.getMessage() for r in caplog.records if r.name == "pipeline.tracking"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "pipeline.tracking.run"]
     assert len(warnings) == 1 and "train.epochs" in warnings[0] and "'12'" in warnings[0]
 
 

@@ -61,7 +61,7 @@ def server(tmp_path):
 
 def test_server_lost_mid_run_then_synced(task_file, server, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(tracking, "FINAL_RETRY_WAIT", 0.1)
+    monkeypatch.setattr(tracking.run, "FINAL_RETRY_WAIT", 0.1)
     save = engine._save
 
     def save_then_lose_server(f, state, best):

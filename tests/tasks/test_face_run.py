@@ -75,7 +75,7 @@ def test_training_raises_verification_accuracy_and_logs_roc_and_embedding_model(
     assert {a.path for a in client.list_artifacts(result.run_id, "report")} == {"report/roc_holdout.png"}
     # the logged model maps images to L2-normalised embeddings, any batch size, without the margin head
     experiment = run.info.experiment_id
-    with tracking._process_tracking_uri(uri):
+    with tracking.process_tracking_uri(uri):
         (logged,) = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
     loaded = tracking.load_model(uri, f"models:/{logged.model_id}")
     with torch.no_grad():

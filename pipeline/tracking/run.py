@@ -1,37 +1,26 @@
-"""MLflow: run lifecycle, params, tags, metrics, artifacts, model logging. The only module that imports mlflow.
+"""One MLflow run: start or resume, params, tags, metrics, artifacts, the end status, and an outbox that keeps
+records while the tracking server is unreachable (`sync` sends them later).
 
 Everything goes through an explicit `MlflowClient(uri)`, never the fluent `mlflow.start_run()` state, so several runs
-and stores can live in one process (sweeps, tests). The one exception is `Tracker.log_model`: MLflow's model logging
-reads the process-wide tracking URI, which it sets only for the duration of the call.
+and stores can live in one process (sweeps, tests).
 """
 from __future__ import annotations
 
-import copy
-import importlib.metadata
 import logging
 import os
-import ssl
-import subprocess
-import sys
 import time
 import traceback
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
 import mlflow
-import mlflow.pytorch
 import numpy as np
 import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
 from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
@@ -39,100 +28,16 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 from pipeline.errors import UserError
 from pipeline.outbox import NAME as OUTBOX
 from pipeline.outbox import Outbox
+from pipeline.tracking import models
+from pipeline.tracking.query import get_run
+from pipeline.tracking.uri import check_reachable, server_up
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default, relative to the working directory
 TRUNCATION_MARK = " ...[truncated]"
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 RETRY_EVERY = 30.0  # seconds between attempts to reach a lost tracking server mid-run
 FINAL_RETRIES, FINAL_RETRY_WAIT = 3, 5.0  # at the end of a run: a last chance before leaving records to `sync`
-# Pinned in the logged model's requirements.txt; listing them skips MLflow's slow requirement inference.
-MODEL_REQUIREMENTS = ("torch", "torchvision", "timm")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Where the runs go
-
-
-def resolve_uri(cfg_uri: str | None) -> str:
-    """`tracking.uri` from the config, else `MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db` in the working dir."""
-    return cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-
-
-def check_reachable(uri: str, timeout: float = 3.0) -> None:
-    """Fail fast with a `UserError` if the store cannot be used; an MLflow client would retry for minutes instead.
-
-    http(s): one short request to the server's health endpoint. sqlite / file: the folder that will hold the database
-    is created if missing. Other schemes (databricks, postgresql, ...) are left to MLflow.
-    """
-    scheme = urllib.parse.urlparse(uri).scheme
-    if scheme in ("http", "https"):
-        _check_server(uri, timeout)
-    elif scheme == "sqlite":
-        _check_folder(uri, _sqlite_path(uri).parent)
-    elif scheme in ("file", ""):
-        _check_folder(uri, Path(urllib.parse.urlparse(uri).path if scheme else uri))
-
-
-def _check_server(uri: str, timeout: float) -> None:
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout):
-            pass
-    except urllib.error.HTTPError:
-        return  # the server answered (maybe 401 behind auth, or 404 on an old version): it is reachable
-    except (OSError, ValueError) as e:  # URLError, refused, timeout, bad host name
-        reason = getattr(e, "reason", e)
-        if isinstance(reason, ssl.SSLError):
-            return  # a TLS server answered; its certificate is MLflow's business (MLFLOW_TRACKING_SERVER_CERT_PATH)
-        raise UserError(f"tracking server {uri} is not reachable ({reason}); start it with "
-                        "'mlflow server --backend-store-uri sqlite:///mlflow.db --port 5000' or unset "
-                        f"tracking.uri / MLFLOW_TRACKING_URI to use the local {DEFAULT_URI}") from e
-
-
-def server_up(uri: str, timeout: float = 3.0) -> bool:
-    """False only when an http(s) tracking server does not answer; local stores count as up."""
-    try:
-        check_reachable(uri, timeout) if urllib.parse.urlparse(uri).scheme in ("http", "https") else None
-    except UserError:
-        return False
-    return True
-
-
-def sync(run_dir: Path, uri: str | None = None, say: Callable[[str], None] = print) -> int:
-    """`pipeline sync RUN_DIR`: send the records a run kept while its tracking server was unreachable."""
-    path = Path(run_dir) / OUTBOX
-    if not path.exists():
-        raise UserError(f"{path} not found: nothing to sync (a run keeps records there only while its tracking "
-                        f"server is unreachable)")
-    try:
-        box = Outbox.read(path)
-    except (ValueError, OSError) as err:  # json.JSONDecodeError is a ValueError
-        raise UserError(f"{path} is damaged ({err}); it cannot be synced") from None
-    box.uri = uri or box.uri
-    check_reachable(box.uri)
-    tracker = Tracker(mlflow.MlflowClient(box.uri), box.run_id, get_run(box.uri, box.run_id).experiment_id)
-    tracker._outbox, tracker._say = box, say
-    count = len(box.pending)
-    if not tracker.flush(force=True):
-        raise UserError(f"sending {path} to {box.uri} failed part way; {len(box.pending)} records are left in it, "
-                        f"run 'pipeline sync {run_dir}' again")
-    return count
-
-
-def _sqlite_path(uri: str) -> Path:
-    """`sqlite:///rel/x.db` -> `rel/x.db`, `sqlite:////abs/x.db` -> `/abs/x.db` (SQLAlchemy's convention)."""
-    path = urllib.parse.unquote(urllib.parse.urlparse(uri).path)  # without a `?query`
-    return Path(path[1:] if path.startswith("/") else path)
-
-
-def _check_folder(uri: str, folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"tracking store {uri}: cannot create folder {folder} ({e.strerror}); "
-                        "fix tracking.uri / MLFLOW_TRACKING_URI or the folder's permissions") from e
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -364,40 +269,13 @@ class Tracker:
             self._say("warning: the model was not logged to MLflow (tracking server unreachable); best.pt holds it")
             return None
         try:
-            return self._log_model(model, input_example, name, step, serialization)
+            return models.log_model(self._client, self._run_id, self._experiment_id, model, input_example, name,
+                                    step, serialization)
         except Exception:
             if self._outbox is None or server_up(self._client.tracking_uri):
                 raise
             self._say("warning: the model was not logged to MLflow (tracking server lost); best.pt holds it")
             return None
-
-    def _log_model(self, model: torch.nn.Module, input_example: np.ndarray, name: str, step: int,
-                   serialization: Literal["pt2", "pickle"]) -> str:
-        example = np.asarray(input_example, dtype=np.float32)
-        if serialization == "pt2" and example.shape[0] < 2:
-            raise ValueError("log_model: input_example needs a batch of at least 2 for pt2: torch.export fixes a "
-                             "batch dimension of size 1, and the logged model would then accept only batch 1")
-        model = copy.deepcopy(model).float().cpu().eval()
-        with torch.no_grad():
-            output = model(torch.from_numpy(example))
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(f"log_model: the model returned {type(output).__name__}, not a tensor; pass a wrapper "
-                            "module that returns one tensor")
-        signature = infer_signature(example, output.numpy())
-        # Create the LoggedModel ourselves: left to MLflow without an active fluent run, it lands in the default
-        # experiment instead of this run's one.
-        logged = self._client.create_logged_model(self._experiment_id, name=name, source_run_id=self._run_id,
-                                                  params=self._client.get_run(self._run_id).data.params)
-        # The example goes in as a tensor: MLflow then only traces with it (pt2) and does not store it as JSON (15 MB
-        # for two 224 px images) nor re-run the model to validate serving; the signature records the shapes.
-        # `run_id` reaches `mlflow.models.Model.log` through the flavor's **kwargs: it links the model to this run
-        # without an active fluent run, which `mlflow.start_run` would end (FINISHED) on leaving.
-        with _process_tracking_uri(self._client.tracking_uri):
-            info = mlflow.pytorch.log_model(
-                model, name=name, model_id=logged.model_id, run_id=self._run_id, step=step, signature=signature,
-                input_example=torch.from_numpy(example), serialization_format=serialization,
-                pip_requirements=_model_requirements(serialization))
-        return info.model_uri
 
     def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
         """End the run as FINISHED, FAILED or KILLED; `error` goes to the `error` tag first."""
@@ -459,16 +337,6 @@ class Silent:
         return None
 
 
-def load_model(uri: str, model_uri: str) -> torch.nn.Module:
-    """The module logged by `Tracker.log_model` (`models:/m-...`) in the store at `uri`.
-
-    A pt2 model comes back as a `torch.fx.GraphModule` that takes the same input and returns the same output.
-    """
-    # `models:/` URIs are looked up in the process-wide tracking store, which may point elsewhere
-    with _process_tracking_uri(uri):
-        return mlflow.pytorch.load_model(model_uri)
-
-
 def _experiment_id(client: mlflow.MlflowClient, uri: str, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
@@ -484,133 +352,26 @@ def _experiment_id(client: mlflow.MlflowClient, uri: str, name: str) -> str:
     return experiment.experiment_id
 
 
-@contextmanager
-def _process_tracking_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's process-wide tracking URI at `uri` for the duration, then put back what was there.
-
-    `mlflow.set_tracking_uri` mirrors its value into the `MLFLOW_TRACKING_URI` variable (None clears both), so the
-    variable alone tells what to restore. MLflow's own private helper would drop a variable the user had set.
-    """
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
-
-
-def _model_requirements(serialization: str) -> list[str]:
-    # MLflow's pickle format unpickles with cloudpickle; pt2 needs only torch
-    packages = MODEL_REQUIREMENTS + (("cloudpickle",) if serialization == "pickle" else ())
-    # local version labels (`2.5.1+cpu`) are not on PyPI: pin the public version
-    return [f"{pkg}=={importlib.metadata.version(pkg).split('+')[0]}" for pkg in packages]
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# Reading runs back: sweep --resume, compare, predict, export
+# After an outage
 
 
-@dataclass(frozen=True)
-class RunRecord:
-    """One run as stored, in plain Python values, so that callers never handle MLflow's types."""
-
-    run_id: str
-    name: str
-    experiment_id: str
-    status: str
-    start_time: float | None  # seconds since the epoch
-    end_time: float | None
-    params: dict[str, str]
-    tags: dict[str, str]
-    metrics: dict[str, float]  # the latest value of each metric
-
-    @property
-    def parent_run_id(self) -> str | None:
-        return self.tags.get(MLFLOW_PARENT_RUN_ID)
-
-    @property
-    def wall_time(self) -> float | None:
-        """Seconds from start to end; None while the run has not ended."""
-        return self.end_time - self.start_time if self.end_time and self.start_time else None
-
-
-def _record(run: Any) -> RunRecord:
-    info, data = run.info, run.data
-    return RunRecord(run_id=info.run_id, name=info.run_name or "", experiment_id=info.experiment_id,
-                     status=info.status, start_time=info.start_time / 1000 if info.start_time else None,
-                     end_time=info.end_time / 1000 if info.end_time else None, params=dict(data.params),
-                     tags=dict(data.tags), metrics=dict(data.metrics))
-
-
-def get_run(uri: str, run_id: str) -> RunRecord:
+def sync(run_dir: Path, uri: str | None = None, say: Callable[[str], None] = print) -> int:
+    """`pipeline sync RUN_DIR`: send the records a run kept while its tracking server was unreachable."""
+    path = Path(run_dir) / OUTBOX
+    if not path.exists():
+        raise UserError(f"{path} not found: nothing to sync (a run keeps records there only while its tracking "
+                        f"server is unreachable)")
     try:
-        return _record(mlflow.MlflowClient(uri).get_run(run_id))
-    except MlflowException as e:
-        raise UserError(f"run '{run_id}' is not in tracking store {uri}; check the run id, or point --uri / "
-                        "MLFLOW_TRACKING_URI at the store that holds it") from e
-
-
-def search_runs(uri: str, experiment: str, parent_run_id: str | None = None) -> list[RunRecord]:
-    """Every active run of `experiment` (only the children of `parent_run_id` when given), oldest first."""
-    check_reachable(uri)
-    client = mlflow.MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None or found.lifecycle_stage == "deleted":
-        names = sorted(e.name for e in client.search_experiments())
-        raise UserError(f"experiment '{experiment}' is not in tracking store {uri}; experiments there: "
-                        f"{', '.join(names) or 'none'} (or point --uri / MLFLOW_TRACKING_URI at another store)")
-    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'" if parent_run_id else ""
-    runs, token = [], None
-    while True:
-        page = client.search_runs([found.experiment_id], query, order_by=["attributes.start_time ASC"],
-                                  page_token=token)
-        runs += [_record(r) for r in page]
-        token = page.token
-        if not token:
-            return runs
-
-
-def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    """(step, value) of every logged value of `key`, in step order; empty when the run never logged it."""
-    history = mlflow.MlflowClient(uri).get_metric_history(run_id, key)
-    return sorted((m.step, m.value) for m in history)
-
-
-def download_artifact(uri: str, run_id: str, artifact_path: str, dst_dir: str | Path) -> Path:
-    """Copy one artifact file of a run into `dst_dir`; a `UserError` names what the run holds when it is missing."""
-    client = mlflow.MlflowClient(uri)
-    folder = str(Path(artifact_path).parent) if "/" in artifact_path else None
-    present = [a.path for a in client.list_artifacts(run_id, folder)]
-    if artifact_path not in present:
-        raise UserError(f"run {run_id} has no artifact '{artifact_path}' ({folder or 'its root'} holds: "
-                        f"{', '.join(present) or 'nothing'}); the run may have failed before saving it, be a sweep's "
-                        "parent, or have run with tracking.log_checkpoint: false")
-    return Path(client.download_artifacts(run_id, artifact_path, str(dst_dir)))
-
-
-def model_source_run(uri: str, model_uri: str) -> str:
-    """The id of the run that logged the model at `model_uri` (`models:/m-...`, `models:/name/1`, `models:/name@a`)."""
-    try:
-        with _process_tracking_uri(uri):  # `models:/` URIs resolve against the process-wide store
-            run_id = mlflow.models.get_model_info(model_uri).run_id
-    except MlflowException as e:
-        raise UserError(f"model '{model_uri}' is not in tracking store {uri}; check the URI (the run's Artifacts / "
-                        "Logged models tab shows it), or point --uri / MLFLOW_TRACKING_URI at its store") from e
-    if not run_id:
-        raise UserError(f"model '{model_uri}' is linked to no run, so its config and classes are unknown; pass the "
-                        "run id or a checkpoint path instead")
-    return run_id
-
-
-def ui(uri: str | None, host: str = "127.0.0.1", port: int = 5000, say=print) -> int:
-    """Run `mlflow ui` on the store (`uri`, else as `resolve_uri`) until stopped; returns its exit code.
-
-    A tracking server serves its own UI, so for an http(s) store there is nothing to start.
-    """
-    uri = resolve_uri(uri)
-    if urllib.parse.urlparse(uri).scheme in ("http", "https"):
-        raise UserError(f"tracking store {uri} is a server, which serves the UI itself: open {uri} in a browser")
-    check_reachable(uri)
-    say(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl-C stops it)")
-    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                            "--host", host, "--port", str(port)])
+        box = Outbox.read(path)
+    except (ValueError, OSError) as err:  # json.JSONDecodeError is a ValueError
+        raise UserError(f"{path} is damaged ({err}); it cannot be synced") from None
+    box.uri = uri or box.uri
+    check_reachable(box.uri)
+    tracker = Tracker(mlflow.MlflowClient(box.uri), box.run_id, get_run(box.uri, box.run_id).experiment_id)
+    tracker._outbox, tracker._say = box, say
+    count = len(box.pending)
+    if not tracker.flush(force=True):
+        raise UserError(f"sending {path} to {box.uri} failed part way; {len(box.pending)} records are left in it, "
+                        f"run 'pipeline sync {run_dir}' again")
+    return count
