@@ -74,25 +74,43 @@ def _show_pipeline_logs() -> None:
         logger.setLevel(logging.INFO)
 
 
+def _task_file(_ctx: click.Context, _param: click.Parameter, value: Path) -> Path:
+    # An existing path wins; else a built-in task name (`pipeline run quickstart`) from inside the package.
+    from pipeline import shipped
+
+    return shipped.find_task(value)
+
+
 @main.command()
-@click.argument("task_file", type=click.Path(path_type=Path))
+@click.argument("task_file", type=click.Path(path_type=Path), callback=_task_file)
 @click.argument("overrides", nargs=-1)
 @click.option("--resume", is_flag=True, help="Continue the run in train.output_dir from its last checkpoint.")
 def run(task_file: Path, overrides: tuple[str, ...], resume: bool) -> None:
-    """Train TASK_FILE, with optional key.path=value OVERRIDES (e.g. train.lr=0.01)."""
+    """Train TASK_FILE (a path or a built-in task name), with optional key.path=value OVERRIDES (e.g. train.lr=0.01)."""
     from pipeline import stages
 
     stages.run(task_file, overrides, resume=resume, say=click.echo)
 
 
 @main.command("config")
-@click.argument("task_file", type=click.Path(path_type=Path))
+@click.argument("task_file", type=click.Path(path_type=Path), callback=_task_file)
 @click.argument("overrides", nargs=-1)
 def show_config(task_file: Path, overrides: tuple[str, ...]) -> None:
     """Print the resolved, validated config of TASK_FILE with OVERRIDES."""
     from pipeline import config
 
     click.echo(config.to_yaml(config.load(task_file, overrides)), nl=False)
+
+
+@main.command("tasks")
+def list_tasks() -> None:
+    """List the built-in task files (run one by name: pipeline run quickstart)."""
+    from pipeline import shipped
+
+    rows = shipped.describe()
+    name_width, kind_width = (max(len(row[i]) for row in rows) for i in (0, 1))
+    for name, kind, description in rows:
+        click.echo(f"{name:<{name_width}}  {kind:<{kind_width}}  {description}")
 
 
 @main.command()
@@ -144,7 +162,7 @@ def pull(names: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.argument("task_file", type=click.Path(path_type=Path))
+@click.argument("task_file", type=click.Path(path_type=Path), callback=_task_file)
 @click.argument("args", nargs=-1, required=True)
 @click.option("--resume", is_flag=True, help="Reopen the same sweep and skip the runs it already FINISHED.")
 def sweep(task_file: Path, args: tuple[str, ...], resume: bool) -> None:

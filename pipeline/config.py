@@ -15,9 +15,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline import shipped
 from pipeline.errors import UserError
 
-PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# The fragments inside the installed package (a checkout's configs/ through a symlink): the `defaults:` fallback.
+PACKAGE_CONFIGS = shipped.CONFIGS
 
 
 class Section(BaseModel):
@@ -134,9 +136,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TaskC
 
 def compose(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """The merged, unvalidated dict: fragments in order, then the task file, then `key.path=value` overrides."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"task file '{path}' not found; the task files shipped are in tasks/ (e.g. tasks/quickstart.yaml)")
+    path = shipped.find_task(path)  # an existing file, else a built-in task name such as `quickstart`
     merged = _load_with_defaults(path, _config_dirs(path), depth=0)
     for item in overrides:
         apply_override(merged, item)
@@ -213,7 +213,7 @@ def _closest(word: str, choices, prefix: str = "") -> str:
 
 def _config_dirs(task_file: Path) -> list[Path]:
     # A project copied elsewhere keeps tasks/ and configs/ side by side; the package's own configs/ is the fallback.
-    dirs = [task_file.resolve().parent.parent / "configs", PACKAGE_CONFIGS]
+    dirs = [(task_file.resolve().parent.parent / "configs").resolve(), PACKAGE_CONFIGS]
     return [d for i, d in enumerate(dirs) if d.is_dir() and d not in dirs[:i]]
 
 
@@ -235,7 +235,7 @@ def _find_fragment(name: str, used_in: Path, config_dirs: list[Path]) -> Path:
         candidate = d / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
         if candidate.is_file():
             return candidate
-    available = sorted(str(p.relative_to(d).with_suffix("")) for d in config_dirs for p in d.rglob("*.yaml"))
+    available = sorted({str(p.relative_to(d).with_suffix("")) for d in config_dirs for p in d.rglob("*.yaml")})
     raise UserError(f"{used_in}: defaults: fragment '{name}' not found in configs/{_closest(name, available)}")
 
 
