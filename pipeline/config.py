@@ -101,6 +101,17 @@ class TrainConfig(Section):
     sync_bn: bool = False
     # torch.compile the model for training and evaluation (compiles on the first steps; benchmarks/compile_step.py).
     compile: bool = False
+    # auto: on a CPU device, the CPU fast paths of pipeline/cpu_kernels.py (small-map convs as GEMMs, AdamW without
+    # layout copies, gather RoIAlign, kept heap memory); off: the stock PyTorch and torchvision operations everywhere.
+    cpu_kernels: Literal["auto", "off"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cpu_kernels_off(cls, data: Any) -> Any:
+        # YAML reads a bare `off` (in a file or as train.cpu_kernels=off) as false.
+        if isinstance(data, dict) and data.get("cpu_kernels") is False:
+            return {**data, "cpu_kernels": "off"}
+        return data
 
 
 class TrackingConfig(Section):

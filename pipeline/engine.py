@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import checkpoint, distributed, finetune
+from pipeline.dense_adamw import DenseAdamW
 from pipeline.errors import UserError
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -86,43 +87,16 @@ def batch_len(batch) -> int:
 
 
 def build_optimizer(groups: list[dict], name: str, lr: float, momentum: float, nesterov: bool,
-                    betas: tuple[float, float]) -> torch.optim.Optimizer:
+                    betas: tuple[float, float], dense_adamw: bool = True) -> torch.optim.Optimizer:
     """SGD or AdamW, fused where PyTorch has a fused kernel for the parameters' device (CPU and CUDA): one kernel
     for all parameters instead of a loop over them. On this 2-core CPU, AdamW's step on resnet18 takes 9 ms fused
-    against 28-46 ms looped (benchmarks/engine_overhead.py shows the whole step). AdamW is `DenseAdamW`, which spares
-    the kernel a copy of every channels_last weight; fused SGD still makes those copies."""
+    against 28-46 ms looped (benchmarks/engine_overhead.py shows the whole step). With `dense_adamw` (the caller's
+    `cpu_kernels.enabled`), AdamW is `DenseAdamW`, which spares the CPU kernel a copy of every channels_last weight;
+    fused SGD still makes those copies."""
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, fused=fused)
-    return DenseAdamW(groups, lr=lr, betas=betas, fused=fused)
-
-
-class DenseAdamW(torch.optim.AdamW):
-    """AdamW that hands its fused kernel channels_last tensors (conv weights, their grads and moments) as 1-D views
-    of their memory. The CPU kernel otherwise copies each one to standard layout every step: 19 ms of a 100 ms
-    resnet18 step at 64 px. AdamW is elementwise, so on tensors of one layout the update is the same; parameters,
-    state and state_dict keep their shapes. A grad whose layout differs from its parameter's (one assigned by hand)
-    is first copied to the parameter's layout: PyTorch's fused kernel pairs their elements by memory order."""
-
-    def _init_group(self, group, *args):
-        # (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps); older torch (2.3) AdamW also takes an
-        # `amsgrad` flag after grads.
-        has_complex = super()._init_group(group, *args)
-        if not group.get("fused"):
-            return has_complex
-        params, grads = args[:2]
-        exp_avgs, exp_avg_sqs, max_exp_avg_sqs = args[-4:-1]
-        grads[:] = [g if g.stride() == p.stride() else torch.empty_like(p).copy_(g) for p, g in zip(params, grads)]
-        lists = [x for x in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs) if x]
-        for i, tensors in enumerate(zip(*lists)):
-            if _channels_last_only(tensors[0]) and all(t.stride() == tensors[0].stride() for t in tensors):
-                for x, t in zip(lists, tensors):
-                    x[i] = t.permute(0, 2, 3, 1).view(-1)
-        return has_complex
-
-
-def _channels_last_only(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return (DenseAdamW if dense_adamw else torch.optim.AdamW)(groups, lr=lr, betas=betas, fused=fused)
 
 
 @dataclass(frozen=True)

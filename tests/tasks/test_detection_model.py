@@ -168,8 +168,10 @@ def test_inference_module_returns_one_tensor_with_category_ids():
     assert used.any() and set(out[..., 5][used].tolist()) <= {3.0, 17.0} and (out[..., 5][~used] == -1).all()
 
 
-def test_roi_align_matches_torchvision_forward_and_backward():
-    """The gather-based pooler gives torchvision's MultiScaleRoIAlign numbers, boxes outside the map included."""
+@pytest.mark.parametrize("fast_path", [True, False], ids=["gather", "torchvision_kernel"])
+def test_roi_align_matches_torchvision_forward_and_backward(fast_path):
+    """The pooler gives torchvision's MultiScaleRoIAlign numbers, boxes outside the map included: with its gather
+    (cpu_kernels' fast path) and with torchvision's kernel (cpu_kernels off, other devices, export)."""
     torch.manual_seed(0)
     names = ["layer1", "layer2", "layer3"]
     features = {n: torch.randn(2, 8, 64 // 2 ** i, 48 // 2 ** i, requires_grad=True) for i, n in enumerate(names)}
@@ -177,7 +179,9 @@ def test_roi_align_matches_torchvision_forward_and_backward():
     boxes = torch.cat([xy, xy + torch.rand(40, 2) * 320 + 0.5], dim=1)
     boxes[0] = torch.tensor([-40.0, -40.0, -20.0, -10.0])  # wholly outside the image
     proposals, shapes = [boxes[:25], boxes[25:]], [(256, 192), (256, 192)]
-    ours = MultiScaleRoIAlign(names, [4, 8, 16], output_size=7)(features, proposals, shapes)
+    pooler = MultiScaleRoIAlign(names, [4, 8, 16], output_size=7)
+    pooler.fast_path = fast_path
+    ours = pooler(features, proposals, shapes)
     reference = torchvision_pooler(names, output_size=7, sampling_ratio=2)(features, proposals, shapes)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
     levels = MultiScaleRoIAlign(names, [4, 8, 16], output_size=7).levels(boxes)

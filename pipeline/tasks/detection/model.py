@@ -117,6 +117,7 @@ def build_detector(backbone: backbones.Backbone, category_ids: list[int], *, ver
         positive_fraction=0.5, pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
         post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
         nms_thresh=rpn_nms_thresh)
+    # torchvision's RoIAlign kernel until cpu_kernels.apply turns on the CPU gather (tasks/detection/roi_align.py)
     pool = MultiScaleRoIAlign(stages, strides, output_size=roi_output_size, sampling_ratio=2)
     if version == "v2":
         box_head = faster_rcnn.FastRCNNConvFCHead((fpn_channels, roi_output_size, roi_output_size), [256] * 4,

@@ -5,7 +5,9 @@ backward scatters one value at a time. Here each output bin is a "bag" of its sa
 their bilinear weights, so the forward pass is one `embedding_bag` over channel-contiguous rows (parallel, vectorised
 over channels) and the backward pass is PyTorch's sorted, parallel bag backward: about 4x less CPU time on one core
 for the shapes task's RoI batch, with the same numbers as `torchvision.ops.roi_align(..., aligned=False)` up to
-float rounding (tests/tasks/test_detection_model.py checks both directions).
+float rounding (tests/tasks/test_detection_model.py checks both directions). It is one of pipeline/cpu_kernels.py's
+fast paths: the pooler runs it only on CPU features once `cpu_kernels.apply` turned it on, and torchvision's kernel
+otherwise (CUDA has a fast one; export wants torchvision's op).
 """
 from __future__ import annotations
 
@@ -13,8 +15,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 from torchvision.ops import box_area
+
+from pipeline.cpu_kernels import FastPath
 
 
 def roi_align(feature: torch.Tensor, rois: torch.Tensor, output_size: int, scale: float,
@@ -59,9 +64,12 @@ def _bilinear(coord: torch.Tensor, size: int):
     return low, high, (1.0 - frac) * inside, frac * inside
 
 
-class MultiScaleRoIAlign(nn.Module):
+class MultiScaleRoIAlign(FastPath, nn.Module):
     """Faster R-CNN's FPN pooler: each box is pooled from the level that suits its size (FPN paper, eq. 1: a 224 px
-    box from level 4, i.e. stride 16; twice the size one level up), as torchvision's MultiScaleRoIAlign."""
+    box from level 4, i.e. stride 16; twice the size one level up), as torchvision's MultiScaleRoIAlign. With
+    `fast_path` on (`cpu_kernels.apply`), CPU features are pooled by `roi_align` above, else by torchvision's kernel."""
+
+    fast_path_name = "roi_align"
 
     def __init__(self, featmap_names: list[str], strides: list[int], output_size: int, sampling_ratio: int = 2,
                  canonical_size: int = 224, canonical_level: int = 4) -> None:
@@ -81,10 +89,18 @@ class MultiScaleRoIAlign(nn.Module):
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
         levels = self.levels(rois[:, 1:])
         first = features[self.featmap_names[0]]
-        out = first.new_zeros((len(rois), first.shape[1], self.output_size, self.output_size), dtype=torch.float32)
+        gather = self.fast_path and first.device.type == "cpu"
+        pool = roi_align if gather else _torchvision_roi_align
+        # The gather computes in float32; torchvision's pooler gives its result the features' dtype.
+        out = first.new_zeros((len(rois), first.shape[1], self.output_size, self.output_size),
+                              dtype=torch.float32 if gather else first.dtype)
         for level, (name, stride) in enumerate(zip(self.featmap_names, self.strides)):
             chosen = torch.where(levels == level)[0]
-            if len(chosen):
-                out[chosen] = roi_align(features[name], rois[chosen], self.output_size, 1.0 / stride,
-                                        self.sampling_ratio)
+            out[chosen] = pool(features[name], rois[chosen], self.output_size, 1.0 / stride,
+                               self.sampling_ratio).to(out.dtype)
         return out
+
+
+def _torchvision_roi_align(feature: torch.Tensor, rois: torch.Tensor, output_size: int, scale: float,
+                           sampling_ratio: int) -> torch.Tensor:
+    return torchvision.ops.roi_align(feature, rois, output_size, scale, sampling_ratio, aligned=False)
