@@ -17,51 +17,45 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would interleave wit
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from pipeline import allocator, backbones, config, engine, finetune, small_conv  # noqa: E402
-from pipeline.data import shapes  # noqa: E402
-from pipeline.tasks import TASKS  # noqa: E402
-
-allocator.keep_freed_memory()  # as `pipeline run` does: every loop measured reuses its freed memory
+from pipeline import distributed, engine, stages  # noqa: E402
 
 
 def load_task(task_file: str, overrides: tuple[str, ...] = ()):
-    """Config, task module, datasets and info of a task file; its synthetic data is generated when missing."""
-    cfg = config.load(task_file, overrides)
-    task = TASKS[cfg.task]
-    if cfg.data.synth_if_missing:
-        shapes.ensure(Path(cfg.data.root).parent, task.SYNTH, seed=0)
-    mean, std = backbones.pretrained_mean_std(cfg.model.backbone.name)
-    train_ds, val_ds, info = task.build_data(cfg.data, mean=cfg.data.mean or mean, std=cfg.data.std or std,
-                                             seed=cfg.seed)
-    return cfg, task, train_ds, val_ds, info
+    """Config, task, datasets and data info of a task file, through the runner's own builders (stages.prepare,
+    stages.build_data); its synthetic data is generated when missing."""
+    setup = stages.prepare(task_file, overrides, say=_quiet)
+    data = stages.build_data(setup, say=_quiet)
+    return setup.cfg, setup.task, data.train, data.val, data.info
 
 
-def loader(dataset, batch_size: int, workers: int, shuffle: bool = True) -> DataLoader:
+def loader(dataset, batch_size: int, workers: int, shuffle: bool = True, task=None) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, drop_last=True,
-                      collate_fn=getattr(dataset, "collate_fn", None), persistent_workers=workers > 0,
+                      collate_fn=task.collate_fn if task else None, persistent_workers=workers > 0,
                       generator=torch.Generator().manual_seed(0))
 
 
-def first_batches(dataset, batch_size: int, n: int) -> list:
-    return list(itertools.islice(loader(dataset, batch_size, 0), n))
+def first_batches(dataset, batch_size: int, n: int, task=None) -> list:
+    return list(itertools.islice(loader(dataset, batch_size, 0, task=task), n))
 
 
 def build_model(cfg, task, info, backbone: str | None, device: torch.device, channels_last: bool):
-    """The task's model as `pipeline run` trains it (the task file's fine-tuning plan, small_conv on CPU), random init,
-    and the optimizer the pipeline builds."""
+    """The task's model as `pipeline run` trains it (stages.build_model, plan_finetune, place_model with the CPU fast
+    paths, make_optimizer), random init."""
     b = cfg.model.backbone.model_copy(update={"name": backbone or cfg.model.backbone.name, "weights": "none"})
-    model = task.build_model(cfg.model.model_copy(update={"backbone": b}), info, say=lambda *_: None)
-    ft, t = cfg.finetune, cfg.train
-    plan = finetune.make_plan(model, freeze=ft.freeze, bn=ft.bn, lr_mult=ft.lr_mult, layer_decay=ft.layer_decay,
-                              unfreeze={}, no_decay_norm_bias=ft.no_decay_norm_bias, epochs=1)
-    finetune.apply(model, plan, 0)
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    if device.type == "cpu":
-        small_conv.convert(model)  # as stages._run does
-    groups = finetune.param_groups(model, plan, t.lr, t.weight_decay)
-    optimizer = engine.build_optimizer(groups, t.optimizer, t.lr, t.momentum, t.nesterov, t.betas)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"backbone": b}),
+                                 "train": cfg.train.model_copy(update={"channels_last": channels_last})})
+    setup = stages.Setup(cfg, task, task_file="", experiment="", output_dir=Path("."), last=None, device=device,
+                         precision=engine.resolve_precision(cfg.train.precision, device), ctx=distributed.Context())
+    model = stages.build_model(setup, info, say=_quiet)
+    plan = stages.plan_finetune(setup, model)
+    model = stages.place_model(setup, model, plan, say=_quiet)
+    optimizer = stages.make_optimizer(setup, model, plan, say=_quiet)
     BENCH_SCHEDULE.apply(optimizer, 0)
     return model, optimizer
+
+
+def _quiet(*_) -> None:
+    """Benchmarks print their tables, not the runner's lines."""
 
 
 # Benchmarks step at the first lr of a long warmup: speed does not depend on the lr, and a random-init detector at its

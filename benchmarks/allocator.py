@@ -63,7 +63,7 @@ def child(task_file: str, steps: int) -> dict:
 
     cfg, task, train_ds, _, info = C.load_task(task_file)
     device = engine.resolve_device(cfg.train.device)
-    tensors = C.first_batches(train_ds, cfg.data.batch_size, 4)
+    tensors = C.first_batches(train_ds, cfg.data.batch_size, 4, task)
     rates, faults, kernel = {}, {}, {}
     for precision in dict.fromkeys(["fp32", engine.resolve_precision("auto", device)]):
         s = engine.StepSettings(device=device, precision=precision, channels_last=cfg.train.channels_last)

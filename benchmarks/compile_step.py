@@ -21,7 +21,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pipeline import backbones, engine, small_conv  # noqa: E402
-from pipeline.tasks.classification import Classifier  # noqa: E402
+from pipeline.tasks.classification.task import Classifier  # noqa: E402
 
 
 def run_steps(model, opt, batch, steps: int, s: engine.StepSettings) -> float:

@@ -17,8 +17,8 @@ import _common as C
 from pipeline import engine
 
 
-def loader_rate(dataset, batch: int, workers: int, batches: int) -> float:
-    loader = C.loader(dataset, batch, workers)
+def loader_rate(dataset, batch: int, workers: int, batches: int, task=None) -> float:
+    loader = C.loader(dataset, batch, workers, task=task)
     it = iter(loader)
     next(it)  # worker start-up is paid once per run, not per batch
     images, start = 0, time.perf_counter()
@@ -43,9 +43,9 @@ def main() -> None:
         s = engine.StepSettings(device=device, precision=engine.resolve_precision(cfg.train.precision, device),
                                 channels_last=cfg.train.channels_last, log_every=10**9)
         batch = cfg.data.batch_size
-        loads = {w: loader_rate(train_ds, batch, w, args.batches) for w in args.workers}
+        loads = {w: loader_rate(train_ds, batch, w, args.batches, task) for w in args.workers}
         model, optimizer = C.build_model(cfg, task, info, None, device, cfg.train.channels_last)
-        train = C.pipeline_rate(model, task.loss, optimizer, C.first_batches(train_ds, batch, 3), 6, s)
+        train = C.pipeline_rate(model, task.loss, optimizer, C.first_batches(train_ds, batch, 3, task), 6, s)
         verdict = "model" if loads[args.workers[0]] > train else "loader"
         print(f"{path:<32}{cfg.data.image_size:>5}" + "".join(f"{loads[w]:>12.0f}" for w in args.workers)
               + f"{train:>12.0f}  {verdict}")

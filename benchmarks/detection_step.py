@@ -34,7 +34,7 @@ def main() -> None:
     s = engine.StepSettings(device=device, precision=engine.resolve_precision(cfg.train.precision, device),
                             channels_last=cfg.train.channels_last)
     model, optimizer = C.build_model(cfg, task, info, None, device, cfg.train.channels_last)
-    batches = C.first_batches(train_ds, cfg.data.batch_size, 2)
+    batches = C.first_batches(train_ds, cfg.data.batch_size, 2, task)
     print(f"{C.device_line(device, s.precision)}; {args.task_file}: {cfg.model.backbone.name}, batch "
           f"{cfg.data.batch_size}, {cfg.model.min_size}-{cfg.model.max_size} px")
 

@@ -31,9 +31,9 @@ def main() -> None:
                             log_every=cfg.train.log_every)
     model, optimizer = C.build_model(cfg, task, info, None, device, cfg.train.channels_last)
     batch = cfg.data.batch_size
-    tensors = C.first_batches(train_ds, batch, 4)
+    tensors = C.first_batches(train_ds, batch, 4, task)
     workers = stages.auto_workers(device) if cfg.data.num_workers == "auto" else cfg.data.num_workers
-    real = C.loader(train_ds, batch, workers)
+    real = C.loader(train_ds, batch, workers, task=task)
     def plain_bare() -> float:
         small_conv.restore(model)
         try:

@@ -15,7 +15,7 @@ import time
 import torch
 
 from pipeline import backbones, engine, finetune
-from pipeline.tasks.classification import Classifier
+from pipeline.tasks.classification.task import Classifier
 
 STRATEGIES = {
     "full": [],

@@ -44,8 +44,8 @@ def measure_task(path: str, args) -> list[float]:
     s = engine.StepSettings(device=device, precision=engine.resolve_precision(cfg.train.precision, device),
                             channels_last=cfg.train.channels_last, log_every=cfg.train.log_every)
     batch = args.batch or cfg.data.batch_size
-    train_batches = C.first_batches(train_ds, batch, 3)
-    val_batches = C.first_batches(val_ds, batch, 3)
+    train_batches = C.first_batches(train_ds, batch, 3, task)
+    val_batches = C.first_batches(val_ds, batch, 3, task)
     ratios = []
     for name in args.backbones:
         model, optimizer = C.build_model(cfg, task, info, name, device, cfg.train.channels_last)

@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from pipeline import tracking
 from pipeline.errors import UserError
-from pipeline.tasks import TASKS
+from pipeline.tasks.registry import TASKS
 
 PLOTS = ("metric_vs_depth.png", "metric_vs_gflops.png", "curves.png")
 
@@ -83,7 +83,7 @@ def _primary(runs: list[tracking.RunRecord]) -> str:
     if len(known) != 1 or len(tasks) != 1:
         raise UserError(f"the runs are of tasks {sorted(map(str, tasks))}, so the metric to compare is unclear; "
                         "give one with --metric (e.g. --metric val/top1)")
-    return TASKS[known[0]].PRIMARY
+    return TASKS[known[0]].primary
 
 
 def _row(uri: str, run: tracking.RunRecord, metric: str) -> Row:

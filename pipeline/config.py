@@ -1,138 +1,29 @@
-"""Task configuration: the pydantic schema, YAML loading with `defaults:` fragments, and `key.path=value` overrides.
+"""Task configuration: YAML loading with `defaults:` fragments, and `key.path=value` overrides.
 
 A task file names its task (`task: classification`) and may list fragments from `configs/`
 (`defaults: [backbone/resnet18, optim/adamw]`). Fragments merge in order, the task file last, then the command-line
-overrides. The merged dict is validated strictly against the task's schema (`TASKS[task].Config`): an unknown key,
-a wrong type or an out-of-range value raises `UserError` naming the key path and what is allowed.
+overrides. The merged dict is validated strictly against the task's schema (pipeline/tasks/schemas.py, built on the
+shared sections of pipeline/sections.py): an unknown key, a wrong type or an out-of-range value raises `UserError`
+naming the key path and what is allowed.
 """
 from __future__ import annotations
 
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ValidationError
 
 from pipeline import shipped
 from pipeline.errors import UserError
+from pipeline.sections import (BackboneConfig, DataConfig, FinetuneConfig, ModelConfig, Section,  # noqa: F401
+                               TaskConfig, TrackingConfig, TrainConfig)
+from pipeline.tasks.schemas import SCHEMAS
 
 # The fragments inside the installed package (a checkout's configs/ through a symlink): the `defaults:` fallback.
 PACKAGE_CONFIGS = shipped.CONFIGS
-
-
-class Section(BaseModel):
-    # Strict and immutable: a typo is an error, and no stage can change what another stage was given.
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class BackboneConfig(Section):
-    name: str = "resnet18"
-    # imagenet (timm's default tag) | a timm tag such as tv_in1k | a local file | none
-    weights: str = "imagenet"
-    # Only the quickstart sets this: without reachable weights it continues from random init, loudly.
-    fallback_to_random: bool = False
-
-
-class DataConfig(Section):
-    root: str = "data/shapes/classification"
-    image_size: int = Field(224, gt=0)
-    batch_size: int = Field(32, gt=0)
-    num_workers: int | Literal["auto"] = "auto"
-    # None: the backbone's pretrained normalisation.
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-    train_transforms: list[dict[str, Any]] | None = None
-    val_transforms: list[dict[str, Any]] | None = None
-    skip_bad_images: bool = False
-    # Generate the synthetic shapes dataset at `root`'s parent when it is missing (demos and the quickstart).
-    synth_if_missing: bool = False
-
-
-class ModelConfig(Section):
-    backbone: BackboneConfig = BackboneConfig()
-
-
-class FinetuneConfig(Section):
-    freeze: list[str] | Literal["all"] = []
-    bn: Literal["frozen", "eval", "train"] = "frozen"
-    lr_mult: dict[str, float] = {}
-    layer_decay: float | None = Field(None, gt=0, le=1)
-    unfreeze: dict[str, int] = {}
-    no_decay_norm_bias: bool = True
-    cache_features: bool = False
-    # With random train transforms, cache this many augmented views of each training image (0: refuse).
-    cached_views: int = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _check_lr(self) -> FinetuneConfig:
-        for stage, mult in self.lr_mult.items():
-            if mult < 0:
-                raise ValueError(f"lr_mult.{stage}={mult} must be >= 0")
-        return self
-
-
-class TrainConfig(Section):
-    epochs: int = Field(10, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
-    betas: tuple[float, float] = (0.9, 0.999)
-    schedule: Literal["cosine", "step", "poly", "constant"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0)
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    step_milestones: list[int] = []
-    step_gamma: float = Field(0.1, gt=0, le=1)
-    poly_power: float = Field(0.9, gt=0)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool = True
-    device: str = "auto"
-    accum_steps: int = Field(1, gt=0)
-    clip_grad_norm: float | None = Field(None, gt=0)
-    patience: int | None = Field(None, gt=0)
-    # None: outputs/<task file stem>/<backbone>
-    output_dir: str | None = None
-    log_every: int = Field(10, gt=0)
-    max_nonfinite: int = Field(5, gt=0)
-    # Under torchrun: BatchNorm statistics over the global batch instead of each process's share.
-    sync_bn: bool = False
-    # torch.compile the model for training and evaluation (compiles on the first steps; benchmarks/compile_step.py).
-    compile: bool = False
-    # auto: on a CPU device, the CPU fast paths of pipeline/cpu_kernels.py (small-map convs as GEMMs, AdamW without
-    # layout copies, gather RoIAlign, kept heap memory); off: the stock PyTorch and torchvision operations everywhere.
-    cpu_kernels: Literal["auto", "off"] = "auto"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _cpu_kernels_off(cls, data: Any) -> Any:
-        # YAML reads a bare `off` (in a file or as train.cpu_kernels=off) as false.
-        if isinstance(data, dict) and data.get("cpu_kernels") is False:
-            return {**data, "cpu_kernels": "off"}
-        return data
-
-
-class TrackingConfig(Section):
-    # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
-    uri: str | None = None
-    # None: the task file's stem.
-    experiment: str | None = None
-    log_model: bool = True
-    log_checkpoint: bool = True
-
-
-class TaskConfig(Section):
-    """The sections every task shares; each task subclasses it with its own `data` and `model` sections."""
-
-    task: str
-    seed: int = 0
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    finetune: FinetuneConfig = FinetuneConfig()
-    train: TrainConfig = TrainConfig()
-    tracking: TrackingConfig = TrackingConfig()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -155,13 +46,11 @@ def compose(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> di
 
 
 def validate(raw: dict, source: str = "config") -> TaskConfig:
-    from pipeline.tasks import TASKS  # the registry imports task modules, which import this module
-
     task = raw.get("task")
-    if task not in TASKS:
-        hint = _closest(str(task), TASKS)
-        raise UserError(f"{source}: task: '{task}' is not a task; valid: {', '.join(TASKS)}{hint}")
-    schema = TASKS[task].Config
+    if task not in SCHEMAS:
+        hint = _closest(str(task), SCHEMAS)
+        raise UserError(f"{source}: task: '{task}' is not a task; valid: {', '.join(SCHEMAS)}{hint}")
+    schema = SCHEMAS[task]
     try:
         return schema.model_validate(raw)
     except ValidationError as err:

@@ -246,7 +246,10 @@ def _stage_lrs(optimizer) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, predict, evaluator, loader: Iterable, s: StepSettings, desc: str = "eval") -> dict:
+def evaluate(model: nn.Module, predict, evaluator, loader: Iterable, s: StepSettings, desc: str = "eval",
+             merge: bool = False) -> dict:
+    """The evaluator's metrics over `loader`. With `merge` (a task whose evaluators merge), each data-parallel rank
+    saw its shard of the validation set and the evaluators are merged across ranks first."""
     model.eval()
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
                       **_quiet_unless_main(s)):
@@ -254,7 +257,7 @@ def evaluate(model: nn.Module, predict, evaluator, loader: Iterable, s: StepSett
         with autocast(s.device, s.precision):
             outputs = predict(model, batch)
         evaluator.update(outputs, batch)
-    if hasattr(evaluator, "merge"):  # each rank saw its shard of the validation set
+    if merge:
         evaluator = distributed.merge_evaluators(s.ctx, evaluator)
     return evaluator.compute()
 
@@ -271,6 +274,7 @@ class Fit:
     loss: Callable
     predict: Callable
     make_evaluator: Callable[[], object]
+    merge_evaluators: bool  # the task's evaluators merge: each rank evaluates a shard (see evaluate)
     train_loader: Iterable
     val_loader: Iterable
     optimizer: torch.optim.Optimizer
@@ -300,7 +304,8 @@ def fit(f: Fit, state: FitState) -> FitState:
         train_metrics = train_one_epoch(f.model, f.loss, f.train_loader, f.optimizer, f.schedule, f.scaler, state,
                                         f.settings, f.log, desc=desc)
         evaluator = f.make_evaluator()
-        val_metrics = evaluate(f.model, f.predict, evaluator, f.val_loader, f.settings, desc=f"{desc} eval")
+        val_metrics = evaluate(f.model, f.predict, evaluator, f.val_loader, f.settings, desc=f"{desc} eval",
+                               merge=f.merge_evaluators)
         metrics = {**train_metrics, **val_metrics}
         primary = val_metrics[evaluator.primary]
         improved = state.best is None or primary > state.best

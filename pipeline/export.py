@@ -4,9 +4,8 @@ The check runs the exported file (ONNX through onnxruntime, TorchScript through 
 on the same random images and requires every output to match within `TOLERANCE`; when the graph takes any image size,
 a second check runs one image at a different size, which proves the dynamic axes work.
 
-What a task exports lives in `EXPORTS`: a wrapper that turns the trained model into one taking an image batch and
-returning tensors (detection and segmentation will wrap their inference graph here), the output names, and whether
-the graph can take any image size.
+What a task exports is its part of the task contract (pipeline/tasks/base.py): `inference_module(model)` takes an
+image batch and returns tensors, and `export` names the outputs and says whether the graph takes any image size.
 """
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ from torch import nn
 
 from pipeline import predict, tracking
 from pipeline.errors import UserError
+from pipeline.tasks.registry import TASKS
 
 Format = Literal["onnx", "torchscript"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript")
@@ -34,18 +34,6 @@ TOLERANCE = {"rtol": 1e-3, "atol": 1e-4}
 ONNX_OPSET = 18
 # The exporter needs these at run time; the `export` extra installs them.
 _ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
-
-
-@dataclass(frozen=True)
-class ExportSpec:
-    wrap: Callable[[nn.Module], nn.Module]  # -> a module mapping an image batch (N, 3, H, W) to tensor(s)
-    output_names: tuple[str, ...]
-    dynamic_size: bool  # whether the graph can take any image size (a ResNet classifier pools globally)
-
-
-EXPORTS: dict[str, ExportSpec] = {
-    "classification": ExportSpec(wrap=lambda model: model, output_names=("logits",), dynamic_size=True),
-}
 
 
 @dataclass
@@ -66,8 +54,9 @@ def run(source: str, fmt: Format, out: str | Path | None = None, uri: str | None
         _require_onnx()
     # a models:/ source is rebuilt from its run's checkpoint (same weights): the logged graph has a fixed image size
     loaded = predict.load(source, uri, logged_model=False)
-    spec = _spec(loaded.cfg.task)
-    module = spec.wrap(loaded.model)
+    task = TASKS[loaded.cfg.task]
+    spec = task.export
+    module = task.inference_module(loaded.model).eval()
     size = loaded.cfg.data.image_size
     path = Path(out) if out else Path(f"{loaded.cfg.model.backbone.name}{SUFFIX[fmt]}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,12 +82,6 @@ def check_inputs(size: int, dynamic_size: bool) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     other = (1, 3, size + 32, size + 32) if dynamic_size else (3, 3, size, size)
     return [torch.randn(2, 3, size, size, generator=generator), torch.randn(*other, generator=generator)]
-
-
-def _spec(task: str) -> ExportSpec:
-    if task not in EXPORTS:
-        raise UserError(f"export does not support task '{task}' yet; supported: {', '.join(EXPORTS)}")
-    return EXPORTS[task]
 
 
 def _require_onnx() -> None:

@@ -1,7 +1,7 @@
 """Linear probing on cached features: with the whole backbone frozen, its pooled features of every image are
 computed once and the head trains on them, epochs after the first costing a head's forward and backward only.
 
-Task models that support it have `features(images) -> (N, D)` and an `input_is_features` switch for `forward`.
+Tasks that declare `caches_features` (pipeline/tasks/base.py) have models with `features(images) -> (N, D)` and an `input_is_features` switch for `forward`.
 """
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from tqdm import tqdm
 from pipeline.data.sampling import EpochSampler
 from pipeline.engine import StepSettings, autocast, to_device
 from pipeline.errors import UserError
+from pipeline.tasks.base import Task
 
 
-def check(model: nn.Module, task_name: str, random_train_transforms: bool, views: int) -> None:
-    if not hasattr(model, "features") or not hasattr(model, "input_is_features"):
-        raise UserError(f"finetune.cache_features: the {task_name} task cannot train on cached features; "
+def check(task: Task, random_train_transforms: bool, views: int) -> None:
+    if not task.caches_features:
+        raise UserError(f"finetune.cache_features: the {task.name} task cannot train on cached features; "
                         f"set finetune.cache_features=false")
     if random_train_transforms and views == 0:
         raise UserError("finetune.cache_features: data.train_transforms are random, so cached features would keep one "

@@ -4,8 +4,8 @@ A source is a checkpoint file (`outputs/.../best.pt`), an MLflow run id (its `ch
 `models:/` URI (the logged model; its run's checkpoint supplies the config and class names). The model sees each
 image through the task's validation transforms from the saved config, so it gets what it was evaluated on.
 
-What a task writes lives in `TASK_IO`, one entry per task: how its validation images are prepared and a writer that
-turns a batch of model outputs into files. Classification writes `predictions.csv` (file, rank, class, prob).
+What a task writes is its part of the task contract (pipeline/tasks/base.py): `inference_transforms`,
+`inference_module` and `writer`. Classification writes `predictions.csv` (file, rank, class, prob).
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from pipeline import allocator, backbones, checkpoint, config, engine, stages, t
 from pipeline.data.images import IMAGE_EXTENSIONS, read_rgb
 from pipeline.data.transforms import build_transforms
 from pipeline.errors import UserError
-from pipeline.tasks import TASKS
+from pipeline.tasks.base import DataInfo, PredictOptions
+from pipeline.tasks.registry import TASKS
 
 CHECKPOINT_ARTIFACT = "checkpoints/best.pt"
 # How many unreadable file names a skip message lists before "...".
@@ -43,7 +44,7 @@ class Loaded:
 
     model: nn.Module
     cfg: config.TaskConfig
-    info: dict  # the task's data info saved in the checkpoint (classes, ...)
+    info: DataInfo  # what the data said, saved in the checkpoint (classes, category ids, ...)
     run_id: str | None  # the MLflow run that trained it, when known
     uri: str  # the tracking store that run lives in
 
@@ -61,22 +62,22 @@ def load(source: str, uri: str | None = None, logged_model: bool = True) -> Load
         ckpt = _run_checkpoint(store, run_id)
         cfg = _config(ckpt, source)
         if not logged_model:
-            return Loaded(_rebuild(ckpt, cfg), cfg, ckpt["info"], run_id, store)
+            return Loaded(_rebuild(ckpt, cfg), cfg, DataInfo.from_dict(ckpt["info"]), run_id, store)
         model = tracking.load_model(store, source)  # a torch.export graph: exported in eval mode, has no eval()
-        return Loaded(model, cfg, ckpt["info"], run_id, store)
+        return Loaded(model, cfg, DataInfo.from_dict(ckpt["info"]), run_id, store)
     path = Path(source)
     if path.is_file():
         ckpt = checkpoint.load(path)
         cfg = _config(ckpt, source)
         store = tracking.resolve_uri(uri or cfg.tracking.uri)
-        return Loaded(_rebuild(ckpt, cfg), cfg, ckpt["info"], ckpt.get("run_id"), store)
+        return Loaded(_rebuild(ckpt, cfg), cfg, DataInfo.from_dict(ckpt["info"]), ckpt.get("run_id"), store)
     if path.suffix in (".pt", ".pth") or "/" in source or path.exists():
         raise UserError(f"checkpoint '{source}' not found (or not a file); give a best.pt / last.pt written by "
                         "'pipeline run', an MLflow run id or a models:/ URI")
     store = tracking.resolve_uri(uri)
     ckpt = _run_checkpoint(store, source)
     cfg = _config(ckpt, source)
-    return Loaded(_rebuild(ckpt, cfg), cfg, ckpt["info"], source, store)
+    return Loaded(_rebuild(ckpt, cfg), cfg, DataInfo.from_dict(ckpt["info"]), source, store)
 
 
 def _run_checkpoint(uri: str, run_id: str) -> dict:
@@ -96,69 +97,12 @@ def _rebuild(ckpt: dict, cfg: config.TaskConfig) -> nn.Module:
     """The task's model with random init (no weight download), then the checkpoint's weights."""
     backbone = cfg.model.backbone.model_copy(update={"weights": "none", "fallback_to_random": False})
     model_cfg = cfg.model.model_copy(update={"backbone": backbone})
-    model = TASKS[cfg.task].build_model(model_cfg, ckpt["info"], say=lambda *_: None)
+    model = TASKS[cfg.task].build_model(model_cfg, DataInfo.from_dict(ckpt["info"]), say=lambda *_: None)
     model.load_state_dict(ckpt["model"])
     return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# What each task reads and writes
-
-
-class Writer(Protocol):
-    """Turns a task's model outputs into files. `add` gets one batch: the image files and the outputs, on the CPU;
-    a writer that draws on the images (boxes, mask overlays) reads them again from `paths`."""
-
-    def add(self, paths: list[Path], outputs: torch.Tensor) -> None: ...
-
-    def finish(self) -> list[Path]: ...
-
-
-class ClassificationWriter:
-    """Top-k classes per image, softmax probabilities, into one CSV (rows in input order)."""
-
-    def __init__(self, out_dir: Path, info: dict, top_k: int) -> None:
-        self.path = out_dir / "predictions.csv"
-        self.classes = info["classes"]
-        self.k = min(top_k, len(self.classes))
-        self.rows: list[tuple[str, int, str, str]] = []
-
-    def add(self, paths: list[Path], outputs: torch.Tensor) -> None:
-        probs, indices = outputs.float().softmax(dim=1).topk(self.k, dim=1)
-        for path, p_row, i_row in zip(paths, probs.tolist(), indices.tolist()):
-            self.rows += [(str(path), rank, self.classes[i], f"{p:.6f}")
-                          for rank, (p, i) in enumerate(zip(p_row, i_row), start=1)]
-
-    def finish(self) -> list[Path]:
-        with self.path.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["file", "rank", "class", "prob"])
-            writer.writerows(self.rows)
-        return [self.path]
-
-
-def _classification_transforms(cfg: config.TaskConfig) -> list[dict]:
-    return cfg.data.val_transforms if cfg.data.val_transforms is not None else \
-        TASKS["classification"].default_transforms(cfg.data.image_size)[1]
-
-
-@dataclass(frozen=True)
-class TaskIO:
-    val_transforms: Callable[[config.TaskConfig], list[dict]]  # the albumentations spec the model was evaluated with
-    writer: Callable[[Path, dict, int], Writer]  # (out_dir, info, top_k) -> a writer
-
-
-TASK_IO: dict[str, TaskIO] = {
-    "classification": TaskIO(_classification_transforms, ClassificationWriter),
-}
-
-
-def task_io(task: str) -> TaskIO:
-    if task not in TASK_IO:
-        raise UserError(f"predict does not support task '{task}' yet; supported: {', '.join(TASK_IO)}")
-    return TASK_IO[task]
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Inputs
 
@@ -228,16 +172,16 @@ def run(source: str, inputs: list[str], out: str | Path, uri: str | None = None,
     allocator.keep_freed_memory()  # every batch frees what the next allocates
     paths = find_images(inputs)
     loaded = load(source, uri)
-    io = task_io(loaded.cfg.task)
+    task = TASKS[loaded.cfg.task]
     cfg = loaded.cfg
     default_mean, default_std = backbones.pretrained_mean_std(cfg.model.backbone.name)
-    transform = build_transforms(io.val_transforms(cfg), field="data.val_transforms (saved config)",
+    transform = build_transforms(task.inference_transforms(cfg), field="data.val_transforms (saved config)",
                                  mean=cfg.data.mean or default_mean, std=cfg.data.std or default_std)
     dev = engine.resolve_device(device)
     model = loaded.model.to(dev)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    writer = io.writer(out, loaded.info, top_k)
+    writer = task.writer(out, loaded.info, PredictOptions(top_k=top_k))
     loader = DataLoader(_Images(paths, transform), batch_size=batch_size, collate_fn=_collate,
                         num_workers=stages.auto_workers(dev), pin_memory=dev.type == "cuda")
     skipped: list[Path] = []

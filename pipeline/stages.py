@@ -1,10 +1,12 @@
-"""The stage runner: prepare -> data -> model -> finetune -> fit -> evaluate -> export.
+"""The stage runner: `run` chains public builders, prepare -> data -> model -> finetune -> optimizer -> fit -> finish.
 
-Each stage gets the few config fields it needs. The MLflow run opens right after the config is validated, so any
-later failure marks it FAILED (Ctrl-C: KILLED) with the reason as a tag; checkpoints written so far stay on disk.
+Each builder gets the few config fields it needs and is public: predict, export, the benchmarks and the tests call
+them instead of copying their steps. The MLflow run opens right after the config is validated, so any later failure
+marks it FAILED (Ctrl-C: KILLED) with the reason as a tag; checkpoints written so far stay on disk.
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -13,15 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from pipeline import (allocator, backbones, checkpoint, config, distributed, engine, feature_cache, finetune, outbox,
-                      profile, small_conv, tracking)
+from pipeline import (backbones, checkpoint, config, cpu_kernels, distributed, engine, feature_cache, finetune, outbox,
+                      profile, tracking)
 from pipeline.data import shapes
 from pipeline.data.sampling import EpochSampler, SeededDataset
 from pipeline.data.transforms import reseed_worker
 from pipeline.errors import UserError
-from pipeline.tasks import TASKS
+from pipeline.tasks.base import DataInfo, Task, TaskData
+from pipeline.tasks.registry import TASKS
 
 
 @dataclass
@@ -34,195 +38,288 @@ class RunResult:
     wall_time: float
 
 
+@dataclass
+class Setup:
+    """What a run decided before reading any data: its validated config, task, folders, device and precision."""
+
+    cfg: config.TaskConfig
+    task: Task
+    task_file: str
+    experiment: str
+    output_dir: Path
+    last: dict | None  # the checkpoint to resume from
+    device: torch.device
+    precision: str
+    ctx: distributed.Context
+
+
 def run(task_file: str | Path, overrides: tuple[str, ...] = (), resume: bool = False, say=print,
         parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> RunResult:
     """Run one task file. A sweep passes `parent_run_id` (the run nests under it) and `tags` (its swept values)."""
-    allocator.keep_freed_memory()  # a training process reuses its memory every step; don't fault it back in
+    started = time.perf_counter()
     ctx = distributed.init()  # one process unless started by torchrun
+    say = say if ctx.main else _silent  # one voice on the console
     try:
-        return _process(ctx, task_file, overrides, resume, say if ctx.main else _silent, parent_run_id, tags)
+        setup = prepare(task_file, overrides, resume, ctx, say)
+        tracker = open_run(setup, parent_run_id, tags, say)
+        with tracker:  # FAILED / KILLED with the error as a tag on any exception
+            data = build_data(setup, say)
+            model = build_model(setup, data.info, say)
+            plan = plan_finetune(setup, model)
+            model = place_model(setup, model, plan, say)
+            optimizer = make_optimizer(setup, model, plan, tracker, say)
+            tracker.set_tags(model_tags(model, data.info, setup, plan))
+            train_loader, val_loader = make_loaders(setup, data, model, plan, say)
+            fit = make_fit(setup, model, data.info, plan, optimizer, train_loader, val_loader, tracker, say)
+            state = engine.fit(fit, resumed_state(setup, fit, tracker, say))
+            result = finish(setup, fit, state, data.info, plan, tracker, say)
     finally:
         distributed.shutdown(ctx)
+    result.wall_time = time.perf_counter() - started
+    uri = tracking.resolve_uri(setup.cfg.tracking.uri)
+    say(f"done in {result.wall_time:.0f}s: best {result.primary} {result.best:.4f}; checkpoints in "
+        f"{setup.output_dir}/; MLflow run {result.run_id} in {uri} ({_view_hint(uri)})")
+    return result
 
 
 def _silent(*_) -> None:
-    """`say` of ranks other than 0: one voice on the console."""
-
-
-def _process(ctx: distributed.Context, task_file, overrides, resume, say, parent_run_id, tags) -> RunResult:
-    started = time.perf_counter()
-    # 1. prepare: config, output folder, tracking store
-    cfg = config.load(task_file, overrides)
-    task = TASKS[cfg.task]
-    experiment = cfg.tracking.experiment or Path(task_file).stem
-    backbone_name = cfg.model.backbone.name
-    output_dir = Path(cfg.train.output_dir or f"outputs/{experiment}/{backbone_name}")
-    last = checkpoint.load_resumable(output_dir, say) if resume else None
-    uri = tracking.resolve_uri(cfg.tracking.uri)
-    backbones.check_name(backbone_name)
-    if not ctx.main:  # rank 0 logs for every rank
-        tracker = tracking.Silent(distributed.broadcast(ctx, None))
-        return _run(cfg, task, task_file, output_dir, tracker, last, say, ctx)
-    tracking.check_reachable(uri)
-    tracker = tracking.Tracker.start(
-        uri, experiment, run_name=f"{backbone_name}-{datetime.now():%Y%m%d-%H%M%S}",
-        # depth as a param too: MLflow's parallel-coordinates chart offers params and metrics, not tags
-        params={**tracking.flatten(cfg.model_dump(mode="json")), "depth": str(backbones.depth(backbone_name) or "")},
-        tags={**_early_tags(cfg, task_file), **(tags or {})},
-        run_id=last["run_id"] if last else None, parent_run_id=parent_run_id)
-    distributed.broadcast(ctx, tracker.run_id)
-    with tracker:  # FAILED / KILLED with the error as a tag on any exception
-        result = _run(cfg, task, task_file, output_dir, tracker, last, say, ctx)
-    result.wall_time = time.perf_counter() - started
-    say(f"done in {result.wall_time:.0f}s: best {result.primary} {result.best:.4f}; checkpoints in {output_dir}/; "
-        f"MLflow run {result.run_id} in {uri} ({_view_hint(uri)})")
-    return result
+    """`say` of ranks other than 0."""
 
 
 def _view_hint(uri: str) -> str:
     return f"open {uri}" if uri.startswith(("http:", "https:")) else f"view: pipeline ui --uri {uri}"
 
 
-def _run(cfg, task, task_file, output_dir: Path, tracker, last: dict | None, say,
-         ctx: distributed.Context) -> RunResult:
-    if last is None and (output_dir / checkpoint.LAST).exists():
-        say(f"note: {output_dir} holds an earlier run's checkpoints; this run replaces them (--resume continues it)")
-    if ctx.main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tracker.keep_offline(output_dir / outbox.NAME, say)  # a server lost mid-run no longer stops training
-        (output_dir / "config.yaml").write_text(config.to_yaml(cfg))
-        tracker.log_artifact(output_dir / "config.yaml")
-    seed_everything(cfg.seed)
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. prepare: config, folders, device, tracking
+
+
+def prepare(task_file: str | Path, overrides=(), resume: bool = False, ctx: distributed.Context = distributed.Context(),
+            say=print) -> Setup:
+    cfg = config.load(task_file, overrides)
+    cpu_kernels.prepare_process(cfg.train.cpu_kernels)  # a training process reuses its memory every step
+    experiment = cfg.tracking.experiment or Path(task_file).stem
+    output_dir = Path(cfg.train.output_dir or f"outputs/{experiment}/{cfg.model.backbone.name}")
+    last = checkpoint.load_resumable(output_dir, say) if resume else None
+    backbones.check_name(cfg.model.backbone.name)
     device = distributed.device_for(ctx, engine.resolve_device(cfg.train.device))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
-    precision = engine.resolve_precision(cfg.train.precision, device)
+    return Setup(cfg, TASKS[cfg.task], str(task_file), experiment, output_dir, last, device,
+                 engine.resolve_precision(cfg.train.precision, device), ctx)
 
-    # 2. data
-    if cfg.data.synth_if_missing and ctx.main:
-        shapes.ensure(Path(cfg.data.root).parent, task.SYNTH, seed=0)
-    distributed.barrier(ctx)
+
+def open_run(setup: Setup, parent_run_id: str | None = None, tags: dict[str, str] | None = None, say=print):
+    """The MLflow run (rank 0; the other ranks get a `Silent` tracker with its id), with params and early tags, and
+    the run's folder with the resolved config."""
+    cfg, ctx = setup.cfg, setup.ctx
+    if not ctx.main:  # rank 0 logs for every rank
+        return tracking.Silent(distributed.broadcast(ctx, None))
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    tracking.check_reachable(uri)
+    name = cfg.model.backbone.name
+    depth = backbones.depth(name)
+    tracker = tracking.Tracker.start(
+        uri, setup.experiment, run_name=f"{name}-{datetime.now():%Y%m%d-%H%M%S}",
+        # depth as a param too: MLflow's parallel-coordinates chart offers params and metrics, not tags
+        params={**tracking.flatten(cfg.model_dump(mode="json")), "depth": str(depth or "")},
+        tags={"task": cfg.task, "task_file": setup.task_file, "backbone": name, "depth": str(depth or ""),
+              "weights": cfg.model.backbone.weights, **(tags or {})},
+        run_id=setup.last["run_id"] if setup.last else None, parent_run_id=parent_run_id)
+    distributed.broadcast(ctx, tracker.run_id)
+    if setup.last is None and (setup.output_dir / checkpoint.LAST).exists():
+        say(f"note: {setup.output_dir} holds an earlier run's checkpoints; this run replaces them "
+              "(--resume continues it)")
+    setup.output_dir.mkdir(parents=True, exist_ok=True)
+    tracker.keep_offline(setup.output_dir / outbox.NAME, say)  # a server lost mid-run no longer stops training
+    (setup.output_dir / "config.yaml").write_text(config.to_yaml(cfg))
+    tracker.log_artifact(setup.output_dir / "config.yaml")
+    return tracker
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. data and model
+
+
+def build_data(setup: Setup, say=print) -> TaskData:
+    """The task's datasets; its synthetic data is generated first where the config asks for it."""
+    cfg, task = setup.cfg, setup.task
+    if cfg.data.synth_if_missing and setup.ctx.main:
+        shapes.ensure(Path(cfg.data.root).parent, task.synth, seed=0)
+    distributed.barrier(setup.ctx)
+    seed_everything(cfg.seed)
     default_mean, default_std = backbones.pretrained_mean_std(cfg.model.backbone.name)
-    train_ds, val_ds, info = task.build_data(cfg.data, mean=cfg.data.mean or default_mean,
-                                             std=cfg.data.std or default_std, seed=cfg.seed)
-    say(f"data: {len(train_ds)} train / {len(val_ds)} val images from {cfg.data.root}")
+    data = task.build_data(cfg.data, mean=cfg.data.mean or default_mean, std=cfg.data.std or default_std,
+                           seed=cfg.seed)
+    say(f"data: {len(data.train)} train / {len(data.val)} val images from {cfg.data.root}")
+    return data
 
-    # 3. model
-    model = task.build_model(cfg.model, info, say=say)
-    epoch_done = last["fit"]["epoch"] if last else 0
-    if last:
-        model.load_state_dict(last["model"])
 
-    # 4. finetune: freezing, BN policy, param groups
-    ft = cfg.finetune
+def build_model(setup: Setup, info: DataInfo, say=print) -> nn.Module:
+    """The task's model with its configured weights; a resumed run's weights on top."""
+    model = setup.task.build_model(setup.cfg.model, info, say=say)
+    if setup.last:
+        model.load_state_dict(setup.last["model"])
+    return model
+
+
+def epochs_done(setup: Setup) -> int:
+    return setup.last["fit"]["epoch"] if setup.last else 0
+
+
+def plan_finetune(setup: Setup, model: nn.Module) -> finetune.Plan:
+    """Frozen stages, BatchNorm policy and learning-rate multipliers, applied to the model as of the epochs done."""
+    ft = setup.cfg.finetune
     plan = finetune.make_plan(model, freeze=ft.freeze, bn=ft.bn, lr_mult=ft.lr_mult, layer_decay=ft.layer_decay,
-                              unfreeze=ft.unfreeze, no_decay_norm_bias=ft.no_decay_norm_bias, epochs=cfg.train.epochs,
-                              cache_features=ft.cache_features)
-    finetune.apply(model, plan, epoch_done)
-    if ctx.active:
+                              unfreeze=ft.unfreeze, no_decay_norm_bias=ft.no_decay_norm_bias,
+                              epochs=setup.cfg.train.epochs, cache_features=ft.cache_features)
+    finetune.apply(model, plan, epochs_done(setup))
+    return plan
+
+
+def place_model(setup: Setup, model: nn.Module, plan: finetune.Plan, say=print) -> nn.Module:
+    """The model on its device and memory format, with the CPU fast paths (train.cpu_kernels) and torch.compile."""
+    t = setup.cfg.train
+    if setup.ctx.active:
         _check_data_parallel(plan)
-        if cfg.train.sync_bn:
-            if device.type != "cuda":
+        if t.sync_bn:
+            if setup.device.type != "cuda":
                 raise UserError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm); on CPU set "
                                 "train.sync_bn=false, or finetune.bn=frozen for the same result on any split")
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model.to(device, memory_format=memory_format)
-    if device.type == "cpu" and not cfg.train.compile:
-        # Small-map convolutions by GEMM: resnet18 at 64 px trains 1.3x (fp32) to 1.6-1.9x (bf16) faster. torch.compile
-        # gets plain convolutions: through small_conv's autograd functions it compiled for over 4 minutes.
-        small_conv.convert(model)
-    if cfg.train.compile:
+    model.to(setup.device, memory_format=torch.channels_last if t.channels_last else torch.contiguous_format)
+    cpu_kernels.apply(model, setup.device, t.cpu_kernels, compile=t.compile)
+    if t.compile:
         model.compile()  # in place: the same module, parameters and state_dict, its calls go through torch.compile
-    groups = finetune.groups_until(model, plan, cfg.train.lr, cfg.train.weight_decay, epoch_done)
-    optimizer = engine.build_optimizer(groups, cfg.train.optimizer, cfg.train.lr, cfg.train.momentum,
-                                       cfg.train.nesterov, cfg.train.betas)
+    return model
+
+
+def make_optimizer(setup: Setup, model: nn.Module, plan: finetune.Plan, tracker=None, say=print):
+    """SGD or AdamW over the param groups of the stages trainable so far; their table is printed and logged."""
+    t = setup.cfg.train
+    groups = finetune.groups_until(model, plan, t.lr, t.weight_decay, epochs_done(setup))
+    optimizer = engine.build_optimizer(groups, t.optimizer, t.lr, t.momentum, t.nesterov, t.betas,
+                                       dense_adamw=cpu_kernels.enabled(t.cpu_kernels, setup.device))
     table = finetune.group_table(groups, plan, model)
     say(table)
-    tracker.log_text(table + "\n", "param_groups.txt")
-    tracker.set_tags(_model_tags(model, info, device, precision, plan, cfg.data.image_size))
+    if tracker is not None:
+        tracker.log_text(table + "\n", "param_groups.txt")
+    return optimizer
 
-    # Evaluators that can merge (see distributed.merge_evaluators) let each rank score a shard of the validation set.
-    shard_val = hasattr(task.make_evaluator(info), "merge")
-    train_loader, val_loader = _loaders(train_ds, val_ds, cfg.data.batch_size, cfg.data.num_workers, device, cfg.seed,
-                                        ctx, shard_val)
-    if len(train_loader) == 0:
-        raise UserError(f"data.batch_size={cfg.data.batch_size} is larger than the {len(train_ds)} training images; "
-                        f"lower it")
-    t = cfg.train
-    settings = engine.StepSettings(device=device, precision=precision, channels_last=t.channels_last,
-                                   accum_steps=t.accum_steps, clip_grad_norm=t.clip_grad_norm, log_every=t.log_every,
-                                   max_nonfinite=t.max_nonfinite, ctx=ctx)
-    if plan.cache_features:
-        feature_cache.check(model, cfg.task, info.get("random_train_transforms", False), ft.cached_views)
-        started = time.perf_counter()
-        train_loader, val_loader = feature_cache.cached_loaders(model, train_loader, val_loader, settings,
-                                                                ft.cached_views, cfg.seed)
-        model.input_is_features = True
-        say(f"cached backbone features of {len(train_loader.dataset)} train / {len(val_loader.dataset)} val images "
-            f"in {time.perf_counter() - started:.1f}s; the head trains on them")
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. loaders and fit
+
+
+def make_loaders(setup: Setup, data: TaskData, model: nn.Module, plan: finetune.Plan, say=print):
+    """Train and val loaders; with finetune.cache_features, loaders over the backbone's cached features instead."""
+    cfg, task = setup.cfg, setup.task
+    train, val = loaders(task, data.train, data.val, cfg.data.batch_size, cfg.data.num_workers, setup.device,
+                         cfg.seed, setup.ctx)
+    if len(train) == 0:
+        raise UserError(f"data.batch_size={cfg.data.batch_size} is larger than the {len(data.train)} training "
+                        "images; lower it")
+    if not plan.cache_features:
+        return train, val
+    ft = cfg.finetune
+    feature_cache.check(task, data.info.random_train_transforms, ft.cached_views)
+    started = time.perf_counter()
+    train, val = feature_cache.cached_loaders(model, train, val, step_settings(setup), ft.cached_views, cfg.seed)
+    model.input_is_features = True
+    say(f"cached backbone features of {len(train.dataset)} train / {len(val.dataset)} val images in "
+        f"{time.perf_counter() - started:.1f}s; the head trains on them")
+    return train, val
+
+
+def step_settings(setup: Setup) -> engine.StepSettings:
+    t = setup.cfg.train
+    return engine.StepSettings(device=setup.device, precision=setup.precision, channels_last=t.channels_last,
+                               accum_steps=t.accum_steps, clip_grad_norm=t.clip_grad_norm, log_every=t.log_every,
+                               max_nonfinite=t.max_nonfinite, ctx=setup.ctx)
+
+
+def make_fit(setup: Setup, model: nn.Module, info: DataInfo, plan: finetune.Plan, optimizer, train_loader, val_loader,
+             tracker, say=print) -> engine.Fit:
+    """Everything `engine.fit` needs: loaders, optimizer, lr schedule, checkpoint contents, logging."""
+    cfg, t, task = setup.cfg, setup.cfg.train, setup.task
     steps_per_epoch = -(-len(train_loader) // t.accum_steps)  # the last, partial accumulation steps too
     schedule = engine.make_schedule(t.schedule, t.epochs, steps_per_epoch, t.warmup_epochs, t.min_lr_ratio,
                                     t.step_milestones, t.step_gamma, t.poly_power)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    state = engine.FitState()
-    if last:
-        optimizer.load_state_dict(last["optimizer"])
-        if scaler is not None and last.get("scaler"):
-            scaler.load_state_dict(last["scaler"])
-        state = engine.FitState(**last["fit"])
-        checkpoint.set_rng_state(last["rng"])
-        say(f"resuming {output_dir} after epoch {state.epoch} (MLflow run {tracker.run_id})")
-        # Epochs checkpointed but killed before their metrics reached MLflow; the tracker skips those it has.
-        for epoch, entry in enumerate(state.history, start=1):
-            tracker.log_metrics(engine.epoch_metrics(entry), epoch)
-
-    # 5. fit
-    fit = engine.Fit(
-        model=distributed.wrap(ctx, model, device), loss=task.loss, predict=task.predict, make_evaluator=lambda: task.make_evaluator(info),
+    on = f"{setup.ctx.world} processes ({setup.device.type}), global batch {cfg.data.batch_size * setup.ctx.world}" \
+        if setup.ctx.active else str(setup.device)
+    say(f"training {cfg.model.backbone.name} on {on} ({setup.precision}{', channels_last' if t.channels_last else ''})"
+        f" for {t.epochs} epochs, {steps_per_epoch} steps each")
+    return engine.Fit(
+        model=distributed.wrap(setup.ctx, model, setup.device), loss=task.loss, predict=task.predict,
+        make_evaluator=lambda: task.make_evaluator(info), merge_evaluators=task.merges_evaluators,
         train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, schedule=schedule, plan=plan,
-        base_lr=t.lr, weight_decay=t.weight_decay,
-        settings=settings,
-        epochs=t.epochs, output_dir=output_dir, patience=t.patience, scaler=scaler,
-        extra={"run_id": tracker.run_id, "config": cfg.model_dump(mode="json"), "info": info,
-               "task_file": str(task_file)},
+        base_lr=t.lr, weight_decay=t.weight_decay, settings=step_settings(setup), epochs=t.epochs,
+        output_dir=setup.output_dir, patience=t.patience,
+        scaler=torch.amp.GradScaler(setup.device.type) if setup.precision == "fp16" else None,
+        extra={"run_id": tracker.run_id, "config": cfg.model_dump(mode="json"), "info": info.to_dict(),
+               "task_file": setup.task_file},
         log=tracker.log_metrics, say=say)
-    on = f"{ctx.world} processes ({device.type}), global batch {cfg.data.batch_size * ctx.world}" if ctx.active \
-        else str(device)
-    say(f"training {cfg.model.backbone.name} on {on} ({precision}{', channels_last' if t.channels_last else ''}) "
-        f"for {t.epochs} epochs, {steps_per_epoch} steps each")
-    state = engine.fit(fit, state)
-    distributed.barrier(ctx)  # rank 0 has written the last checkpoint
 
-    # 6. evaluate the best checkpoint once more, for its report
-    best = checkpoint.load(output_dir / checkpoint.BEST)
-    model.load_state_dict(best["model"])
-    metrics = engine.evaluate(model, task.predict, task.make_evaluator(info), val_loader, fit.settings, desc="best")
-    primary = task.PRIMARY
-    if not ctx.main:
-        return RunResult(run_id=tracker.run_id, output_dir=output_dir, best=metrics[primary], primary=primary,
-                         metrics={}, wall_time=0.0)
+
+def resumed_state(setup: Setup, fit: engine.Fit, tracker, say=print) -> engine.FitState:
+    """A new run's empty state, or a resumed run's: optimizer, scaler, RNG and history from its last checkpoint."""
+    last = setup.last
+    if not last:
+        return engine.FitState()
+    fit.optimizer.load_state_dict(last["optimizer"])
+    if fit.scaler is not None and last.get("scaler"):
+        fit.scaler.load_state_dict(last["scaler"])
+    state = engine.FitState(**last["fit"])
+    checkpoint.set_rng_state(last["rng"])
+    say(f"resuming {setup.output_dir} after epoch {state.epoch} (MLflow run {tracker.run_id})")
+    # Epochs checkpointed but killed before their metrics reached MLflow; the tracker skips those it has.
+    for epoch, entry in enumerate(state.history, start=1):
+        tracker.log_metrics(engine.epoch_metrics(entry), epoch)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. finish: the best checkpoint's report, the logged model
+
+
+def finish(setup: Setup, fit: engine.Fit, state: engine.FitState, info: DataInfo, plan: finetune.Plan, tracker,
+           say=print) -> RunResult:
+    """Evaluate the best checkpoint once more for its report; log report, checkpoint and model."""
+    distributed.barrier(setup.ctx)  # rank 0 has written the last checkpoint
+    cfg, task = setup.cfg, setup.task
+    model = distributed.unwrap(fit.model)
+    model.load_state_dict(checkpoint.load(setup.output_dir / checkpoint.BEST)["model"])
+    metrics = engine.evaluate(model, task.predict, task.make_evaluator(info), fit.val_loader, fit.settings,
+                              desc="best", merge=task.merges_evaluators)
+    primary = task.primary
+    result = RunResult(run_id=tracker.run_id, output_dir=setup.output_dir, best=metrics[primary], primary=primary,
+                       metrics={k: v for k, v in metrics.items() if isinstance(v, float)}, wall_time=0.0)
+    if not setup.ctx.main:
+        return result
     tracker.log_metrics({f"best/{primary.split('/', 1)[1]}": metrics[primary], "best/epoch": state.best_epoch},
                         state.epoch)
-    for path in task.report(metrics, info, output_dir / "report"):
+    for path in task.report(metrics, info, setup.output_dir / "report"):
         tracker.log_artifact(path, "report")
-
-    # 7. export
     if cfg.tracking.log_checkpoint:
-        tracker.log_artifact(output_dir / checkpoint.BEST, "checkpoints")
+        tracker.log_artifact(setup.output_dir / checkpoint.BEST, "checkpoints")
     if plan.cache_features:
-        model.input_is_features = False  # the exported model takes images
-    # Inference needs no grad switching; torch.export would record it and the logged graph would not load.
-    model.backbone.no_grad_stages = 0
-    small_conv.restore(model)
+        model.input_is_features = False  # the logged model takes images
+    inference_ready(model)
     if cfg.tracking.log_model:
         say("logging the model to MLflow ...")
         model.to("cpu", memory_format=torch.contiguous_format).float().eval()
         tracker.log_model(task.inference_module(model), task.example_input(cfg.data.image_size).numpy(),
-                          serialization=task.LOG_FORMAT)
+                          serialization=task.log_format)
     say(_summary(state, metrics, primary))
-    return RunResult(run_id=tracker.run_id, output_dir=output_dir, best=metrics[primary], primary=primary,
-                     metrics={k: v for k, v in metrics.items() if isinstance(v, float)}, wall_time=0.0)
+    return result
+
+
+def inference_ready(model: nn.Module) -> nn.Module:
+    """The trained model as inference wants it: stock operations, no grad switching (torch.export would record it and
+    the logged graph would not load)."""
+    model.backbone.no_grad_stages = 0
+    cpu_kernels.restore(model)
+    return model
 
 
 def seed_everything(seed: int) -> None:
@@ -240,28 +337,24 @@ def _check_data_parallel(plan: finetune.Plan) -> None:
                         "add parameters mid-run; drop torchrun or the unfreeze schedule")
 
 
-def _loaders(train_ds, val_ds, batch_size: int, num_workers, device: torch.device, seed: int,
-             ctx: distributed.Context = distributed.Context(), shard_val: bool = False):
+def loaders(task: Task, train_ds, val_ds, batch_size: int, num_workers, device: torch.device, seed: int,
+            ctx: distributed.Context = distributed.Context()) -> tuple[DataLoader, DataLoader]:
     workers = auto_workers(device) if num_workers == "auto" else num_workers
     common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
-              "worker_init_fn": reseed_worker}
+              "worker_init_fn": reseed_worker, "collate_fn": task.collate_fn}
     # Order and augmentation are functions of (seed, epoch, index): see pipeline/data/sampling.py.
-    sampler = EpochSampler(len(train_ds), seed, rank=ctx.rank, world=ctx.world)
-    if hasattr(train_ds, "group_batches"):  # a dataset may reorder it so batches share a trait (detection: aspect)
-        sampler = train_ds.group_batches(sampler, batch_size)
+    sampler = task.batch_sampler(train_ds, EpochSampler(len(train_ds), seed, rank=ctx.rank, world=ctx.world),
+                                 batch_size)
     train = DataLoader(SeededDataset(train_ds), batch_size=batch_size, sampler=sampler,
-                       drop_last=len(train_ds) > batch_size, generator=torch.Generator().manual_seed(seed),
-                       collate_fn=getattr(train_ds, "collate_fn", None), **common)
-    # A dataset with a `collate_fn` attribute batches its own way (detection: lists of variable-size images).
-    val_part = Subset(val_ds, range(ctx.rank, len(val_ds), ctx.world)) if ctx.active and shard_val else val_ds
-    val = DataLoader(val_part, batch_size=batch_size, shuffle=False, collate_fn=getattr(val_ds, "collate_fn", None),
-                     **common)
+                       drop_last=len(train_ds) > batch_size, generator=torch.Generator().manual_seed(seed), **common)
+    # Evaluators that merge let each rank score a shard of the validation set (see engine.evaluate).
+    shard = ctx.active and task.merges_evaluators
+    val = DataLoader(Subset(val_ds, range(ctx.rank, len(val_ds), ctx.world)) if shard else val_ds,
+                     batch_size=batch_size, shuffle=False, **common)
     return train, val
 
 
 def auto_workers(device: torch.device) -> int:
-    import os
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # On CPU the model needs every core; a worker pays off only with cores to spare.
     if device.type == "cpu":
@@ -269,20 +362,14 @@ def auto_workers(device: torch.device) -> int:
     return min(8, max(1, cores - 1))
 
 
-def _early_tags(cfg, task_file) -> dict[str, str]:
-    name = cfg.model.backbone.name
-    d = backbones.depth(name)
-    return {"task": cfg.task, "task_file": str(task_file), "backbone": name, "depth": str(d) if d else "",
-            "weights": cfg.model.backbone.weights}
-
-
-def _model_tags(model, info, device, precision, plan, image_size: int) -> dict[str, str]:
+def model_tags(model: nn.Module, info: DataInfo, setup: Setup, plan: finetune.Plan) -> dict[str, str]:
     frozen = [s for s in plan.parts if s in plan.frozen]
     # gflops: multiply-accumulates per image at the task's input size (see profile.gflops), for depth comparisons
-    return {"num_params": str(profile.num_params(model)), "gflops": f"{profile.gflops(model, image_size):.4f}",
-            "trainable_params": str(finetune.trainable_params(model)),
-            "frozen_stages": ",".join(frozen) or "none", "num_classes": str(info.get("num_classes", "")),
-            "weights": model.backbone.weights, "device": str(device), "precision": precision}
+    return {"num_params": str(profile.num_params(model)),
+            "gflops": f"{profile.gflops(model, setup.cfg.data.image_size):.4f}",
+            "trainable_params": str(finetune.trainable_params(model)), "frozen_stages": ",".join(frozen) or "none",
+            "num_classes": str(info.num_classes), "weights": model.backbone.weights, "device": str(setup.device),
+            "precision": setup.precision}
 
 
 def _summary(state: engine.FitState, metrics: dict, primary: str) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline import backbones, checkpoint, config, stages, tracking
 from pipeline.errors import UserError
-from pipeline.tasks import TASKS
+from pipeline.tasks.registry import TASKS
 
 # Tags that mark a sweep's parent run and say which sweep it ran, so that --resume finds it again.
 ROLE_TAG = "pipeline.sweep"
@@ -61,7 +61,7 @@ def run(task_file: str | Path, args: tuple[str, ...], resume: bool = False, say=
     say(f"sweep of {len(combos)} runs under parent run {parent.run_id} in experiment '{experiment}'")
     # one folder per sweep, so that no sweep overwrites or resumes another one's checkpoints
     base_dir = Path(cfg.train.output_dir or f"outputs/{experiment}") / f"sweep-{parent.run_id[:8]}"
-    primary = TASKS[cfg.task].PRIMARY
+    primary = TASKS[cfg.task].primary
     with parent:  # FAILED when a child failed (the UserError below), KILLED on Ctrl-C
         done = _finished_children(uri, experiment, parent.run_id) if resume else []
         children = []

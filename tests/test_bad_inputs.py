@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 
 from pipeline import checkpoint
 from pipeline.cli import main
-from pipeline.tasks import TASKS
+from pipeline.tasks.registry import TASKS
 
 
 def _unknown_key(tmp_path, path):

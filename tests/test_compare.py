@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from pipeline import backbones, compare, profile, tracking
 from pipeline.cli import main
-from pipeline.tasks.classification import Classifier
+from pipeline.tasks.classification.task import Classifier
 
 # torchvision's model cards (ImageNet-1k classifiers, 1000 classes)
 PUBLISHED_PARAMS = {

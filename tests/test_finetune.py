@@ -6,7 +6,7 @@ import torch
 
 from pipeline import backbones, engine, finetune
 from pipeline.errors import UserError
-from pipeline.tasks.classification import Classifier
+from pipeline.tasks.classification.task import Classifier
 
 
 def make_model(name: str = "resnet18", classes: int = 3) -> Classifier:

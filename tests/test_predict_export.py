@@ -83,7 +83,7 @@ def test_predict_from_checkpoint_run_and_logged_model_agree(trained, tmp_path: P
                                  std=loaded.cfg.data.std or (0.229, 0.224, 0.225))
     with torch.no_grad():
         probs = loaded.model(transform(image=read_rgb(first))["image"][None]).softmax(1)[0]
-    assert rows[0]["class"] == loaded.info["classes"][int(probs.argmax())]
+    assert rows[0]["class"] == loaded.info.classes[int(probs.argmax())]
     assert float(rows[0]["prob"]) == pytest.approx(float(probs.max()), abs=1e-5)
 
 

@@ -96,3 +96,10 @@ def _scale_by_range(values: np.ndarray, candidates: tuple[float, ...]) -> np.nda
     if high == low:
         return np.zeros_like(values)
     return (values - low) * (255.0 / (high - low))
+
+
+def inside(root: Path, file_name: str) -> Path | None:
+    """`root / file_name`, or None when the name leads outside `root` (an absolute path, `..`, a link out): a file
+    name read from an annotation file must not reach other files."""
+    path = root / file_name
+    return path if path.resolve().is_relative_to(root.resolve()) else None

@@ -9,7 +9,8 @@ from pycocotools import mask as mask_utils
 
 from pipeline.data.transforms import build_transforms
 from pipeline.errors import UserError
-from pipeline.tasks import segmentation as seg
+from pipeline.tasks.registry import TASKS
+from pipeline.tasks.segmentation.config import SegmentationData
 from pipeline.tasks.segmentation.data import VOC_CLASSES, build_datasets, coco_class_mask, read_mask
 
 
@@ -216,6 +217,19 @@ def test_coco_unknown_category_and_missing_files(tmp_path):
         _build(tmp_path, "coco")
 
 
+def test_coco_file_name_escaping_the_image_folder_is_refused(tmp_path):
+    _coco(tmp_path, "train")
+    _coco(tmp_path, "val")
+    _rgb(tmp_path / "secret.png", size=(16, 12))  # exists: only the name's direction is wrong
+    path = tmp_path / "annotations" / "train.json"
+    data = json.loads(path.read_text())
+    data["images"][0]["file_name"] = "../../secret.png"
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=r"image 1 has file_name '\.\./\.\./secret\.png', which points outside the image "
+                                        r"folder"):
+        _build(tmp_path, "coco")
+
+
 def test_coco_json_size_disagreeing_with_the_image_names_both(tmp_path):
     _coco(tmp_path, "train", size=(16, 12))
     _coco(tmp_path, "val")
@@ -232,7 +246,7 @@ def test_default_transforms_pad_masks_with_ignore_and_keep_labels_nearest(tmp_pa
     indices = np.zeros((6, 8), dtype=np.uint8)
     indices[:, 4:] = 7
     root = _voc(tmp_path / "VOC2012", masks={"a": indices})
-    train_spec, val_spec = seg.default_transforms(16, ignore_index=255)
+    train_spec, val_spec = TASKS["segmentation"].default_transforms(SegmentationData(image_size=16, ignore_index=255))
     kw = dict(mean=(0.5,) * 3, std=(0.5,) * 3, seed=0)
     train, val, _ = _build(root, "voc", train_transform=build_transforms(train_spec, field="t", **kw),
                            val_transform=build_transforms(val_spec, field="v", **kw))

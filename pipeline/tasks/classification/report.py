@@ -1,11 +1,15 @@
 """Classification reports: the confusion-matrix figure and the per-class accuracy table."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from pipeline.tasks.common import fmt, write_csv  # noqa: E402
 
 
 def confusion_figure(cm: np.ndarray, classes: list[str], max_classes: int = 50):
@@ -34,9 +38,10 @@ def confusion_figure(cm: np.ndarray, classes: list[str], max_classes: int = 50):
     return fig
 
 
-def per_class_table(cm: np.ndarray, classes: list[str]) -> str:
-    lines = ["class,support,accuracy"]
+def per_class_table(cm: np.ndarray, classes: list[str], path: Path) -> Path:
+    """CSV of each class's validation support and accuracy; the accuracy is empty for a class without images."""
+    rows = []
     for i, name in enumerate(classes):
         support = int(cm[i].sum())
-        lines.append(f"{name},{support},{cm[i, i] / support if support else float('nan'):.4f}")
-    return "\n".join(lines) + "\n"
+        rows.append((name, support, fmt(cm[i, i] / support) if support else ""))
+    return write_csv(path, ["class", "support", "accuracy"], rows)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from pipeline.data.images import read_rgb
+from pipeline.data.images import inside, read_rgb
 from pipeline.errors import UserError
 from pipeline.tasks.classification.data import find_bad_images
 
@@ -118,7 +118,6 @@ def _categories(categories: list, path: Path, field: str) -> tuple[list[int], li
 
 def _images(images: list, path: Path, root: Path, field: str) -> dict[int, tuple[Path, int, int]]:
     """image id -> (file, width, height); every file checked to exist inside `root`."""
-    root_resolved = root.resolve()
     out: dict[int, tuple[Path, int, int]] = {}
     missing: list[str] = []
     for entry in images:
@@ -126,8 +125,8 @@ def _images(images: list, path: Path, root: Path, field: str) -> dict[int, tuple
                 and isinstance(entry.get("file_name"), str)):
             raise UserError(f"{field}: '{path}' has image entry {str(entry)[:120]}; each needs an integer id and a "
                             "file_name")
-        file = root / entry["file_name"]
-        if not file.resolve().is_relative_to(root_resolved):
+        file = inside(root, entry["file_name"])
+        if file is None:
             raise UserError(f"{field}: '{path}' image {entry['id']} has file_name '{entry['file_name']}', which "
                             f"points outside the image folder '{root}'; file names must be relative to it")
         if entry["id"] in out:

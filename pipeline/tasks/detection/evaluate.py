@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import re
 
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from pipeline.tasks.common import metric_key
 
 PRIMARY = "val/mAP"
 # COCOeval.stats positions of the logged numbers (AP at IoU .5:.95 / .5 / .75, by object size, recall at 100).
@@ -68,7 +69,7 @@ class Evaluator:
                                           self.classes)
         out: dict = {name: stats[i] for name, i in STATS.items()}
         if len(self.classes) <= MAX_PER_CLASS_METRICS:  # beyond that, the per-class table is more readable
-            out.update({f"val/AP/{_metric_name(c)}": ap for c, (ap, _) in per_class.items()})
+            out.update({f"val/AP/{metric_key(c)}": ap for c, (ap, _) in per_class.items()})
         out.update(per_class=per_class, results=self.results, samples=self.samples)
         return out
 
@@ -102,7 +103,3 @@ def coco_box_stats(images: list[dict], annotations: list[dict], results: list[di
                            float(p50[p50 > -1].mean()) if (p50 > -1).any() else math.nan)
     return stats, per_class
 
-
-def _metric_name(name: str) -> str:
-    # MLflow metric keys allow letters, digits and _ - . / and spaces.
-    return re.sub(r"[^A-Za-z0-9_\-. ]", "_", name)

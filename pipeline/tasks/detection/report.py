@@ -11,6 +11,8 @@ matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from pipeline.tasks.common import fmt, write_csv  # noqa: E402
+
 SHOW_SCORE = 0.5  # predictions drawn in the picture; the results file keeps every one
 
 
@@ -21,11 +23,10 @@ def write_results(results: list[dict], path: Path) -> Path:
     return path
 
 
-def per_class_table(per_class: dict[str, tuple[float, float]], category_ids: list[int]) -> str:
-    lines = ["class,category_id,AP,AP50"]
-    for (name, (ap, ap50)), cid in zip(per_class.items(), category_ids):
-        lines.append(f"{name},{cid},{_fmt(ap)},{_fmt(ap50)}")
-    return "\n".join(lines) + "\n"
+def per_class_table(per_class: dict[str, tuple[float, float]], category_ids: list[int], path: Path) -> Path:
+    """CSV of each class's AP and AP50; empty where the class has no ground truth (undefined)."""
+    rows = [(name, cid, fmt(ap), fmt(ap50)) for (name, (ap, ap50)), cid in zip(per_class.items(), category_ids)]
+    return write_csv(path, ["class", "category_id", "AP", "AP50"], rows)
 
 
 def boxes_figure(samples: list[dict], classes: list[str], columns: int = 4):
@@ -54,6 +55,3 @@ def _rect(box, color: str, style: str) -> Rectangle:
     x1, y1, x2, y2 = (float(v) for v in box)
     return Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linestyle=style, linewidth=1.5)
 
-
-def _fmt(value: float) -> str:
-    return "nan" if math.isnan(value) else f"{value:.4f}"

@@ -9,7 +9,7 @@ matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.tasks.face.verification import metric_name  # noqa: E402
+from pipeline.tasks.common import metric_key, save_figure  # noqa: E402
 
 
 def roc_figure(fpr: np.ndarray, tpr: np.ndarray, name: str, acc: float, tar: float):
@@ -33,11 +33,8 @@ def write_roc(metrics: dict, names: list[str], out_dir: Path) -> list[Path]:
     """roc_<set>.png for each verification set, from the evaluator's `roc/<set>` entries."""
     paths = []
     for name in names:
-        key = metric_name(name)
+        key = metric_key(name)
         fpr, tpr = metrics[f"roc/{name}"]
         fig = roc_figure(fpr, tpr, name, metrics[f"val/{key}/acc"], metrics[f"val/{key}/tar_at_far_1e-3"])
-        path = out_dir / f"roc_{key}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out_dir / f"roc_{key}.png"))
     return paths

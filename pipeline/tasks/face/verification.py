@@ -7,21 +7,15 @@ Thresholds are exact: every cut between two distinct scores is tried (no grid), 
 """
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.tasks.common import metric_key
 from pipeline.tasks.face.data import FOLDS
 
 PRIMARY = "val/verif_acc"
 FAR_TARGET = 1e-3
-
-
-def metric_name(name: str) -> str:
-    # MLflow metric keys allow letters, digits and _ - . / : and spaces.
-    return re.sub(r"[^A-Za-z0-9_\-. ]", "_", name)
 
 
 def cuts(scores: np.ndarray, issame: np.ndarray):
@@ -101,9 +95,9 @@ class Evaluator:
             pairs = np.asarray(s["pairs"], dtype=np.int64).reshape(-1, 2)
             scores = np.sum(own[pairs[:, 0]] * own[pairs[:, 1]], axis=1)
             result = evaluate_pairs(scores, np.asarray(s["issame"], dtype=bool))
-            key = f"val/{metric_name(s['name'])}"
+            key = f"val/{metric_key(s['name'])}"
             out.update({f"{key}/acc": result["acc"], f"{key}/acc_std": result["acc_std"],
                         f"{key}/threshold": result["threshold"], f"{key}/tar_at_far_1e-3": result["tar"]})
             out[f"roc/{s['name']}"] = result["roc"]
-        out[PRIMARY] = float(np.mean([out[f"val/{metric_name(s['name'])}/acc"] for s in self.sets]))
+        out[PRIMARY] = float(np.mean([out[f"val/{metric_key(s['name'])}/acc"] for s in self.sets]))
         return out

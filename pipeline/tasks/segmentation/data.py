@@ -25,7 +25,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
-from pipeline.data.images import IMAGE_EXTENSIONS, read_rgb
+from pipeline.data.images import IMAGE_EXTENSIONS, inside, read_rgb
 from pipeline.errors import UserError
 
 FORMATS = ("voc", "folder", "coco")
@@ -285,7 +285,11 @@ def _coco_dataset(root: Path, split: str, json_path: Path, data: dict, labels: d
     entries = sorted(data["images"], key=lambda e: e["id"])
     if not entries:
         raise UserError(f"COCO file '{json_path}' lists no images")
-    images = [image_dir / e["file_name"] for e in entries]
+    images = [inside(image_dir, e["file_name"]) for e in entries]
+    for entry, image in zip(entries, images):
+        if image is None:
+            raise UserError(f"COCO file '{json_path}' image {entry['id']} has file_name '{entry['file_name']}', which "
+                            f"points outside the image folder '{image_dir}'; file names must be relative to it")
     _first_missing(images, f"image listed in '{json_path}'")
     return CocoMaskDataset(images, [(int(e["height"]), int(e["width"])) for e in entries],
                            [by_image.get(e["id"], []) for e in entries], labels, json_path, len(labels) + 1,

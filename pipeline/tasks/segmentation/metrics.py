@@ -7,10 +7,10 @@ predicted but never true has IoU 0 and stays in. Pixels labelled `ignore_index` 
 """
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
+
+from pipeline.tasks.common import metric_key
 
 PRIMARY = "val/mIoU"
 MAX_PER_CLASS_METRICS = 50
@@ -37,10 +37,6 @@ def scores(confusion: torch.Tensor) -> dict[str, float]:
     return {PRIMARY: iou.nanmean().item(), "val/pixel_acc": (cm.diag().sum() / total).item(),
             "val/mean_acc": acc.mean().item()}
 
-
-def _metric_name(name: str) -> str:
-    # MLflow metric keys allow letters, digits and _ - . / and spaces.
-    return re.sub(r"[^A-Za-z0-9_\-. ]", "_", name)
 
 
 class Evaluator:
@@ -87,5 +83,5 @@ class Evaluator:
                "iou": dict(zip(self.classes, iou.tolist())), "samples": self.samples}
         if self.num_classes <= MAX_PER_CLASS_METRICS:  # beyond that, the per-class CSV artifact is more readable
             # Classes absent from ground truth and predictions have no IoU this epoch and log nothing.
-            out.update({f"val/iou/{_metric_name(c)}": v for c, v in zip(self.classes, iou.tolist()) if v == v})
+            out.update({f"val/iou/{metric_key(c)}": v for c, v in zip(self.classes, iou.tolist()) if v == v})
         return out

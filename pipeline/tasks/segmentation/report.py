@@ -11,6 +11,7 @@ from matplotlib.patches import Patch  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline.tasks.common import fmt, write_csv  # noqa: E402
 from pipeline.tasks.segmentation.metrics import per_class_iou  # noqa: E402
 
 ALPHA = 0.55  # how strongly a class colour covers the image
@@ -84,20 +85,12 @@ def iou_bars(iou: dict[str, float]):
     return fig
 
 
-def per_class_table(confusion: np.ndarray, classes: list[str]) -> str:
+def per_class_table(confusion: np.ndarray, classes: list[str], path: Path) -> Path:
     """CSV: each class's IoU, accuracy (recall) and its true and predicted pixel counts; empty where undefined."""
     cm = torch.as_tensor(confusion)
     iou = per_class_iou(cm).tolist()
-    lines = ["class,iou,accuracy,true_pixels,predicted_pixels"]
+    rows = []
     for i, name in enumerate(classes):
         true, predicted = int(cm[i].sum()), int(cm[:, i].sum())
-        accuracy = f"{int(cm[i, i]) / true:.4f}" if true else ""
-        lines.append(f"{name},{'' if iou[i] != iou[i] else f'{iou[i]:.4f}'},{accuracy},{true},{predicted}")
-    return "\n".join(lines) + "\n"
-
-
-def save(fig, path: Path) -> Path:
-    """Write `fig` as a PNG (legends outside the axes included) and free it."""
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+        rows.append((name, fmt(iou[i]), fmt(int(cm[i, i]) / true) if true else "", true, predicted))
+    return write_csv(path, ["class", "iou", "accuracy", "true_pixels", "predicted_pixels"], rows)

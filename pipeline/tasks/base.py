@@ -1,0 +1,219 @@
+"""The task contract: everything the runner, `predict`, `export` and the logged MLflow model ask of a task.
+
+A task is a subclass of `Task`, registered by name in `pipeline/tasks/registry.py`. The runner never asks which task
+it runs and never probes for abilities: what a task can do is declared here, as class attributes with defaults.
+
+Training side
+- `schema`: the pydantic config (its own `data` and `model` sections); `pipeline/tasks/schemas.py` hands the schemas to
+  `pipeline.config` without importing task implementations.
+- `build_data(...) -> TaskData`: the train and val datasets plus `DataInfo`, the typed record of what the data says
+  (class names, category ids, sizes); it is saved in every checkpoint, so a trained model carries it.
+- `build_model(...)`: an `nn.Module` with `.backbone` (named stages, see pipeline/backbones.py) and `head_parts()`
+  (an ordered dict of named head modules, which fine-tuning gives their own learning rates).
+- `loss(model, batch) -> dict[str, Tensor]`: the engine sums the dict.
+- `predict(model, batch)`: eval-mode outputs for the evaluator; `make_evaluator(info)` -> `Evaluator`; `primary` is
+  the metric that picks the best checkpoint and stops early.
+- `report(metrics, info, out_dir)`: the task's pictures and tables (files; the runner logs them).
+
+Inference side (one contract serves `pipeline predict`, `pipeline export`, the logged MLflow model and serving)
+- `inference_transforms(cfg)`: the albumentations spec an image goes through before the model (the validation one).
+- `inference_module(model)`: normalised images (N, 3, H, W) in, tensors out; `export` describes that module's outputs.
+- `example_input(image_size)`: what logging and export trace with.
+- `writer(out_dir, info, options)`: turns batches of inference outputs into files (CSV, COCO json, masks, .npy).
+
+Optional abilities (declared, never probed)
+- `caches_features`: the model has `features(images)` and an `input_is_features` switch (finetune.cache_features).
+- `merges_evaluators`: evaluators have `merge(other)`, so data-parallel ranks can each score a shard of the val set.
+- `collate_fn`: the task batches its own way (detection: lists of images of different sizes).
+- `batch_sampler(dataset, sampler, batch_size)`: may reorder training batches (detection groups by aspect ratio).
+"""
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from pipeline.data.transforms import build_transforms, is_random
+from pipeline.sections import DataConfig, ModelConfig, TaskConfig
+
+
+@dataclass
+class DataInfo:
+    """What the data says about itself. Saved in every checkpoint (`to_dict`), read back by predict, export and the
+    logged model (`from_dict`), so names and ids travel with the weights."""
+
+    classes: list[str]  # label names in label order; face: the training identities
+    train_size: int
+    val_size: int
+    mean: tuple[float, float, float]  # the normalisation the model was trained with
+    std: tuple[float, float, float]
+    image_size: int  # data.image_size (detection resizes by model.min_size / max_size instead)
+    random_train_transforms: bool = False  # feature caching refuses random augmentation without cached views
+    # detection: the dataset's category id of label k + 1 (label 0 is background)
+    category_ids: list[int] = field(default_factory=list)
+    ignore_index: int | None = None  # segmentation: the mask value that counts nowhere
+    # face: each verification set's name, image count, pairs (flattened) and same/different flags
+    verification: list[dict] = field(default_factory=list)
+    batches_per_epoch: int = 1  # face: the margin warm-up counts steps
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataInfo:
+        """Also reads the untyped `info` dicts of checkpoints written before this class: their extra keys (such as
+        `num_classes`) are dropped, and face checkpoints without identity names get numbered ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        if "classes" not in values:
+            values["classes"] = [str(i) for i in range(int(d.get("num_classes", 0)))]
+        values.setdefault("mean", (0.485, 0.456, 0.406))
+        values.setdefault("std", (0.229, 0.224, 0.225))
+        values.setdefault("image_size", 0)
+        values["mean"], values["std"] = tuple(values["mean"]), tuple(values["std"])
+        return cls(**values)
+
+
+@dataclass
+class TaskData:
+    train: Dataset
+    val: Dataset
+    info: DataInfo
+
+
+class Evaluator(Protocol):
+    """Accumulates eval outputs batch by batch; `compute` returns metrics (floats under `val/...`, plus whatever the
+    report needs). Tasks with `merges_evaluators` also implement `merge(other)`."""
+
+    primary: str
+
+    def update(self, outputs: Any, batch: Any) -> None: ...
+
+    def compute(self) -> dict[str, Any]: ...
+
+
+class TaskModel(Protocol):
+    backbone: nn.Module
+
+    def head_parts(self) -> OrderedDict[str, nn.Module]: ...
+
+
+class PredictionWriter(Protocol):
+    """Turns inference outputs into files. `add` gets one batch: the image files and the outputs of `inference_module`
+    for them, on the CPU; a writer that draws on the images (boxes, mask overlays) reads them again from `paths`.
+    `finish` returns the files written."""
+
+    def add(self, paths: list[Path], outputs: Any) -> None: ...
+
+    def finish(self) -> list[Path]: ...
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    top_k: int = 5  # classification: classes per image
+    score: float = 0.5  # detection: draw boxes at or above this score
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What `inference_module(model)` returns, for ONNX / TorchScript export and its check against PyTorch."""
+
+    output_names: tuple[str, ...]
+    dynamic_size: bool  # whether the graph takes any image size (a ResNet classifier pools globally)
+
+
+class Task(ABC):
+    name: ClassVar[str]
+    schema: ClassVar[type[TaskConfig]]
+    primary: ClassVar[str]  # e.g. val/top1: picks the best checkpoint, drives early stopping
+    synth: ClassVar[str]  # the synthetic dataset kind for data.synth_if_missing (pipeline/data/shapes.py)
+    log_format: ClassVar[Literal["pt2", "pickle"]] = "pt2"  # how the torch module inside the logged model is saved
+    export: ClassVar[ExportSpec]
+    # optional abilities
+    caches_features: ClassVar[bool] = False
+    merges_evaluators: ClassVar[bool] = False
+    collate_fn: ClassVar[Callable | None] = None
+
+    # -- training side -------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def default_transforms(self, data: DataConfig) -> tuple[list[dict], list[dict]]:
+        """(train, val) albumentations specs used where the config gives none."""
+
+    @abstractmethod
+    def build_data(self, data: DataConfig, *, mean, std, seed: int) -> TaskData: ...
+
+    @abstractmethod
+    def build_model(self, model: ModelConfig, info: DataInfo, say: Callable[[str], None] = print) -> nn.Module: ...
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch) -> dict[str, torch.Tensor]: ...
+
+    @abstractmethod
+    def predict(self, model: nn.Module, batch): ...
+
+    @abstractmethod
+    def make_evaluator(self, info: DataInfo) -> Evaluator: ...
+
+    @abstractmethod
+    def report(self, metrics: dict, info: DataInfo, out_dir: Path) -> list[Path]: ...
+
+    def batch_sampler(self, dataset: Dataset, sampler, batch_size: int):
+        """The training sampler, or one that reorders it so that batches share a trait."""
+        return sampler
+
+    # -- inference side ------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def inference_module(self, model: nn.Module) -> nn.Module:
+        """Normalised images (N, 3, H, W) in, the task's output tensors out, in eval mode."""
+
+    @abstractmethod
+    def records(self, outputs, info: DataInfo, options: PredictOptions) -> list[dict[str, Any]]:
+        """One JSON-able dict per image of a batch of `inference_module` outputs (on the CPU, at the images' original
+        size), in the dataset's own names and ids: what the served model answers and what writers build on.
+        classification: {"class", "prob", "top_k": [{"class", "prob"}, ...]};
+        detection: {"detections": [{"bbox": [x1, y1, x2, y2], "score", "category_id", "category"}, ...]} (>= score);
+        segmentation: {"mask_png": base64 PNG of class indices in the dataset's palette, "height", "width",
+        "classes": [names present]}; face: {"embedding": [floats], L2-normalised}."""
+
+    @abstractmethod
+    def writer(self, out_dir: Path, info: DataInfo, options: PredictOptions) -> PredictionWriter: ...
+
+    def example_input(self, image_size: int) -> torch.Tensor:
+        # Two images: torch.export (MLflow's pt2 format) would fix a batch of one as the only allowed size.
+        return torch.zeros(2, 3, image_size, image_size)
+
+    def inference_transforms(self, cfg: TaskConfig) -> list[dict]:
+        """The albumentations spec the model was evaluated with: what an image goes through before inference."""
+        return self.specs(cfg.data)[1]
+
+    # -- shared by the tasks -------------------------------------------------------------------------------------
+
+    def specs(self, data: DataConfig) -> tuple[list[dict], list[dict]]:
+        """The (train, val) specs in force: the config's, else the task's defaults."""
+        train, val = self.default_transforms(data)
+        return (data.train_transforms if data.train_transforms is not None else train,
+                data.val_transforms if data.val_transforms is not None else val)
+
+    def transforms(self, data: DataConfig, *, mean, std, seed: int, bbox_params=None):
+        """(train transform, val transform, whether the train spec is random) built from `specs`."""
+        train_spec, val_spec = self.specs(data)
+        # (An empty spec gets no bbox processor: albumentations warns about one with nothing to process.)
+        train = build_transforms(train_spec, field="data.train_transforms", mean=mean, std=std, seed=seed,
+                                 bbox_params=bbox_params if train_spec else None)
+        val = build_transforms(val_spec, field="data.val_transforms", mean=mean, std=std, seed=seed,
+                               bbox_params=bbox_params if val_spec else None)
+        return train, val, is_random(train_spec)

@@ -1,0 +1,77 @@
+"""The face task: the contract of pipeline/tasks/base.py for an embedding model trained through a margin head."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline import backbones
+from pipeline.tasks.base import DataInfo, ExportSpec, PredictOptions, Task, TaskData
+from pipeline.tasks.face import verification
+from pipeline.tasks.face.config import Config, FaceData, FaceModelConfig
+from pipeline.tasks.face.data import IdentityDataset, VerificationDataset, load_verification, scan_identities
+from pipeline.tasks.face.margin import MarginHead
+from pipeline.tasks.face.model import Embedder, FaceModel
+from pipeline.tasks.face.report import write_roc
+
+
+class Face(Task):
+    name = "face"
+    schema = Config
+    primary = verification.PRIMARY  # mean accuracy over the verification sets
+    synth = "faces"  # the synthetic identities
+    export = ExportSpec(output_names=("embeddings",), dynamic_size=False)  # the neck flattens a fixed-size map
+    caches_features = True
+
+    def default_transforms(self, data: FaceData) -> tuple[list[dict], list[dict]]:
+        # Face crops come aligned: arcface_torch augments with horizontal flips only.
+        resize = {"name": "Resize", "height": data.image_size, "width": data.image_size}
+        return [resize, {"name": "HorizontalFlip", "p": 0.5}], [resize]
+
+    def build_data(self, data: FaceData, *, mean, std, seed: int) -> TaskData:
+        train_tf, val_tf, random = self.transforms(data, mean=mean, std=std, seed=seed)
+        root = Path(data.root)
+        samples, identities = scan_identities(root / data.train_dir, data.min_images_per_identity)
+        sets = [load_verification(root, name) for name in data.verification]
+        train, val = IdentityDataset(samples, train_tf), VerificationDataset(sets, val_tf)
+        info = DataInfo(classes=identities, train_size=len(train), val_size=len(val), mean=tuple(mean),
+                        std=tuple(std), image_size=data.image_size, random_train_transforms=random,
+                        # the margin warm-up counts training steps (the loader drops the last partial batch)
+                        batches_per_epoch=max(1, len(train) // data.batch_size),
+                        verification=[{"name": s.name, "num_images": len(s.images), "pairs": s.pairs.ravel().tolist(),
+                                       "issame": s.issame.tolist()} for s in sets])
+        return TaskData(train, val, info)
+
+    def build_model(self, model: FaceModelConfig, info: DataInfo, say=print) -> FaceModel:
+        b = model.backbone
+        backbone = backbones.build_or_random(b.name, b.weights, b.fallback_to_random, say=say)
+        m1, m2, m3 = model.margin.margins()
+        warmup = round(model.margin.warmup_epochs * info.batches_per_epoch)
+        margin = MarginHead(model.embedding_dim, info.num_classes, model.margin.s, m1, m2, m3, warmup_steps=warmup)
+        return FaceModel(backbone, info.image_size, model.embedding_dim, model.dropout, margin)
+
+    def loss(self, model: FaceModel, batch) -> dict[str, torch.Tensor]:
+        images, labels = batch
+        return {"margin": F.cross_entropy(model.margin(model(images), labels), labels)}
+
+    def predict(self, model: FaceModel, batch) -> torch.Tensor:
+        return F.normalize(model(batch[0]).float(), dim=1)
+
+    def make_evaluator(self, info: DataInfo) -> verification.Evaluator:
+        return verification.Evaluator(info.verification)
+
+    def report(self, metrics: dict, info: DataInfo, out_dir: Path) -> list[Path]:
+        """A ROC curve per verification set."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return write_roc(metrics, [s["name"] for s in info.verification], out_dir)
+
+    def inference_module(self, model: FaceModel) -> nn.Module:
+        return Embedder(model.backbone, model.embedding)  # the margin head (num_classes rows) stays behind
+
+    def records(self, outputs, info: DataInfo, options: PredictOptions) -> list[dict]:
+        raise NotImplementedError
+
+    def writer(self, out_dir: Path, info: DataInfo, options: PredictOptions):
+        raise NotImplementedError

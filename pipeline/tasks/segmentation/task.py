@@ -1,0 +1,107 @@
+"""The segmentation task: the contract of pipeline/tasks/base.py for DeepLabV3 on a dilated backbone."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.tasks.base import DataInfo, ExportSpec, PredictOptions, Task, TaskData
+from pipeline.tasks.common import save_figure
+from pipeline.tasks.segmentation import metrics as seg_metrics
+from pipeline.tasks.segmentation import model as M
+from pipeline.tasks.segmentation.config import Config, SegmentationData, SegmentationModel
+from pipeline.tasks.segmentation.data import VOC_CLASSES, build_datasets
+from pipeline.tasks.segmentation.report import iou_bars, overlay_grid, per_class_table
+
+
+def _cross_entropy(model: M.DeepLabV3, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the non-ignored pixels, in float32; 0 (not NaN) for a crop that is all ignore."""
+    logits = M.upsample(logits, masks.shape[-2:])
+    weight = model.class_weights
+    total = F.cross_entropy(logits, masks, weight=weight, ignore_index=model.ignore_index, reduction="sum")
+    # The denominator of reduction="mean", computed without boolean indexing (no host sync on a GPU).
+    valid = masks != model.ignore_index
+    count = valid.sum() if weight is None else (weight[masks.masked_fill(~valid, 0)] * valid).sum()
+    return total / count.to(total.dtype).clamp(min=1e-12)
+
+
+class Segmentation(Task):
+    name = "segmentation"
+    schema = Config
+    primary = seg_metrics.PRIMARY
+    synth = "coco"  # the synthetic shapes scenes (COCO json + class masks)
+    export = ExportSpec(output_names=("logits",), dynamic_size=True)
+
+    def default_transforms(self, data: SegmentationData) -> tuple[list[dict], list[dict]]:
+        """Train: scale to image_size, random rescale 0.5-2x, pad (mask: ignore) and crop, flip. Val: scale and pad.
+
+        Padding keeps the aspect ratio and lets validation batches stack; padded pixels are ignored by loss and
+        metrics.
+        """
+        size = data.image_size
+        pad = {"name": "PadIfNeeded", "min_height": size, "min_width": size, "border_mode": 0, "fill": 0,
+               "fill_mask": data.ignore_index}
+        train = [{"name": "LongestMaxSize", "max_size": size},
+                 {"name": "RandomScale", "scale_limit": [-0.5, 1.0], "p": 1.0},
+                 pad,
+                 {"name": "RandomCrop", "height": size, "width": size},
+                 {"name": "HorizontalFlip", "p": 0.5}]
+        val = [{"name": "LongestMaxSize", "max_size": size}, pad]
+        return train, val
+
+    def build_data(self, data: SegmentationData, *, mean, std, seed: int) -> TaskData:
+        if data.skip_bad_images:
+            raise UserError("data.skip_bad_images: the segmentation task does not skip files; remove the unreadable "
+                            "images (and their masks) and set it to false")
+        train_tf, val_tf, random = self.transforms(data, mean=mean, std=std, seed=seed)
+        train, val, classes = build_datasets(
+            Path(data.root), data.format, train_split=data.train_split, val_split=data.val_split,
+            classes=data.classes, ignore_index=data.ignore_index, train_transform=train_tf, val_transform=val_tf)
+        info = DataInfo(classes=list(classes), train_size=len(train), val_size=len(val), mean=tuple(mean),
+                        std=tuple(std), image_size=data.image_size, random_train_transforms=random,
+                        ignore_index=data.ignore_index)
+        return TaskData(train, val, info)
+
+    def build_model(self, model: SegmentationModel, info: DataInfo, say=print) -> M.DeepLabV3:
+        b = model.backbone
+        voc = [c.lower() for c in info.classes[1:]] == list(VOC_CLASSES[1:])
+        return M.build(b.name, b.weights, b.fallback_to_random, num_classes=info.num_classes,
+                       output_stride=model.output_stride, atrous_rates=model.atrous_rates, aux=model.aux_loss,
+                       aux_weight=model.aux_weight, ignore_index=info.ignore_index,
+                       class_weights=model.class_weights, init=model.init, keep_classifier=voc, say=say)
+
+    def loss(self, model: M.DeepLabV3, batch) -> dict[str, torch.Tensor]:
+        images, masks = batch
+        out = model(images)
+        losses = {"seg": _cross_entropy(model, out["out"], masks)}
+        if "aux" in out:
+            losses["aux"] = model.aux_weight * _cross_entropy(model, out["aux"], masks)
+        return losses
+
+    def predict(self, model: M.DeepLabV3, batch) -> torch.Tensor:
+        """Logits at the masks' resolution, so that scores are computed on the labels as given."""
+        images, masks = batch
+        return M.upsample(model(images)["out"], masks.shape[-2:])
+
+    def make_evaluator(self, info: DataInfo) -> seg_metrics.Evaluator:
+        return seg_metrics.Evaluator(info.classes, info.ignore_index)
+
+    def report(self, metrics: dict, info: DataInfo, out_dir: Path) -> list[Path]:
+        """The overlay grid of validation images, the per-class IoU bar chart and the per-class table."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        grid = overlay_grid(metrics["samples"], info.classes, info.mean, info.std, info.ignore_index)
+        return [save_figure(grid, out_dir / "overlays.png", dpi=100),
+                save_figure(iou_bars(metrics["iou"]), out_dir / "per_class_iou.png", dpi=100),
+                per_class_table(metrics["confusion"], info.classes, out_dir / "per_class_iou.csv")]
+
+    def inference_module(self, model: M.DeepLabV3) -> nn.Module:
+        return M.Logits(model)  # images in, class logits at the input size out
+
+    def records(self, outputs, info: DataInfo, options: PredictOptions) -> list[dict]:
+        raise NotImplementedError
+
+    def writer(self, out_dir: Path, info: DataInfo, options: PredictOptions):
+        raise NotImplementedError
