@@ -100,7 +100,7 @@ def test_bin_reader_refuses_a_pickle_that_carries_code(tmp_path: Path):
     marker = tmp_path / "pwned"
     payload = ([_encoded(1), _RunsCode(marker)], [True])
     (tmp_path / "lfw.bin").write_bytes(pickle.dumps(payload, protocol=4))
-    with pytest.raises(UserError, match=r"lfw.bin' is not a plain verification .bin: it asks to run "
+    with pytest.raises(UserError, match=r"lfw.bin' is not a plain data pickle: it asks to run "
                                         r"(posix|os|nt)\.system, which is refused"):
         read_bin(tmp_path / "lfw.bin", "lfw")
     assert not marker.exists()

@@ -9,11 +9,8 @@ batch is the validation set and val_fraction is not used.
 
 from __future__ import annotations
 
-import codecs
-import io
 import logging
 import os
-import pickle
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.data.images import IMAGE_EXTENSIONS, read_rgb
+from pipeline.data import safe_pickle
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -300,48 +298,26 @@ _NUMPY_RECONSTRUCT = np.zeros(0).__reduce_ex__(2)[0]
 _NUMPY_FROMBUFFER = np.zeros(0).__reduce_ex__(5)[0]
 
 
-class _CifarUnpickler(pickle.Unpickler):
-    """Pickle reader that can only rebuild what CIFAR files hold: dicts, lists, bytes, str, ints, numpy arrays.
-
-    Pickle runs whatever callables a file names, so an ordinary pickle.load of a downloaded file can execute
-    arbitrary code. The CIFAR batches need only numpy's array reconstruction (under its numpy 1 and numpy 2
-    module names, for files re-saved with newer numpy) and, for Python 3 protocol-2 files, codecs.encode for bytes.
-    """
-
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
-        ("numpy._core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
-        ("numpy.core.numeric", "_frombuffer"): _NUMPY_FROMBUFFER,
-        ("numpy._core.numeric", "_frombuffer"): _NUMPY_FROMBUFFER,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): codecs.encode,
-    }
-
-    def __init__(self, file: io.BufferedReader, path: Path) -> None:
-        # latin1 is how Python 3 must read the Python 2 strings of the original files (numpy data included).
-        super().__init__(file, encoding="latin1")
-        self.path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        found = self.ALLOWED.get((module, name))
-        if found is None:
-            raise UserError(f"'{self.path}' is not a plain CIFAR pickle: it asks to run {module}.{name}, which is "
-                            "refused for safety; re-download the official files")
-        return found
+# What CIFAR files hold besides dicts, lists, bytes, str and ints: numpy arrays (under numpy 1's and numpy 2's module
+# names, for files re-saved with newer numpy), and for Python 3 protocol-2 files codecs.encode for bytes.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
+    ("numpy.core.numeric", "_frombuffer"): _NUMPY_FROMBUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _NUMPY_FROMBUFFER,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    **safe_pickle.CODECS_ENCODE,
+}
 
 
 def read_cifar_pickle(path: Path) -> dict[str, Any]:
     """A CIFAR pickle file as a dict with str keys, read without running any code the file names."""
     if not path.is_file():
         raise UserError(f"CIFAR file '{path}' is missing; re-extract the archive or set data.download: true")
-    try:
-        with open(path, "rb") as file:
-            content = _CifarUnpickler(file, path).load()
-    # MemoryError too: a corrupt length field makes pickle try to allocate absurd buffers.
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            MemoryError) as err:
-        raise UserError(f"CIFAR file '{path}' is corrupt or not a pickle ({err}); re-download it") from err
+    # latin1 is how Python 3 must read the Python 2 strings of the original files (numpy data included).
+    content = safe_pickle.load(path, allowed=_CIFAR_GLOBALS, encoding="latin1", what=f"CIFAR file '{path}'",
+                               remedy="re-download the official files")
     if not isinstance(content, dict):
         raise UserError(f"CIFAR file '{path}' holds a {type(content).__name__}, expected a dict; re-download it")
     return {_text(key): value for key, value in content.items()}

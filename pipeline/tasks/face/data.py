@@ -13,10 +13,8 @@ evaluator can sum the two embeddings of every image (and cached features line up
 """
 from __future__ import annotations
 
-import codecs
 import io
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +25,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from pipeline.data.images import IMAGE_EXTENSIONS, read_rgb, to_rgb_array
+from pipeline.data import safe_pickle
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -148,31 +147,11 @@ def _pair_image(image_root: Path, person: str, number: int, pairs_file: Path, li
                     "extension); restore the image or remove the pair")
 
 
-class _NoGlobalsUnpickler(pickle.Unpickler):
-    """Reads only plain data. Pickle calls whatever globals a file names, so every global is refused, except
-    `_codecs.encode`, a pure function Python 3 uses to store bytes under pickle protocol 2."""
-
-    def __init__(self, file: io.BufferedReader, path: Path) -> None:
-        # Python 2 wrote insightface's files: its str objects (the encoded images) must stay bytes.
-        super().__init__(file, encoding="bytes")
-        self.path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("_codecs", "encode"):
-            return codecs.encode
-        raise UserError(f"'{self.path}' is not a plain verification .bin: it asks to run {module}.{name}, which is "
-                        "refused for safety; use the official file")
-
-
 def read_bin(path: Path, name: str) -> PairSet:
     """An insightface `.bin`: `(list of 2n encoded images, list of n is-same flags)`."""
-    try:
-        with open(path, "rb") as file:
-            content = _NoGlobalsUnpickler(file, path).load()
-    # MemoryError too: a corrupt length field makes pickle try to allocate absurd buffers.
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            MemoryError) as err:
-        raise UserError(f"'{path}' is corrupt or not a pickle ({err}); use the official file") from err
+    # Python 2 wrote insightface's files: its str objects (the encoded images) must stay bytes.
+    content = safe_pickle.load(path, allowed=safe_pickle.CODECS_ENCODE, encoding="bytes",
+                               what=f"verification set '{path}'", remedy="use the official file")
     expected = "a pair (list of encoded images, list of is-same flags) with two images per flag"
     if not (isinstance(content, (tuple, list)) and len(content) == 2 and isinstance(content[0], (list, tuple))
             and isinstance(content[1], (list, tuple))):
