@@ -13,8 +13,10 @@ from torch.utils.data import DataLoader
 from pipeline.config import validate
 from pipeline.data.sampling import EpochSampler, SeededDataset
 from pipeline.errors import UserError
-from pipeline.tasks import detection
 from pipeline.tasks.detection.data import CocoDetection, read_coco, select_images
+from pipeline.tasks.registry import TASKS
+
+detection = TASKS["detection"]
 
 MEAN, STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # identity normalisation: tensors are the 0..1 pixels
 
@@ -95,9 +97,10 @@ def test_empty_images_are_negatives_or_left_out(coco: Path):
 
 def test_build_data_info_and_targets(coco: Path):
     cfg = validate({"task": "detection", "data": {"root": str(coco), "keep_empty": False}})
-    train, val, info = detection.build_data(cfg.data, mean=MEAN, std=STD, seed=0)
+    data = detection.build_data(cfg.data, mean=MEAN, std=STD, seed=0)
+    train, val, info = data.train, data.val, data.info
     assert (len(train), len(val)) == (2, 4)  # validation keeps every image
-    assert info["category_ids"] == [3, 7, 90] and info["num_classes"] == 3
+    assert info.category_ids == [3, 7, 90] and info.num_classes == 3
     images, targets = CocoDetection.collate_fn([val[0], val[3]])
     assert [tuple(i.shape) for i in images] == [(3, 48, 64), (3, 60, 40)]
     assert targets[1]["image_id"].item() == 4 and targets[1]["orig_size"].tolist() == [60, 40]
@@ -113,7 +116,7 @@ def test_transforms_move_boxes_with_the_image(tmp_path: Path, spec):
     write_coco(tmp_path, [_image(1)], [_ann(1, 1, 3, [6, 8, 20, 14]), _ann(2, 1, 7, [40, 24, 12, 18])])
     cfg = validate({"task": "detection", "data": {"root": str(tmp_path), "val_ann": "annotations/train.json",
                                                   "val_images": "images/train", "train_transforms": spec}})
-    train, _, _ = detection.build_data(cfg.data, mean=MEAN, std=STD, seed=0)
+    train = detection.build_data(cfg.data, mean=MEAN, std=STD, seed=0).train
     image, target = train[0]
     assert len(target["boxes"]) == 2
     bright = image.mean(0) > 0.5
@@ -135,7 +138,7 @@ def test_grouped_batches_keep_orientations_apart(tmp_path: Path):
     write_coco(tmp_path, [_image(i, w, h) for i, (w, h) in enumerate(sizes, start=1)], [_ann(1, 1, 3, [1, 1, 5, 5])])
     cfg = validate({"task": "detection", "data": {"root": str(tmp_path), "val_ann": "annotations/train.json",
                                                   "val_images": "images/train", "group_aspect_ratio": True}})
-    train, _, _ = detection.build_data(cfg.data, mean=MEAN, std=STD, seed=0)
+    train = detection.build_data(cfg.data, mean=MEAN, std=STD, seed=0).train
     shuffled = EpochSampler(len(sizes), seed=0)
     sampler = train.group_batches(shuffled, batch_size=3)
     sampler.set_epoch(2)
@@ -145,7 +148,7 @@ def test_grouped_batches_keep_orientations_apart(tmp_path: Path):
     assert sorted(size for batch in batches for size in batch) == sorted((h, w) for w, h in sizes)
     assert all(len(set(batch)) == 1 for batch in batches[:2])  # the first batches are homogeneous
     ungrouped = cfg.data.model_copy(update={"group_aspect_ratio": False})
-    plain, _, _ = detection.build_data(ungrouped, mean=MEAN, std=STD, seed=0)
+    plain = detection.build_data(ungrouped, mean=MEAN, std=STD, seed=0).train
     assert plain.group_batches(shuffled, batch_size=3) is shuffled
 
 
@@ -209,13 +212,13 @@ def test_bbox_that_is_not_four_numbers(tmp_path: Path, bbox):
 def test_unreadable_image_is_named_or_skipped(coco: Path, caplog):
     (coco / "images" / "train" / "004.png").write_bytes(b"not a png")
     cfg = validate({"task": "detection", "data": {"root": str(coco)}})
-    train, _, _ = detection.build_data(cfg.data, mean=MEAN, std=STD, seed=0)
+    train = detection.build_data(cfg.data, mean=MEAN, std=STD, seed=0).train
     with pytest.raises(UserError, match=r"004.png' is corrupt, truncated or not an image"):
         train[3]
     skipping = cfg.data.model_copy(update={"skip_bad_images": True})
     with caplog.at_level(logging.WARNING):
-        train, val, _ = detection.build_data(skipping, mean=MEAN, std=STD, seed=0)
-    assert (len(train), len(val)) == (3, 4) and "skipped 1 unreadable image(s)" in caplog.text
+        data = detection.build_data(skipping, mean=MEAN, std=STD, seed=0)
+    assert (len(data.train), len(data.val)) == (3, 4) and "skipped 1 unreadable image(s)" in caplog.text
 
 
 def test_image_size_differs_from_annotation(tmp_path: Path):

@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.tasks import detection
+from pipeline.tasks.base import DataInfo
 from pipeline.tasks.detection.evaluate import Evaluator, coco_box_stats
+from pipeline.tasks.registry import TASKS
 
+detection = TASKS["detection"]
 CLASSES, IDS = ["cat", "dog"], [3, 17]
 
 
@@ -87,7 +89,9 @@ def test_nothing_detected_is_zero_not_an_error():
 
 def test_report_files(tmp_path: Path):
     metrics = _evaluate(_targets(), shift=1.0)
-    paths = detection.report(metrics, {"classes": CLASSES, "category_ids": IDS}, tmp_path)
+    info = DataInfo(classes=CLASSES, train_size=0, val_size=3, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                    image_size=0, category_ids=IDS)
+    paths = detection.report(metrics, info, tmp_path)
     assert [p.name for p in paths] == ["val_predictions.json", "per_class_ap.csv", "val_boxes.png"]
     results = json.loads(paths[0].read_text())
     assert len(results) == 3 and set(results[0]) == {"image_id", "category_id", "bbox", "score"}

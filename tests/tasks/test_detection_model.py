@@ -13,11 +13,14 @@ from pipeline import finetune
 from pipeline import weights as W
 from pipeline.config import validate
 from pipeline.errors import UserError
-from pipeline.tasks import detection
+from pipeline.tasks.base import DataInfo
 from pipeline.tasks.detection.model import COCO_WEIGHTS
 from pipeline.tasks.detection.roi_align import MultiScaleRoIAlign
+from pipeline.tasks.registry import TASKS
 
-INFO = {"classes": ["cat", "dog"], "category_ids": [3, 17], "num_classes": 2}
+detection = TASKS["detection"]
+INFO = DataInfo(classes=["cat", "dog"], train_size=0, val_size=0, mean=(0.485, 0.456, 0.406),
+                std=(0.229, 0.224, 0.225), image_size=64, category_ids=[3, 17])
 SMALL = {"min_size": 64, "max_size": 64, "anchor_sizes": [8, 16, 32, 64, 128], "fpn_channels": 32,
          "representation_size": 64, "box_batch_size_per_image": 16, "rpn_pre_nms_top_n_train": 100,
          "rpn_post_nms_top_n_train": 50, "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50}

@@ -12,7 +12,9 @@ from torch.utils.data import ConcatDataset, DataLoader
 from pipeline import config, engine, stages, tracking
 from pipeline.data import synth_coco
 from pipeline.errors import UserError
-from pipeline.tasks import detection
+from pipeline.tasks.registry import TASKS
+
+detection = TASKS["detection"]
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE_IDS = set(synth_coco.CATEGORY_IDS.values())
@@ -35,7 +37,8 @@ def test_short_training_raises_map(scenes: Path):
     cfg = config.validate({"task": "detection", "model": SMALL_MODEL,
                            "data": {"root": str(scenes), "val_ann": "annotations/train.json",
                                     "val_images": "images/train", "train_transforms": []}})
-    train, val, info = detection.build_data(cfg.data, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), seed=0)
+    data = detection.build_data(cfg.data, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), seed=0)
+    train, val, info = data.train, data.val, data.info
     torch.manual_seed(0)
     model = detection.build_model(cfg.model, info)
     steps = 60

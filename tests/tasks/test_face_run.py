@@ -12,7 +12,9 @@ from mlflow import MlflowClient
 from pipeline import checkpoint, config, engine, stages, tracking
 from pipeline.data import synth_faces
 from pipeline.errors import UserError
-from pipeline.tasks import face
+from pipeline.tasks.registry import TASKS
+
+face = TASKS["face"]
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 64  # at 32 px a ResNet-18 barely tells these shapes apart in a test's budget
@@ -47,15 +49,15 @@ def _initial_model(path: Path):
     """The model `stages.run` starts from (same seed, same init), with its val set and info."""
     cfg = config.load(path)
     stages.seed_everything(cfg.seed)
-    _, val_ds, info = face.build_data(cfg.data, mean=cfg.data.mean, std=cfg.data.std, seed=cfg.seed)
-    return face.build_model(cfg.model, info, say=lambda *_: None), val_ds, info
+    data = face.build_data(cfg.data, mean=cfg.data.mean, std=cfg.data.std, seed=cfg.seed)
+    return face.build_model(cfg.model, data.info, say=lambda *_: None), data.val, data.info
 
 
 def _untrained_accuracy(path: Path) -> float:
     model, val_ds, info = _initial_model(path)
     loader = torch.utils.data.DataLoader(val_ds, batch_size=64)
     settings = engine.StepSettings(device=torch.device("cpu"), precision="fp32")
-    return engine.evaluate(model, face.predict, face.make_evaluator(info), loader, settings)[face.PRIMARY]
+    return engine.evaluate(model, face.predict, face.make_evaluator(info), loader, settings)[face.primary]
 
 
 def test_training_raises_verification_accuracy_and_logs_roc_and_embedding_model(faces, uri, tmp_path, monkeypatch):

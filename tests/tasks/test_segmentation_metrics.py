@@ -6,8 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.tasks import segmentation as seg
+from pipeline.tasks.base import DataInfo
+from pipeline.tasks.registry import TASKS
 from pipeline.tasks.segmentation.metrics import Evaluator, per_class_iou, scores
+
+seg = TASKS["segmentation"]
 
 CLASSES = ["background", "a", "b"]
 
@@ -96,7 +99,8 @@ def test_report_writes_overlays_bars_and_table(tmp_path):
     evaluator.update(_logits(pred), (torch.rand(3, 3, 8, 8), true))
     metrics = evaluator.compute()
     assert len(metrics["samples"]) == 2
-    info = {"classes": CLASSES, "mean": [0.5] * 3, "std": [0.25] * 3, "ignore_index": 255}
+    info = DataInfo(classes=CLASSES, train_size=0, val_size=3, mean=(0.5,) * 3, std=(0.25,) * 3, image_size=8,
+                    ignore_index=255)
     paths = seg.report(metrics, info, tmp_path / "report")
     assert [p.name for p in paths] == ["overlays.png", "per_class_iou.png", "per_class_iou.csv"]
     for path in paths[:2]:

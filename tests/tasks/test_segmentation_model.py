@@ -7,9 +7,12 @@ from pipeline import finetune
 from pipeline import weights as W
 from pipeline.config import validate
 from pipeline.errors import UserError
-from pipeline.tasks import segmentation as seg
+from pipeline.tasks.base import DataInfo
+from pipeline.tasks.registry import TASKS
 from pipeline.tasks.segmentation.data import VOC_CLASSES
 from pipeline.tasks.segmentation.model import COCO_VOC, upsample
+
+seg = TASKS["segmentation"]
 
 SHAPES = ["background", "circle", "square"]
 
@@ -18,7 +21,8 @@ def _model(name="resnet18", output_stride=16, aux=False, classes=SHAPES, **model
     cfg = validate({"task": "segmentation", "data": {"batch_size": 2},
                     "model": {"backbone": {"name": name, "weights": "none"}, "output_stride": output_stride,
                               "aux_loss": aux, **model}})
-    info = {"classes": list(classes), "num_classes": len(classes), "ignore_index": 255}
+    info = DataInfo(classes=list(classes), train_size=0, val_size=0, mean=(0.485, 0.456, 0.406),
+                    std=(0.229, 0.224, 0.225), image_size=32, ignore_index=255)
     return seg.build_model(cfg.model, info, say=lambda *_: None)
 
 
