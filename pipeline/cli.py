@@ -194,20 +194,38 @@ def compare(experiment: str, metric: str | None, out: Path | None, parent: str |
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the predictions.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--top-k", type=int, default=5, show_default=True, help="Classes per image (classification).")
+@click.option("--score", type=float, default=0.5, show_default=True,
+              help="Detection: draw the boxes scoring at least this (0..1); predictions.json keeps every box.")
+@click.option("--gallery", type=click.Path(path_type=Path), default=None,
+              help="Face: a folder of identity folders (<identity>/<image>); identities.csv names each input's.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps.")
-@click.option("--uri", default=None, help="Tracking store of a run id or models:/ SOURCE.")
-def predict(source: str, inputs: tuple[str, ...], out: Path, batch_size: int, top_k: int, device: str,
-            uri: str | None) -> None:
-    """Run SOURCE (a checkpoint, an MLflow run id or a models:/ URI) on INPUTS (images, folders, globs)."""
+@click.option("--uri", default=None, help="Tracking store of a run id, runs:/ or models:/ SOURCE.")
+def predict(source: str, inputs: tuple[str, ...], out: Path, batch_size: int, top_k: int, score: float,
+            gallery: Path | None, device: str, uri: str | None) -> None:
+    """Run SOURCE (a checkpoint, an MLflow run id, runs:/<id> or a models:/ URI) on INPUTS (images, folders, globs)."""
     from pipeline import predict as predictor
 
-    predictor.run(source, list(inputs), out, uri=uri, batch_size=batch_size, top_k=top_k, device=device,
-                  say=click.echo)
+    predictor.run(source, list(inputs), out, uri=uri, batch_size=batch_size, top_k=top_k, score=score,
+                  gallery=gallery, device=device, say=click.echo)
 
 
 @main.command()
 @click.argument("source")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
+@click.argument("first", type=click.Path(path_type=Path))
+@click.argument("second", type=click.Path(path_type=Path))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps.")
+@click.option("--uri", default=None, help="Tracking store of a run id, runs:/ or models:/ SOURCE.")
+def verify(source: str, first: Path, second: Path, device: str, uri: str | None) -> None:
+    """Say whether FIRST and SECOND show the same identity, by the face model SOURCE and its run's threshold."""
+    from pipeline.tasks.face import identify
+
+    click.echo(str(identify.verify(source, first, second, uri=uri, device=device)))
+
+
+@main.command()
+@click.argument("source")
+# A plain string, checked by export.run: click.Choice would answer a wrong value with usage text over three lines.
+@click.option("--format", "fmt", default="onnx", show_default=True, help="onnx or torchscript.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="File to write (default: <backbone>.onnx).")
 @click.option("--log-to-run", is_flag=True, help="Also log the file to the source's MLflow run (artifacts: export/).")
 @click.option("--uri", default=None, help="Tracking store of a run id or models:/ SOURCE.")

@@ -72,7 +72,7 @@ def run(task_file: str | Path, overrides: tuple[str, ...] = (), resume: bool = F
             train_loader, val_loader = make_loaders(setup, data, model, plan, say)
             fit = make_fit(setup, model, data.info, plan, optimizer, train_loader, val_loader, tracker, say)
             state = engine.fit(fit, resumed_state(setup, fit, tracker, say))
-            result = finish(setup, fit, state, data.info, plan, tracker, say)
+            result = finish(setup, fit, state, data.info, tracker, say)
     finally:
         distributed.shutdown(ctx)
     result.wall_time = time.perf_counter() - started
@@ -282,8 +282,7 @@ def resumed_state(setup: Setup, fit: engine.Fit, tracker, say=print) -> engine.F
 # 4. finish: the best checkpoint's report, the logged model
 
 
-def finish(setup: Setup, fit: engine.Fit, state: engine.FitState, info: DataInfo, plan: finetune.Plan, tracker,
-           say=print) -> RunResult:
+def finish(setup: Setup, fit: engine.Fit, state: engine.FitState, info: DataInfo, tracker, say=print) -> RunResult:
     """Evaluate the best checkpoint once more for its report; log report, checkpoint and model."""
     distributed.barrier(setup.ctx)  # rank 0 has written the last checkpoint
     cfg, task = setup.cfg, setup.task
@@ -302,21 +301,19 @@ def finish(setup: Setup, fit: engine.Fit, state: engine.FitState, info: DataInfo
         tracker.log_artifact(path, "report")
     if cfg.tracking.log_checkpoint:
         tracker.log_artifact(setup.output_dir / checkpoint.BEST, "checkpoints")
-    if plan.cache_features:
-        model.input_is_features = False  # the logged model takes images
-    inference_ready(model)
     if cfg.tracking.log_model:
+        from pipeline import serve  # serve -> inference -> this module: imported here, where it is used
+
         say("logging the model to MLflow ...")
-        model.to("cpu", memory_format=torch.contiguous_format).float().eval()
-        tracker.log_model(task.inference_module(model), task.example_input(cfg.data.image_size).numpy(),
-                          serialization=task.log_format)
+        # the served pyfunc rebuilds the model from best.pt (pipeline/serve.py): stock modules, any image size
+        tracker.log_model(serve.pyfunc(setup.output_dir / checkpoint.BEST, cfg.data.image_size))
     say(_summary(state, metrics, primary))
     return result
 
 
 def inference_ready(model: nn.Module) -> nn.Module:
-    """The trained model as inference wants it: stock operations, no grad switching (torch.export would record it and
-    the logged graph would not load)."""
+    """The trained model as inference and export want it: stock operations (cpu_kernels.restore) and no grad switching
+    of frozen stages (an exporter would record it)."""
     model.backbone.no_grad_stages = 0
     cpu_kernels.restore(model)
     return model

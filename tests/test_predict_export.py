@@ -15,7 +15,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from pipeline import export, predict, stages, tracking
+from pipeline import export, export_checks, predict, stages, tracking
 from pipeline.cli import main
 from pipeline.data.images import read_rgb
 from pipeline.data.transforms import build_transforms
@@ -90,7 +90,7 @@ def test_predict_from_checkpoint_run_and_logged_model_agree(trained, tmp_path: P
 def test_onnx_export_matches_pytorch_at_another_size_and_is_logged(trained, tmp_path: Path):
     out = tmp_path / "model.onnx"
     result = export.run(trained["run_id"], "onnx", out, uri=trained["uri"], log_to_run=True, say=lambda *_: None)
-    assert result.max_abs_diff <= export.TOLERANCE["atol"] and result.dynamic_size
+    assert result.agreement.worst <= export_checks.TOLERANCE["atol"] and result.dynamic_size
     # an independent check: a batch of 3 at 48 px, neither of which the export saw
     images = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(1))
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -98,7 +98,7 @@ def test_onnx_export_matches_pytorch_at_another_size_and_is_logged(trained, tmp_
     with torch.no_grad():
         expected = predict.load(str(trained["checkpoint"])).model(images).numpy()
     assert logits.shape == (3, 6)
-    np.testing.assert_allclose(logits, expected, **export.TOLERANCE)
+    np.testing.assert_allclose(logits, expected, **export_checks.TOLERANCE)
     artifacts = mlflow.MlflowClient(trained["uri"]).list_artifacts(trained["run_id"], "export")
     assert [a.path for a in artifacts] == ["export/model.onnx"]
 

@@ -16,12 +16,13 @@ made on the stored pixels.
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import UserError
 
@@ -34,22 +35,40 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 # File types every dataset adapter and `pipeline predict` pick up (compared lower-case).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
+
+class NotAnImage(ValueError):
+    """Bytes that do not decode as an image; the message is the decoder's reason, one line."""
+
+
 def read_rgb(path: str | Path) -> np.ndarray:
     """Decode `path` fully and return its pixels as an (H, W, 3) uint8 array."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"image file '{path}' does not exist or is not a file; check the dataset folder")
     try:
-        with Image.open(path) as img:
+        return _decode(path)
+    except NotAnImage as err:
+        raise UserError(
+            f"image file '{path}' is corrupt, truncated or not an image ({err}); "
+            "replace or delete it, or set data.skip_bad_images: true to skip unreadable files"
+        ) from err
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """`read_rgb` for an image file held in memory (a served request's image); raises `NotAnImage`."""
+    return _decode(io.BytesIO(data))
+
+
+def _decode(source: Path | io.BytesIO) -> np.ndarray:
+    try:
+        with Image.open(source) as img:
             # load() decodes every byte now: a truncated file fails here rather than yielding a grey bottom half.
             img.load()
             return to_rgb_array(img)
+    except UnidentifiedImageError as err:  # its message names the source, `<_io.BytesIO object at 0x...>` for bytes
+        raise NotAnImage("no known image format") from err
     except _DECODE_ERRORS as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(
-            f"image file '{path}' is corrupt, truncated or not an image ({reason}); "
-            "replace or delete it, or set data.skip_bad_images: true to skip unreadable files"
-        ) from err
+        raise NotAnImage(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
 
 
 def to_rgb_array(img: Image.Image) -> np.ndarray:

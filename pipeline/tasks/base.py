@@ -17,8 +17,12 @@ Training side
 
 Inference side (one contract serves `pipeline predict`, `pipeline export`, the logged MLflow model and serving)
 - `inference_transforms(cfg)`: the albumentations spec an image goes through before the model (the validation one).
-- `inference_module(model)`: normalised images (N, 3, H, W) in, tensors out; `export` describes that module's outputs.
-- `example_input(image_size)`: what logging and export trace with.
+- `inference_module(model)`: normalised images (N, 3, H, W) in, tensors out; `export` describes that module's outputs
+  and how an exported copy is checked against it.
+- `to_original(outputs, placements)`: those outputs mapped from the model input's pixels to each original image's
+  (boxes scaled and shifted, logits cropped and resized); `Placement` says where an original lies in the input.
+- `records(outputs, info, options)`: one JSON-able dict per image, in the dataset's names and ids (served answers).
+- `example_input(image_size)`: what export traces with.
 - `writer(out_dir, info, options)`: turns batches of inference outputs into files (CSV, COCO json, masks, .npy).
 
 Optional abilities (declared, never probed)
@@ -35,12 +39,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from pipeline import export_checks
 from pipeline.data.transforms import build_transforms, is_random
 from pipeline.sections import DataConfig, ModelConfig, TaskConfig
 
@@ -111,9 +116,9 @@ class TaskModel(Protocol):
 
 
 class PredictionWriter(Protocol):
-    """Turns inference outputs into files. `add` gets one batch: the image files and the outputs of `inference_module`
-    for them, on the CPU; a writer that draws on the images (boxes, mask overlays) reads them again from `paths`.
-    `finish` returns the files written."""
+    """Turns inference outputs into files. `add` gets one batch, in input order: the image files and their outputs from
+    `to_original` (on the CPU, in the originals' pixels); a writer that draws on the images (boxes, mask overlays)
+    reads them again from `paths`. `finish` returns the files (or folders of files) written."""
 
     def add(self, paths: list[Path], outputs: Any) -> None: ...
 
@@ -127,11 +132,34 @@ class PredictOptions:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where an original image lies in the model's input after the inference transforms: the original's size and the
+    box (x1, y1, x2, y2, input pixels) its pixels cover there. Resizing scales the box, padding shifts it; mapping an
+    output through it undoes both, whatever the spec (inference transforms may resize and pad, never crop or flip)."""
+
+    height: int
+    width: int
+    box: tuple[float, float, float, float]
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Original pixels per input pixel, (x, y)."""
+        x1, y1, x2, y2 = self.box
+        return self.width / max(x2 - x1, 1e-6), self.height / max(y2 - y1, 1e-6)
+
+
+@dataclass(frozen=True)
 class ExportSpec:
     """What `inference_module(model)` returns, for ONNX / TorchScript export and its check against PyTorch."""
 
     output_names: tuple[str, ...]
     dynamic_size: bool  # whether the graph takes any image size (a ResNet classifier pools globally)
+    # how the exported file's outputs are compared with PyTorch's (pipeline/export_checks.py): what agreement means
+    # for these outputs, e.g. the same class per pixel rather than the same logits
+    check: Callable[[export_checks.Batches, export_checks.Batches], export_checks.Agreement] = export_checks.allclose
+    # the module as TorchScript, for a module that tracing alone cannot export (detection loops over the images of a
+    # batch); None: export traces the module (TorchScript) or runs torch.export on it (ONNX)
+    script: Callable[[nn.Module, torch.Tensor], torch.jit.ScriptModule] | None = None
 
 
 class Task(ABC):
@@ -139,7 +167,6 @@ class Task(ABC):
     schema: ClassVar[type[TaskConfig]]
     primary: ClassVar[str]  # e.g. val/top1: picks the best checkpoint, drives early stopping
     synth: ClassVar[str]  # the synthetic dataset kind for data.synth_if_missing (pipeline/data/shapes.py)
-    log_format: ClassVar[Literal["pt2", "pickle"]] = "pt2"  # how the torch module inside the logged model is saved
     export: ClassVar[ExportSpec]
     # optional abilities
     caches_features: ClassVar[bool] = False
@@ -180,10 +207,16 @@ class Task(ABC):
     def inference_module(self, model: nn.Module) -> nn.Module:
         """Normalised images (N, 3, H, W) in, the task's output tensors out, in eval mode."""
 
+    def to_original(self, outputs, placements: list[Placement]):
+        """A batch of `inference_module` outputs (on the CPU) in the original images' pixels: what `records` and
+        writers take. Outputs without geometry (class logits, embeddings) come back as they are."""
+        return outputs
+
     @abstractmethod
     def records(self, outputs, info: DataInfo, options: PredictOptions) -> list[dict[str, Any]]:
-        """One JSON-able dict per image of a batch of `inference_module` outputs (on the CPU, at the images' original
-        size), in the dataset's own names and ids: what the served model answers and what writers build on.
+        """One JSON-able dict per image of a batch of outputs from `to_original` (on the CPU, at the images' original
+        size; segmentation: one (C, H, W) logits tensor per image), in the dataset's own names and ids: what the
+        served model answers and what writers build on.
         classification: {"class", "prob", "top_k": [{"class", "prob"}, ...]};
         detection: {"detections": [{"bbox": [x1, y1, x2, y2], "score", "category_id", "category"}, ...]} (>= score);
         segmentation: {"mask_png": base64 PNG of class indices in the dataset's palette, "height", "width",
@@ -193,7 +226,7 @@ class Task(ABC):
     def writer(self, out_dir: Path, info: DataInfo, options: PredictOptions) -> PredictionWriter: ...
 
     def example_input(self, image_size: int) -> torch.Tensor:
-        # Two images: torch.export (MLflow's pt2 format) would fix a batch of one as the only allowed size.
+        # Two images: torch.export specialises a dimension of size 1, so a batch of one would be the only one allowed.
         return torch.zeros(2, 3, image_size, image_size)
 
     def inference_transforms(self, cfg: TaskConfig) -> list[dict]:

@@ -33,3 +33,18 @@ def save_figure(fig, path: Path, dpi: int = 110) -> Path:
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+class OutputNames:
+    """File names for per-image outputs (drawn boxes, masks): the image's stem with the output's suffix, numbered when
+    two inputs share a stem (a/x.png and b/x.png), so no output overwrites another."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
+    def __call__(self, path: Path, suffix: str) -> str:
+        name, n = f"{path.stem}{suffix}", 1
+        while name in self.used:
+            name, n = f"{path.stem}-{n}{suffix}", n + 1
+        self.used.add(name)
+        return name

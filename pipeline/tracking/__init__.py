@@ -1,9 +1,11 @@
-"""MLflow tracking, the only package of `pipeline` that imports mlflow. One module per job:
+"""MLflow tracking, the only package of `pipeline` that imports mlflow (besides pipeline/serve.py: the logged model is
+an MLflow pyfunc). One module per job:
 
     uri.py      where the runs go: `resolve_uri`, `check_reachable`, `server_up`, `process_tracking_uri`
     run.py      one run: `Tracker` (start / resume / attach, params, tags, metrics, artifacts, finish, the outbox that
                 keeps records while the server is unreachable), `Silent` for ranks other than 0, `flatten`, `sync`
-    models.py   logged models: `Tracker.log_model`'s work, `load_model`, `model_source_run`
+    models.py   logged models: `Pyfunc` (what is logged), `Tracker.log_model`'s work, `load_model`,
+                `model_source_run`
     query.py    reading runs back as plain values: `RunRecord`, `get_run`, `search_runs`, `metric_history`,
                 `download_artifact`
     ui.py       `ui`: MLflow's web UI on a local store
@@ -12,14 +14,14 @@ Callers use the names below (`from pipeline import tracking; tracking.Tracker.st
 behaviour (`run.RETRY_EVERY`, `run.FINAL_RETRY_WAIT`, ...) are read from their own module: set or patch them there.
 `tracking.ui` is the function, which hides the `ui` module; reach the module as `sys.modules["pipeline.tracking.ui"]`.
 """
-from pipeline.tracking.models import load_model, model_source_run
+from pipeline.tracking.models import Pyfunc, load_model, model_source_run
 from pipeline.tracking.query import RunRecord, download_artifact, get_run, metric_history, search_runs
 from pipeline.tracking.run import RUN_STATUSES, TRUNCATION_MARK, Silent, Tracker, flatten, sync
 from pipeline.tracking.ui import ui
 from pipeline.tracking.uri import DEFAULT_URI, check_reachable, process_tracking_uri, resolve_uri, server_up
 
 __all__ = [
-    "DEFAULT_URI", "RUN_STATUSES", "TRUNCATION_MARK", "RunRecord", "Silent", "Tracker", "check_reachable",
+    "DEFAULT_URI", "RUN_STATUSES", "TRUNCATION_MARK", "Pyfunc", "RunRecord", "Silent", "Tracker", "check_reachable",
     "download_artifact", "flatten", "get_run", "load_model", "metric_history", "model_source_run",
     "process_tracking_uri", "resolve_uri", "search_runs", "server_up", "sync", "ui",
 ]

@@ -1,67 +1,61 @@
-"""Logged models: a module logged as an MLflow LoggedModel of a run, loaded back, and traced to the run that logged it.
+"""Logged models: a pyfunc logged as an MLflow LoggedModel of a run, loaded back, and traced to the run that logged it.
 
 These are the calls that go through MLflow's process-wide tracking URI (see `uri.process_tracking_uri`) rather than an
 explicit client: MLflow's model logging and its `models:/` lookups read nothing else.
 """
 from __future__ import annotations
 
-import copy
-import importlib.metadata
-from typing import Literal
+from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
-import mlflow.pytorch
-import numpy as np
+import mlflow.pyfunc
+import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
+from mlflow.models import Model, ModelSignature
 
 from pipeline.errors import UserError
 from pipeline.tracking.uri import process_tracking_uri
 
-# Pinned in the logged model's requirements.txt; listing them skips MLflow's slow requirement inference.
-MODEL_REQUIREMENTS = ("torch", "torchvision", "timm")
+
+@dataclass(frozen=True)
+class Pyfunc:
+    """What `Tracker.log_model` logs: an MLflow pyfunc, the files it loads, and how it is called."""
+
+    code: Path  # the file that makes the PythonModel (MLflow's "models from code": nothing is pickled)
+    artifacts: dict[str, str]  # name -> local file, copied into the logged model (`context.artifacts` on load)
+    input_example: pd.DataFrame  # kept with the model (the UI shows it) and predicted once when logging
+    signature: ModelSignature
+    requirements: list[str]  # pip requirements; listing them skips MLflow's slow requirement inference
 
 
-def log_model(client: mlflow.MlflowClient, run_id: str, experiment_id: str, model: torch.nn.Module,
-              input_example: np.ndarray, name: str, step: int, serialization: Literal["pt2", "pickle"]) -> str:
+def log_model(client: mlflow.MlflowClient, run_id: str, experiment_id: str, model: Pyfunc, name: str,
+              step: int) -> str:
     """`Tracker.log_model` without its handling of a lost server: log `model` as a LoggedModel of run `run_id` in
     `experiment_id` and return its URI (`models:/m-...`). See `Tracker.log_model` for what the arguments mean."""
-    example = np.asarray(input_example, dtype=np.float32)
-    if serialization == "pt2" and example.shape[0] < 2:
-        raise ValueError("log_model: input_example needs a batch of at least 2 for pt2: torch.export fixes a "
-                         "batch dimension of size 1, and the logged model would then accept only batch 1")
-    model = copy.deepcopy(model).float().cpu().eval()
-    with torch.no_grad():
-        output = model(torch.from_numpy(example))
-    if not isinstance(output, torch.Tensor):
-        raise TypeError(f"log_model: the model returned {type(output).__name__}, not a tensor; pass a wrapper "
-                        "module that returns one tensor")
-    signature = infer_signature(example, output.numpy())
     # Create the LoggedModel ourselves: left to MLflow without an active fluent run, it lands in the default
     # experiment instead of this run's one.
     logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id,
                                         params=client.get_run(run_id).data.params)
-    # The example goes in as a tensor: MLflow then only traces with it (pt2) and does not store it as JSON (15 MB
-    # for two 224 px images) nor re-run the model to validate serving; the signature records the shapes.
-    # `run_id` reaches `mlflow.models.Model.log` through the flavor's **kwargs: it links the model to this run
-    # without an active fluent run, which `mlflow.start_run` would end (FINISHED) on leaving.
+    # `Model.log` is what `mlflow.pyfunc.log_model` calls, plus `run_id`: it links the model to this run without an
+    # active fluent run, which `mlflow.start_run` would end (FINISHED) on leaving. MLflow loads the logged model once
+    # and predicts the example to check that it serves.
     with process_tracking_uri(client.tracking_uri):
-        info = mlflow.pytorch.log_model(
-            model, name=name, model_id=logged.model_id, run_id=run_id, step=step, signature=signature,
-            input_example=torch.from_numpy(example), serialization_format=serialization,
-            pip_requirements=_model_requirements(serialization))
+        info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, python_model=str(model.code),
+                         artifacts=model.artifacts, model_id=logged.model_id, run_id=run_id, step=step,
+                         signature=model.signature, input_example=model.input_example,
+                         pip_requirements=model.requirements)
     return info.model_uri
 
 
 def load_model(uri: str, model_uri: str) -> torch.nn.Module:
-    """The module logged by `Tracker.log_model` (`models:/m-...`) in the store at `uri`.
-
-    A pt2 model comes back as a `torch.fx.GraphModule` that takes the same input and returns the same output.
-    """
+    """The torch module inside the pyfunc logged by `Tracker.log_model` (`models:/m-...`) in the store at `uri`: its
+    `module` attribute, which pipeline/serve.py sets to the task's inference module (normalised images in, the task's
+    output tensors out), in eval mode."""
     # `models:/` URIs are looked up in the process-wide tracking store, which may point elsewhere
     with process_tracking_uri(uri):
-        return mlflow.pytorch.load_model(model_uri)
+        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().module
 
 
 def model_source_run(uri: str, model_uri: str) -> str:
@@ -77,9 +71,3 @@ def model_source_run(uri: str, model_uri: str) -> str:
                         "run id or a checkpoint path instead")
     return run_id
 
-
-def _model_requirements(serialization: str) -> list[str]:
-    # MLflow's pickle format unpickles with cloudpickle; pt2 needs only torch
-    packages = MODEL_REQUIREMENTS + (("cloudpickle",) if serialization == "pickle" else ())
-    # local version labels (`2.5.1+cpu`) are not on PyPI: pin the public version
-    return [f"{pkg}=={importlib.metadata.version(pkg).split('+')[0]}" for pkg in packages]

@@ -14,11 +14,9 @@ import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import mlflow
-import numpy as np
-import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking.context.registry import resolve_tags
@@ -251,26 +249,18 @@ class Tracker:
         else:
             raise ValueError(f"unknown tracking record {op!r}")
 
-    def log_model(self, model: torch.nn.Module, input_example: np.ndarray, name: str = "model", step: int = 0,
-                  serialization: Literal["pt2", "pickle"] = "pt2") -> str | None:
-        """Log `model` as an MLflow LoggedModel of this run and return its URI (`models:/m-...`), or None when the
-        tracking server is unreachable (a model is too big to keep for `sync`; the run's best.pt holds it).
+    def log_model(self, model: models.Pyfunc, name: str = "model", step: int = 0) -> str | None:
+        """Log `model` (an MLflow pyfunc with its artifacts; pipeline/serve.py makes the runner's) as an MLflow
+        LoggedModel of this run and return its URI (`models:/m-...`), or None when the tracking server is unreachable
+        (a model is too big to keep for `sync`; the run's best.pt holds it).
 
-        The model must map one float32 tensor to one tensor; wrap a model with dict or tuple outputs so that it
-        returns a tensor. A copy is exported in eval mode, float32, on CPU; the caller's model is left untouched.
-        The signature comes from `input_example` and the model's output on it.
-
-        `pt2` (MLflow's default) saves a `torch.export` graph: safe to load and needs no Python code of this project,
-        but only traceable models export and every dimension except the batch is fixed to the example's shape.
-        `pickle` saves the module itself: any model, but loading needs its classes importable and runs pickle code.
         Metrics logged at `step` are linked to the model, so the model list in MLflow's UI can show them.
         """
         if self.offline:
             self._say("warning: the model was not logged to MLflow (tracking server unreachable); best.pt holds it")
             return None
         try:
-            return models.log_model(self._client, self._run_id, self._experiment_id, model, input_example, name,
-                                    step, serialization)
+            return models.log_model(self._client, self._run_id, self._experiment_id, model, name, step)
         except Exception:
             if self._outbox is None or server_up(self._client.tracking_uri):
                 raise

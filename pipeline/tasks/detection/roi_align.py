@@ -91,13 +91,19 @@ class MultiScaleRoIAlign(FastPath, nn.Module):
         first = features[self.featmap_names[0]]
         gather = self.fast_path and first.device.type == "cpu"
         pool = roi_align if gather else _torchvision_roi_align
-        # The gather computes in float32; torchvision's pooler gives its result the features' dtype.
-        out = first.new_zeros((len(rois), first.shape[1], self.output_size, self.output_size),
+        # The gather computes in float32; torchvision's pooler gives its result the features' dtype. rois.shape[0], not
+        # len(rois): a trace (detection export) records the first and would fix the second, the number of proposals.
+        out = first.new_zeros((rois.shape[0], first.shape[1], self.output_size, self.output_size),
                               dtype=torch.float32 if gather else first.dtype)
         for level, (name, stride) in enumerate(zip(self.featmap_names, self.strides)):
             chosen = torch.where(levels == level)[0]
-            out[chosen] = pool(features[name], rois[chosen], self.output_size, 1.0 / stride,
-                               self.sampling_ratio).to(out.dtype)
+            pooled = pool(features[name], rois[chosen], self.output_size, 1.0 / stride, self.sampling_ratio)
+            if torch.jit.is_tracing():
+                # A traced `out[chosen] = ...` exports to ONNX with the shape of a one-box level fixed (it then fails on
+                # zero boxes); scatter keeps the count dynamic, as torchvision's pooler does while tracing.
+                out = out.scatter(0, chosen[:, None, None, None].expand(pooled.shape), pooled.to(out.dtype))
+            else:
+                out[chosen] = pooled.to(out.dtype)
         return out
 
 

@@ -9,8 +9,10 @@ from torch import nn
 
 from pipeline import backbones
 from pipeline.errors import UserError
-from pipeline.tasks.base import DataInfo, ExportSpec, PredictOptions, Task, TaskData
+from pipeline.tasks.base import DataInfo, ExportSpec, Placement, PredictOptions, Task, TaskData
 from pipeline.tasks.common import save_figure
+from pipeline.tasks.detection import export as detection_export
+from pipeline.tasks.detection import predictions
 from pipeline.tasks.detection.config import Config, DetectionData, DetectionModel
 from pipeline.tasks.detection.data import CocoDetection, drop_unreadable, read_coco, select_images
 from pipeline.tasks.detection.evaluate import PRIMARY, Evaluator
@@ -46,8 +48,9 @@ class Detection(Task):
     schema = Config
     primary = PRIMARY
     synth = "coco"  # the synthetic shapes scenes
-    log_format = "pickle"  # torch.export cannot trace the data-dependent proposal and NMS steps
-    export = ExportSpec(output_names=("detections",), dynamic_size=True)
+    # traced per image inside a scripted batch loop (export.py there), checked by matching boxes
+    export = ExportSpec(output_names=("detections",), dynamic_size=True, check=detection_export.match_detections,
+                        script=detection_export.script)
     collate_fn = staticmethod(CocoDetection.collate_fn)
 
     def default_transforms(self, data: DetectionData) -> tuple[list[dict], list[dict]]:
@@ -126,8 +129,11 @@ class Detection(Task):
     def inference_module(self, model: Detector) -> nn.Module:
         return BoxesOut(model, model.category_ids)
 
-    def records(self, outputs, info: DataInfo, options: PredictOptions) -> list[dict]:
-        raise NotImplementedError
+    def to_original(self, outputs: torch.Tensor, placements: list[Placement]) -> torch.Tensor:
+        return predictions.to_original(outputs, placements)  # boxes scaled and shifted back
 
-    def writer(self, out_dir: Path, info: DataInfo, options: PredictOptions):
-        raise NotImplementedError
+    def records(self, outputs: torch.Tensor, info: DataInfo, options: PredictOptions) -> list[dict]:
+        return predictions.records(outputs, info, options)
+
+    def writer(self, out_dir: Path, info: DataInfo, options: PredictOptions) -> predictions.CocoResults:
+        return predictions.CocoResults(out_dir, info, options, self.records)

@@ -56,7 +56,11 @@ class FaceModel(nn.Module):
 
 
 class Embedder(nn.Module):
-    """What MLflow logs: images in, L2-normalised embeddings out; the margin head (num_classes rows) stays behind."""
+    """What MLflow logs: images in, L2-normalised embeddings out; the margin head (num_classes rows) stays behind.
+
+    An image's embedding is the normalised sum of its own and its mirror image's normalised embeddings: what the
+    verification protocol scores (verification.py), so a threshold chosen there applies to these embeddings as is.
+    """
 
     def __init__(self, backbone: backbones.Backbone, embedding: EmbeddingNeck) -> None:
         super().__init__()
@@ -65,7 +69,11 @@ class Embedder(nn.Module):
         self.last = backbone.out_stages[-1]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.embedding(self.backbone(images)[self.last]).float(), dim=1)
+        n = images.shape[0]
+        # one pass over images and mirrors (eval-mode BatchNorm treats every image alone)
+        features = self.backbone(torch.cat([images, images.flip(-1)]))[self.last]
+        both = F.normalize(self.embedding(features).float(), dim=1)
+        return F.normalize(both[:n] + both[n:], dim=1)
 
 
 @torch.no_grad()

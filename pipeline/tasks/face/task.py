@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import backbones
+from pipeline import backbones, export_checks
 from pipeline.tasks.base import DataInfo, ExportSpec, PredictOptions, Task, TaskData
-from pipeline.tasks.face import verification
+from pipeline.tasks.face import predictions, verification
 from pipeline.tasks.face.config import Config, FaceData, FaceModelConfig
 from pipeline.tasks.face.data import IdentityDataset, VerificationDataset, load_verification, scan_identities
 from pipeline.tasks.face.margin import MarginHead
@@ -22,7 +22,8 @@ class Face(Task):
     schema = Config
     primary = verification.PRIMARY  # mean accuracy over the verification sets
     synth = "faces"  # the synthetic identities
-    export = ExportSpec(output_names=("embeddings",), dynamic_size=False)  # the neck flattens a fixed-size map
+    # the neck flattens a fixed-size map; an embedding is checked by its direction (cosine), as faces are compared
+    export = ExportSpec(output_names=("embeddings",), dynamic_size=False, check=export_checks.cosine)
     caches_features = True
 
     def default_transforms(self, data: FaceData) -> tuple[list[dict], list[dict]]:
@@ -70,8 +71,8 @@ class Face(Task):
     def inference_module(self, model: FaceModel) -> nn.Module:
         return Embedder(model.backbone, model.embedding)  # the margin head (num_classes rows) stays behind
 
-    def records(self, outputs, info: DataInfo, options: PredictOptions) -> list[dict]:
-        raise NotImplementedError
+    def records(self, outputs: torch.Tensor, info: DataInfo, options: PredictOptions) -> list[dict]:
+        return predictions.records(outputs, info, options)
 
-    def writer(self, out_dir: Path, info: DataInfo, options: PredictOptions):
-        raise NotImplementedError
+    def writer(self, out_dir: Path, info: DataInfo, options: PredictOptions) -> predictions.Embeddings:
+        return predictions.Embeddings(out_dir)

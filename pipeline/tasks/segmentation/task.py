@@ -7,11 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline import export_checks
 from pipeline.errors import UserError
-from pipeline.tasks.base import DataInfo, ExportSpec, PredictOptions, Task, TaskData
+from pipeline.tasks.base import DataInfo, ExportSpec, Placement, PredictOptions, Task, TaskData
 from pipeline.tasks.common import save_figure
 from pipeline.tasks.segmentation import metrics as seg_metrics
 from pipeline.tasks.segmentation import model as M
+from pipeline.tasks.segmentation import predictions
 from pipeline.tasks.segmentation.config import Config, SegmentationData, SegmentationModel
 from pipeline.tasks.segmentation.data import VOC_CLASSES, build_datasets
 from pipeline.tasks.segmentation.report import iou_bars, overlay_grid, per_class_table
@@ -33,7 +35,8 @@ class Segmentation(Task):
     schema = Config
     primary = seg_metrics.PRIMARY
     synth = "coco"  # the synthetic shapes scenes (COCO json + class masks)
-    export = ExportSpec(output_names=("logits",), dynamic_size=True)
+    # checked by the class each pixel gets: near-tied logits may swap through rounding alone
+    export = ExportSpec(output_names=("logits",), dynamic_size=True, check=export_checks.argmax)
 
     def default_transforms(self, data: SegmentationData) -> tuple[list[dict], list[dict]]:
         """Train: scale to image_size, random rescale 0.5-2x, pad (mask: ignore) and crop, flip. Val: scale and pad.
@@ -100,8 +103,11 @@ class Segmentation(Task):
     def inference_module(self, model: M.DeepLabV3) -> nn.Module:
         return M.Logits(model)  # images in, class logits at the input size out
 
-    def records(self, outputs, info: DataInfo, options: PredictOptions) -> list[dict]:
-        raise NotImplementedError
+    def to_original(self, outputs: torch.Tensor, placements: list[Placement]) -> list[torch.Tensor]:
+        return predictions.to_original(outputs, placements)  # padding cut away, resized to each original
 
-    def writer(self, out_dir: Path, info: DataInfo, options: PredictOptions):
-        raise NotImplementedError
+    def records(self, outputs: list[torch.Tensor], info: DataInfo, options: PredictOptions) -> list[dict]:
+        return predictions.records(outputs, info, options)
+
+    def writer(self, out_dir: Path, info: DataInfo, options: PredictOptions) -> predictions.Masks:
+        return predictions.Masks(out_dir, info, options, self.records)
