@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import predict, stages, tracking
+from pipeline import inference, stages, tracking
 from pipeline.errors import UserError
 from pipeline.export_checks import Agreement, ExportMismatch
 from pipeline.tasks.registry import TASKS
@@ -53,7 +53,7 @@ def run(source: str, fmt: Format, out: str | Path | None = None, uri: str | None
     if fmt == "onnx":
         _require_onnx()
     # a models:/ source is rebuilt from its run's checkpoint: the logged model's weights, as a plain torch module
-    loaded = predict.load(source, uri, logged_model=False)
+    loaded = inference.load(source, uri)
     task = TASKS[loaded.cfg.task]
     spec = task.export
     # stock operations only (torchvision's RoIAlign, plain convolutions): what ONNX and TorchScript can express
@@ -102,7 +102,7 @@ def _require_onnx() -> None:
                         "pip install 'resnet-transfer-pipeline[export]' (or use --format torchscript)")
 
 
-def _log(loaded: predict.Loaded, path: Path, say) -> str:
+def _log(loaded: inference.Loaded, path: Path, say) -> str:
     if not loaded.run_id:
         raise UserError("--log-to-run: the checkpoint names no MLflow run; export from the run id instead")
     tracking.Tracker.attach(loaded.uri, loaded.run_id).log_artifact(path, "export")

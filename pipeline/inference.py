@@ -49,20 +49,18 @@ class Loaded:
     fit: dict = field(default_factory=dict)  # the checkpoint's training state: per-epoch `history`, `best_epoch`
 
 
-def load(source: str, uri: str | None = None, logged_model: bool = True) -> Loaded:
+def load(source: str, uri: str | None = None) -> Loaded:
     """The model and metadata behind `source`: a checkpoint path, a run id, `runs:/<run id>` or a `models:/` URI.
 
-    For a `models:/` URI, `logged_model=False` rebuilds the model from its run's best checkpoint instead of loading
-    the logged pyfunc's module (pipeline/serve.py): the runner logs the model from that checkpoint, so the weights are
-    the same either way.
+    A `models:/` URI is rebuilt from its run's best checkpoint: the runner logs the model (pipeline/serve.py) from that
+    checkpoint, so the weights are the same, and the task's whole model (not only its inference module) comes back.
     """
     if source.startswith("models:/"):
         store = tracking.resolve_uri(uri)
         run_id = tracking.model_source_run(store, source)
         ckpt = _run_checkpoint(store, run_id, CHECKPOINT_ARTIFACT)
         cfg = _config(ckpt, source)
-        model = tracking.load_model(store, source) if logged_model else _rebuild(ckpt, cfg)
-        return Loaded(model, cfg, DataInfo.from_dict(ckpt["info"]), run_id, store, ckpt.get("fit", {}))
+        return Loaded(_rebuild(ckpt, cfg), cfg, DataInfo.from_dict(ckpt["info"]), run_id, store, ckpt.get("fit", {}))
     if source.startswith(RUNS_PREFIX):
         # runs:/<id> is the run's best checkpoint; runs:/<id>/<artifact path> names another checkpoint of the run
         run_id, _, artifact = source[len(RUNS_PREFIX):].strip("/").partition("/")
@@ -165,10 +163,9 @@ class Session:
 def open_session(source: str, uri: str | None = None, device: str = "auto") -> Session:
     """Load `source` and prepare its task's inference module and transforms on `device`.
 
-    A `models:/` source is rebuilt from its run's best checkpoint (the weights the runner logged) rather than loaded
-    as the logged graph: the rebuilt module is the task's current `inference_module` and takes any image size.
+    A `models:/` source is rebuilt from its run's best checkpoint (see `load`).
     """
-    loaded = load(source, uri, logged_model=False)
+    loaded = load(source, uri)
     task = TASKS[loaded.cfg.task]
     cfg = loaded.cfg
     default_mean, default_std = backbones.pretrained_mean_std(cfg.model.backbone.name)

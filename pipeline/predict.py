@@ -16,8 +16,6 @@ from pathlib import Path
 from pipeline import allocator, inference
 from pipeline.data.images import IMAGE_EXTENSIONS
 from pipeline.errors import UserError
-# export, serving and tests load sources through predict
-from pipeline.inference import CHECKPOINT_ARTIFACT, Loaded, load  # noqa: F401
 from pipeline.tasks.base import PredictOptions
 from pipeline.tasks.face import identify
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline import checkpoint, export, predict
+from pipeline import checkpoint, export, inference
 from pipeline.cli import main
 from pipeline.export_checks import ExportMismatch
 from pipeline.tasks.base import DataInfo
@@ -66,7 +66,7 @@ def cli(*args):
 
 
 def torch_outputs(source: Path, images: torch.Tensor) -> list[np.ndarray]:
-    loaded = predict.load(str(source))
+    loaded = inference.load(str(source))
     module = TASKS[loaded.cfg.task].inference_module(loaded.model).eval()
     with torch.no_grad():
         return [module(images).numpy()]

@@ -15,7 +15,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from pipeline import export, export_checks, predict, stages, tracking
+from pipeline import export, export_checks, inference, stages, tracking
 from pipeline.cli import main
 from pipeline.data.images import read_rgb
 from pipeline.data.transforms import build_transforms
@@ -76,7 +76,7 @@ def test_predict_from_checkpoint_run_and_logged_model_agree(trained, tmp_path: P
         assert [(r["file"], r["class"]) for r in outputs[other]] == [(r["file"], r["class"]) for r in rows]
         assert np.allclose([float(r["prob"]) for r in outputs[other]], [float(r["prob"]) for r in rows], atol=1e-5)
     # the top-1 row is the checkpoint model's own answer on the image, through the val transforms
-    loaded = predict.load(str(trained["checkpoint"]))
+    loaded = inference.load(str(trained["checkpoint"]))
     first = Path(rows[0]["file"])
     transform = build_transforms([{"name": "Resize", "height": 32, "width": 32}], field="t",
                                  mean=loaded.cfg.data.mean or (0.485, 0.456, 0.406),
@@ -96,7 +96,7 @@ def test_onnx_export_matches_pytorch_at_another_size_and_is_logged(trained, tmp_
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"images": images.numpy()})
     with torch.no_grad():
-        expected = predict.load(str(trained["checkpoint"])).model(images).numpy()
+        expected = inference.load(str(trained["checkpoint"])).model(images).numpy()
     assert logits.shape == (3, 6)
     np.testing.assert_allclose(logits, expected, **export_checks.TOLERANCE)
     artifacts = mlflow.MlflowClient(trained["uri"]).list_artifacts(trained["run_id"], "export")
@@ -111,7 +111,7 @@ def test_torchscript_export_from_the_logged_model_uri(trained, tmp_path: Path):
     scripted = export.load_torchscript(out)
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(scripted(images), predict.load(str(trained["checkpoint"])).model(images))
+        torch.testing.assert_close(scripted(images), inference.load(str(trained["checkpoint"])).model(images))
 
 
 def test_run_without_checkpoint_and_unknown_sources_are_one_line_errors(trained, tmp_path: Path):

@@ -3,7 +3,6 @@ import http.server
 import logging
 import math
 import os
-import shutil
 import socket
 import threading
 import time

@@ -1,6 +1,5 @@
 """The synthetic COCO scenes: valid COCO json, masks that agree with the polygons, deterministic files."""
 import hashlib
-import json
 
 import numpy as np
 import pytest
