@@ -180,12 +180,15 @@ def sweep(task_file: Path, args: tuple[str, ...], resume: bool) -> None:
 @click.option("--metric", default=None, help="Metric to compare (default: the task's primary, e.g. val/top1).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder for the plots and runs.csv.")
 @click.option("--parent", default=None, help="Only the runs of the sweep with this parent run id.")
+@click.option("--by", default=None, help="A tag or param that labels the runs, e.g. weights.source (pretrained start "
+              "vs random init): a column, and one line per value in the plots.")
 @click.option("--uri", default=None, help="Tracking store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
-def compare(experiment: str, metric: str | None, out: Path | None, parent: str | None, uri: str | None) -> None:
+def compare(experiment: str, metric: str | None, out: Path | None, parent: str | None, by: str | None,
+            uri: str | None) -> None:
     """Table (and with --out, plots) of the runs of EXPERIMENT (a task file's name), sorted by depth."""
     from pipeline import compare as compare_runs
 
-    compare_runs.run(experiment, uri=uri, metric=metric, out=out, parent=parent, say=click.echo)
+    compare_runs.run(experiment, uri=uri, metric=metric, out=out, parent=parent, by=by, say=click.echo)
 
 
 @main.command()

@@ -3,6 +3,10 @@
 One row per finished training run of an experiment (backbone, depth, parameters, GFLOPs at the task's input size, the
 metric at the best epoch, training img/s, wall time), sorted by depth, and three plots: the metric against depth, the
 metric against GFLOPs with the Pareto front marked, and the metric's curve per run.
+
+`by` names a tag or param (e.g. `weights.source`) that labels every row: the table gets its column, the depth plot
+one line per value (points of different values are never joined), the curves carry it in their legend. Transfer
+experiments compare a pretrained start with random init this way.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ class Row:
     wall_time: float | None
     parent_run_id: str | None
     curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, metric)
+    group: str | None = None  # the run's value of the `by` tag or param
 
 
 @dataclass
@@ -44,7 +49,7 @@ class CompareResult:
 
 
 def run(experiment: str, uri: str | None = None, metric: str | None = None, out: str | Path | None = None,
-        parent: str | None = None, say=print) -> CompareResult:
+        parent: str | None = None, by: str | None = None, say=print) -> CompareResult:
     """Print the table; with `out`, write the plots and a CSV there and log them to the sweep's parent run.
 
     `parent` limits the rows to the children of one sweep. Without it every finished run of the experiment is a row,
@@ -57,14 +62,14 @@ def run(experiment: str, uri: str | None = None, metric: str | None = None, out:
         where = f"under parent run {parent}" if parent else f"in experiment '{experiment}'"
         raise UserError(f"no finished training runs {where} in {uri}; run 'pipeline sweep' or 'pipeline run' first")
     metric = metric or _primary(runs)
-    rows = sorted((_row(uri, r, metric) for r in runs), key=_by_depth)
+    rows = sorted((_row(uri, r, metric, by) for r in runs), key=_by_depth)
     if all(r.value is None for r in rows):
         logged = sorted({k for r in runs for k in r.metrics if k.startswith("val/")})
         raise UserError(f"--metric {metric}: no run of '{experiment}' logged it; they log {', '.join(logged)}")
-    say(table(rows, metric))
+    say(table(rows, metric, by))
     if out is None:
         return CompareResult(metric, rows, [], None)
-    files = [*plot(rows, metric, Path(out)), write_csv(rows, metric, Path(out) / "runs.csv")]
+    files = [*plot(rows, metric, Path(out)), write_csv(rows, metric, Path(out) / "runs.csv", by)]
     say(f"wrote {', '.join(str(f) for f in files)}")
     logged_to = parent or _common_parent(rows)
     if logged_to:
@@ -86,7 +91,7 @@ def _primary(runs: list[tracking.RunRecord]) -> str:
     return TASKS[known[0]].primary
 
 
-def _row(uri: str, run: tracking.RunRecord, metric: str) -> Row:
+def _row(uri: str, run: tracking.RunRecord, metric: str, by: str | None = None) -> Row:
     curve = tracking.metric_history(uri, run.run_id, metric)
     throughput = [v for _, v in tracking.metric_history(uri, run.run_id, "train/throughput")]
     tags = run.tags
@@ -94,7 +99,8 @@ def _row(uri: str, run: tracking.RunRecord, metric: str) -> Row:
                num_params=_int(tags.get("num_params")), gflops=_float(tags.get("gflops")),
                value=at_best_epoch(curve, run.metrics.get("best/epoch")),
                throughput=statistics.median(throughput) if throughput else None, wall_time=run.wall_time,
-               parent_run_id=run.parent_run_id, curve=curve)
+               parent_run_id=run.parent_run_id, curve=curve,
+               group=(run.tags.get(by) or run.params.get(by) or "-") if by else None)
 
 
 def at_best_epoch(curve: list[tuple[int, float]], best_epoch: float | None) -> float | None:
@@ -110,7 +116,7 @@ def at_best_epoch(curve: list[tuple[int, float]], best_epoch: float | None) -> f
 
 
 def _by_depth(row: Row) -> tuple:
-    return (row.depth is None, row.depth or 0, row.backbone, row.run_id)
+    return (row.depth is None, row.depth or 0, row.backbone, row.group or "", row.run_id)
 
 
 def _int(text: str | None) -> int | None:
@@ -133,14 +139,17 @@ def _common_parent(rows: list[Row]) -> str | None:
 # Table and CSV
 
 
-def table(rows: list[Row], metric: str) -> str:
+def table(rows: list[Row], metric: str, by: str | None = None) -> str:
     header = ["backbone", "depth", "params", "GFLOPs", metric, "train img/s", "wall time", "run id"]
     lines = [header] + [[r.backbone, _fmt(r.depth), _fmt(r.num_params, "{:,}"), _fmt(r.gflops, "{:.2f}"),
                          _fmt(r.value, "{:.4f}"), _fmt(r.throughput, "{:.0f}"), _fmt(r.wall_time, "{:.0f}s"),
                          r.run_id] for r in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    # names left-aligned, numbers right-aligned
-    return "\n".join("  ".join(c.ljust(w) if i in (0, 7) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+    left = {0, 7}  # names left-aligned, numbers right-aligned
+    if by:
+        lines = [line[:1] + [by if i == 0 else rows[i - 1].group] + line[1:] for i, line in enumerate(lines)]
+        left = {0, 1, 8}
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
                      .rstrip() for line in lines)
 
 
@@ -148,14 +157,15 @@ def _fmt(value, pattern: str = "{}") -> str:
     return "-" if value is None else pattern.format(value)
 
 
-def write_csv(rows: list[Row], metric: str, path: Path) -> Path:
+def write_csv(rows: list[Row], metric: str, path: Path, by: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["run_id", "backbone", "depth", "num_params", "gflops", metric, "train_img_s", "wall_time_s"])
+        writer.writerow(["run_id", "backbone", *([by] if by else []), "depth", "num_params", "gflops", metric,
+                         "train_img_s", "wall_time_s"])
         for r in rows:
-            writer.writerow([r.run_id, r.backbone, r.depth, r.num_params, r.gflops, r.value, r.throughput,
-                             r.wall_time])
+            writer.writerow([r.run_id, r.backbone, *([r.group] if by else []), r.depth, r.num_params, r.gflops,
+                             r.value, r.throughput, r.wall_time])
     return path
 
 
@@ -189,7 +199,12 @@ def _vs_depth(rows: list[Row], metric: str) -> Figure:
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     shown = [r for r in rows if r.depth is not None and r.value is not None]
-    ax.plot([r.depth for r in shown], [r.value for r in shown], "o-", color="tab:blue")
+    groups = sorted({r.group for r in shown}, key=str)
+    for group in groups:  # one line per group: points of different groups are never joined
+        members = [r for r in shown if r.group == group]
+        ax.plot([r.depth for r in members], [r.value for r in members], "o-", label=group)
+    if groups != [None]:
+        ax.legend(fontsize=8)
     for r in shown:
         ax.annotate(r.backbone, (r.depth, r.value), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set(xlabel="depth (layers)", ylabel=f"{metric} (best epoch)", title=f"{metric} vs depth")
@@ -219,7 +234,8 @@ def _curves(rows: list[Row], metric: str) -> Figure:
     for r in rows:
         if r.curve:
             steps, values = zip(*r.curve)
-            ax.plot(steps, values, "o-" if len(steps) == 1 else "-", label=f"{r.backbone} ({r.run_id[:6]})")
+            group = f", {r.group}" if r.group else ""
+            ax.plot(steps, values, "o-" if len(steps) == 1 else "-", label=f"{r.backbone}{group} ({r.run_id[:6]})")
     ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)

@@ -1,4 +1,5 @@
 """Parameter and GFLOP counts against the published ImageNet figures, and compare's pieces on hand-made runs."""
+import csv
 import shutil
 import subprocess
 import sys
@@ -82,6 +83,27 @@ def test_compare_table_from_runs(store: str, tmp_path: Path):
     assert [r.value for r in result.rows] == pytest.approx([0.2, 0.1])
     assert result.logged_to is None  # no sweep: nowhere to log
     assert all(p.stat().st_size > 0 for p in result.files)
+
+
+def test_compare_by_a_tag_labels_rows_and_keeps_groups_apart(store: str, tmp_path: Path):
+    """Transfer: the same backbone from a pretrained run and from random init, told apart by weights.source."""
+    for source, top1 in (("runs:/abc", 0.95), ("none", 0.6)):
+        tags = {"task": "classification", "backbone": "resnet18", "depth": "18", "weights.source": source}
+        with tracking.Tracker.start(store, "transfer", run_name=source, params={}, tags=tags) as run:
+            run.log_metrics({"val/top1": top1, "best/epoch": 1}, 1)
+    lines = []
+    result = compare.run("transfer", uri=store, by="weights.source", out=tmp_path / "plots", say=lines.append)
+    assert sorted((r.group, r.value) for r in result.rows) == [("none", 0.6), ("runs:/abc", 0.95)]
+    header, *body = lines[0].splitlines()
+    assert header.split()[:2] == ["backbone", "weights.source"]
+    assert sorted(line.split()[1] for line in body) == ["none", "runs:/abc"]
+    with (tmp_path / "plots" / "runs.csv").open() as f:
+        assert sorted(row["weights.source"] for row in csv.DictReader(f)) == ["none", "runs:/abc"]
+    # one line per group in the depth plot: two single-point lines, not one line joining them
+    figure = compare._vs_depth(result.rows, "val/top1")
+    assert sorted(len(line.get_xdata()) for line in figure.axes[0].get_lines()) == [1, 1]
+    result = CliRunner().invoke(main, ["compare", "transfer", "--by", "weights.source", "--uri", store])
+    assert result.exit_code == 0 and "runs:/abc" in result.output, result.output
 
 
 @pytest.mark.parametrize("args, expected", [
