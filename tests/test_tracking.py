@@ -146,6 +146,16 @@ def test_resume_keeps_logged_params_and_warns(uri, caplog):
     assert len(warnings) == 1 and "train.epochs" in warnings[0] and "'12'" in warnings[0]
 
 
+def test_experiments_open_in_the_ui_s_model_training_mode(uri):
+    """MLflow 3's UI shows an experiment without `mlflow.experimentKind` in GenAI mode (traces, token usage)."""
+    client = mlflow.MlflowClient(uri)
+    start(uri).finish()
+    assert client.get_experiment_by_name("quickstart").tags["mlflow.experimentKind"] == "custom_model_development"
+    older = client.create_experiment("made-earlier")  # an experiment that predates the tag gets it on its next run
+    Tracker.start(uri, "made-earlier", run_name="r", params={}, tags={}).finish()
+    assert client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_resume_unknown_run_is_a_user_error(uri):
     with pytest.raises(UserError, match="0123abcd"):
         start(uri, run_id="0123abcd")

@@ -327,11 +327,16 @@ class Silent:
         return None
 
 
+# MLflow 3's UI opens an experiment without this tag in GenAI mode (traces, token usage); "custom_model_development"
+# ("Machine learning" in its experiment-type switch) opens the runs table with metrics, params and charts.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(client: mlflow.MlflowClient, uri: str, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, tags=EXPERIMENT_KIND)
         except MlflowException:  # another process of the sweep created it in between
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
@@ -339,6 +344,9 @@ def _experiment_id(client: mlflow.MlflowClient, uri: str, name: str) -> str:
     if experiment.lifecycle_stage == "deleted":
         raise UserError(f"experiment '{name}' is deleted in {uri}; restore it with 'mlflow experiments restore "
                         f"--experiment-id {experiment.experiment_id}', or rename the task file")
+    if "mlflow.experimentKind" not in experiment.tags:  # made before the pipeline set it, or by hand
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
 
 
