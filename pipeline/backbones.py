@@ -30,11 +30,12 @@ class Backbone(nn.Module):
       bn_eval_stages: BatchNorm layers of these stages stay in eval mode whatever `train()` is called
     """
 
-    def __init__(self, body: nn.Module, name: str, weights: str = "none"):
+    def __init__(self, body: nn.Module, name: str, weights: str = "none", lineage: W.Lineage | None = None):
         super().__init__()
         self.body = body
         self.name = name
-        self.weights = weights  # what was loaded: a timm tag, a file path, or none
+        self.weights = weights  # what was loaded: a timm tag, a file path, runs:/ or models:/ (pipeline run), or none
+        self.lineage = lineage or W.Lineage(weights)  # where those weights came from, what was taken from them
         info = body.feature_info
         self.out_modules = info.module_name()
         self.stages, self.stage_children, self.sequential = _group_stages(body, self.out_modules, info.reduction())
@@ -138,7 +139,8 @@ def _inside(name: str, tap: str) -> bool:
 
 def build(name: str, weights: str = "imagenet", out_indices: tuple[int, ...] | None = None,
           output_stride: int = 32) -> Backbone:
-    """Build backbone `name` (any timm model) and load its weights: imagenet | a timm tag | a file path | none.
+    """Build backbone `name` (any timm model) and load its weights: imagenet | a timm tag | hf-hub:<org>/<repo> | a
+    file path | none. `runs:/` and `models:/` weights are fetched by the stage runner (pipeline/tracked_weights.py).
 
     `output_stride` 8 or 16 dilates the last stages instead of striding them (timm models that support it, e.g.
     ResNets); the weights are the same, `strides` then reports the dilated reductions.
@@ -152,54 +154,89 @@ def build(name: str, weights: str = "imagenet", out_indices: tuple[int, ...] | N
     if weights == "none":
         return Backbone(timm.create_model(name, pretrained=False, **kwargs), name, weights="none")
     if W.is_path(weights):
-        state_dict = W.read_state_dict(weights)
-        source = f"model.backbone.weights: '{weights}'"
+        found = W.read_weights(weights)
+        loaded_as, source = weights, f"model.backbone.weights: '{weights}'"
     else:
-        tagged = W.resolve_tag(name, weights)
-        state_dict = W.hub_state_dict(tagged)
-        source = f"weights {tagged}"
-    body = _load(name, state_dict, source, kwargs)
-    return Backbone(body, name, weights=weights if W.is_path(weights) else tagged)
+        loaded_as = W.resolve_tag(name, weights)
+        found = W.FileWeights(W.hub_state_dict(loaded_as), skipped=[])
+        source = f"weights {loaded_as}"
+    body, loaded, dropped = _load(name, found.tensors, source, kwargs)
+    lineage = W.Lineage(loaded_as, found.run_id, found.task, loaded, found.skipped + dropped)
+    return Backbone(body, name, weights=loaded_as, lineage=lineage)
 
 
 def build_or_random(name: str, weights: str, fallback_to_random: bool, say=print, output_stride: int = 32) -> Backbone:
-    """`build`, except that unreachable hub weights fall back to random init when asked (the quickstart alone)."""
+    """`build`, except that unreachable hub weights fall back to random init when asked (the quickstart alone); a
+    user's own weights (a file, a run's checkpoint) never do."""
     try:
         return build(name, weights, output_stride=output_stride)
     except UserError as err:
-        if not fallback_to_random or weights == "none" or W.is_path(weights):
+        if not fallback_to_random or weights == "none" or W.is_path(weights) or W.is_tracked(weights):
             raise
         say(f"\n!!! {err}\n!!! continuing from RANDOM INIT (weights=none); accuracy will be lower than with "
             f"pretrained weights\n")
         return build(name, "none", output_stride=output_stride)
 
 
-def _load(name: str, state_dict: dict, source: str, kwargs: dict) -> nn.Module:
+def check_fits(name: str, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """The error `build` gives for weights in the extractor's own naming (a pipeline checkpoint's backbone) that do
+    not fit backbone `name`, raised without building anything (the model is laid out on the meta device)."""
+    with torch.device("meta"):
+        own = timm.create_model(name, pretrained=False, features_only=True).state_dict()
+    problem = mismatch(own, state_dict, name)
+    if problem:
+        raise UserError(f"{source} does not match {name}: {problem}")
+
+
+def mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], name: str) -> str | None:
+    """None when `given` fits `expected` key for key and shape; else the first mismatched keys and shapes, in model
+    order. BatchNorm's step counters (`num_batches_tracked`) are left aside: FrozenBatchNorm2d (a detection backbone)
+    has none, and they are not weights."""
+    missing = [k for k in expected if k not in given and not _counter(k)]
+    unexpected = [k for k in given if k not in expected and not _counter(k)]
+    shapes = [f"{k} {list(given[k].shape)} given, {list(v.shape)} in {name}" for k, v in expected.items()
+              if k in given and given[k].shape != v.shape]
+    parts = [f"{len(missing)} missing keys {_few(missing)}"] if missing else []
+    parts += [f"{len(unexpected)} unexpected keys {_few(unexpected)}"] if unexpected else []
+    parts += [f"{len(shapes)} of another shape ({'; '.join(shapes[:3])}{'; ...' if len(shapes) > 3 else ''})"] \
+        if shapes else []
+    return ", ".join(parts) or None
+
+
+def _counter(key: str) -> bool:
+    return key.endswith("num_batches_tracked")
+
+
+def _load(name: str, state_dict: dict, source: str, kwargs: dict) -> tuple[nn.Module, int, list[str]]:
+    """The body with `state_dict` loaded, how many tensors were loaded, and the names of those left out."""
     body = timm.create_model(name, pretrained=False, **kwargs)
-    if set(state_dict) == set(body.state_dict()):
+    own = body.state_dict()
+    if {k for k in state_dict if not _counter(k)} == {k for k in own if not _counter(k)}:
         # Already in the extractor's own naming (a checkpoint of this pipeline's backbone).
-        _load_strict(body, state_dict, source)
-        return body
+        _load_strict(body, state_dict, source, name)
+        return body, len(state_dict), []
     # A full classification model's state_dict (timm or torchvision naming): drop its classifier, match the rest.
-    full_keys = set(timm.create_model(name, pretrained=False, num_classes=0).state_dict())
+    full = timm.create_model(name, pretrained=False, num_classes=0).state_dict()
     classifier = timm.models.get_pretrained_cfg(name).classifier if timm.models.get_pretrained_cfg(name) else None
     classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
-    sd = {k: v for k, v in state_dict.items() if not any(k.startswith(c + ".") for c in classifiers)}
-    missing, unexpected = sorted(full_keys - set(sd)), sorted(set(sd) - full_keys)
-    if missing or unexpected:
-        raise UserError(f"{source} does not match {name}: {len(missing)} missing keys {_few(missing)}, "
-                        f"{len(unexpected)} unexpected keys {_few(unexpected)}; is it a {name} state_dict?")
+    dropped = [k for k in state_dict if any(k.startswith(c + ".") for c in classifiers)]
+    sd = {k: v for k, v in state_dict.items() if k not in dropped}
+    problem = mismatch(full, sd, name)
+    if problem:
+        raise UserError(f"{source} does not match {name}: {problem}; is it a {name} state_dict?")
     try:
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"state_dict": sd}, **kwargs)
-    except RuntimeError as err:  # shape mismatches
+        body = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"state_dict": sd}, **kwargs)
+    except RuntimeError as err:  # what the key and shape check above cannot see
         raise UserError(f"{source} does not fit {name}: {_first_line(err)}") from None
+    return body, len(sd), dropped
 
 
-def _load_strict(module: nn.Module, state_dict: dict, source: str) -> None:
-    try:
-        module.load_state_dict(state_dict, strict=True)
-    except RuntimeError as err:
-        raise UserError(f"{source} does not fit: {_first_line(err)}") from None
+def _load_strict(module: nn.Module, state_dict: dict, source: str, name: str) -> None:
+    problem = mismatch(module.state_dict(), state_dict, name)
+    if problem:
+        raise UserError(f"{source} does not match {name}: {problem}")
+    # Strict but for BatchNorm step counters a FrozenBatchNorm2d checkpoint lacks (mismatch checked the rest).
+    module.load_state_dict(state_dict, strict=False)
 
 
 def _few(keys: list[str]) -> str:

@@ -154,7 +154,8 @@ def weights() -> None:
 @weights.command()
 @click.argument("names", nargs=-1, required=True)
 def pull(names: tuple[str, ...]) -> None:
-    """Download NAMES (resnet50, resnet50.tv_in1k, ...) into the hub cache, for machines without a network."""
+    """Download NAMES (resnet50, resnet50.tv_in1k, hf-hub:org/repo, ...) into the hub cache, for machines without a
+    network."""
     from pipeline import weights as W
 
     for path in W.pull(list(names)):
@@ -237,6 +238,19 @@ def export(source: str, fmt: str, out: Path | None, log_to_run: bool, uri: str |
     from pipeline import export as exporter
 
     exporter.run(source, fmt, out, uri=uri, log_to_run=log_to_run, say=click.echo)
+
+
+@main.command()
+@click.argument("run")
+@click.option("--name", required=True, help="Registered model name (created on first use).")
+@click.option("--alias", default=None, help="Point this alias (models:/NAME@ALIAS) at the new version.")
+@click.option("--uri", default=None, help="Tracking store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
+def register(run: str, name: str, alias: str | None, uri: str | None) -> None:
+    """Register RUN's logged model (RUN: a run id or runs:/<id>) as a new version of NAME in the model registry; it then
+    starts other runs as model.backbone.weights=models:/NAME/<version>."""
+    from pipeline import register as registry
+
+    click.echo(registry.run_model(run, name, uri, alias=alias).line())
 
 
 @main.command()

@@ -10,7 +10,6 @@ image's `Placement`; nothing here asks which task it runs.
 from __future__ import annotations
 
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +27,6 @@ from pipeline.data.transforms import build_transforms
 from pipeline.errors import UserError
 from pipeline.tasks.base import DataInfo, Placement, Task
 from pipeline.tasks.registry import TASKS
-
-CHECKPOINT_ARTIFACT = "checkpoints/best.pt"
-RUNS_PREFIX = "runs:/"
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Sources
@@ -55,40 +50,24 @@ def load(source: str, uri: str | None = None) -> Loaded:
     A `models:/` URI is rebuilt from its run's best checkpoint: the runner logs the model (pipeline/serve.py) from that
     checkpoint, so the weights are the same, and the task's whole model (not only its inference module) comes back.
     """
-    if source.startswith("models:/"):
-        store = tracking.resolve_uri(uri)
-        run_id = tracking.model_source_run(store, source)
-        ckpt = _run_checkpoint(store, run_id, CHECKPOINT_ARTIFACT)
-        cfg = _config(ckpt, source)
-        return Loaded(_rebuild(ckpt, cfg), cfg, DataInfo.from_dict(ckpt["info"]), run_id, store, ckpt.get("fit", {}))
-    if source.startswith(RUNS_PREFIX):
-        # runs:/<id> is the run's best checkpoint; runs:/<id>/<artifact path> names another checkpoint of the run
-        run_id, _, artifact = source[len(RUNS_PREFIX):].strip("/").partition("/")
-        return _from_run(source, run_id, artifact or CHECKPOINT_ARTIFACT, uri)
     path = Path(source)
-    if path.is_file():
-        ckpt = checkpoint.load(path)
-        cfg = _config(ckpt, source)
-        store = tracking.resolve_uri(uri or cfg.tracking.uri)
-        return Loaded(_rebuild(ckpt, cfg), cfg, DataInfo.from_dict(ckpt["info"]), ckpt.get("run_id"), store,
-                      ckpt.get("fit", {}))
-    if path.suffix in (".pt", ".pth") or "/" in source or path.exists():
-        raise UserError(f"checkpoint '{source}' not found (or not a file); give a best.pt / last.pt written by "
-                        "'pipeline run', an MLflow run id or a models:/ URI")
-    return _from_run(source, source, CHECKPOINT_ARTIFACT, uri)
-
-
-def _from_run(source: str, run_id: str, artifact: str, uri: str | None) -> Loaded:
+    if not tracking.is_tracked(source):
+        if path.is_file():
+            ckpt = checkpoint.load(path)
+            cfg = _config(ckpt, source)
+            store = tracking.resolve_uri(uri or cfg.tracking.uri)
+            return Loaded(_rebuild(ckpt, cfg), cfg, DataInfo.from_dict(ckpt["info"]), ckpt.get("run_id"), store,
+                          ckpt.get("fit", {}))
+        if path.suffix in (".pt", ".pth") or "/" in source or path.exists():
+            raise UserError(f"checkpoint '{source}' not found (or not a file); give a best.pt / last.pt written by "
+                            "'pipeline run', an MLflow run id or a models:/ URI")
+    # a run id, runs:/<id>[/<artifact path>], or a models:/ URI: see pipeline/tracking/sources.py
     store = tracking.resolve_uri(uri)
-    ckpt = _run_checkpoint(store, run_id, artifact)
+    ref = tracking.resolve_source(source, store)
+    with tracking.downloaded(store, ref) as file:
+        ckpt = checkpoint.load(file)
     cfg = _config(ckpt, source)
-    return Loaded(_rebuild(ckpt, cfg), cfg, DataInfo.from_dict(ckpt["info"]), run_id, store, ckpt.get("fit", {}))
-
-
-def _run_checkpoint(uri: str, run_id: str, artifact: str) -> dict:
-    tracking.get_run(uri, run_id)  # a clear error for an unknown run id before looking for its artifacts
-    with tempfile.TemporaryDirectory(prefix="pipeline-ckpt-") as tmp:
-        return checkpoint.load(tracking.download_artifact(uri, run_id, artifact, tmp))
+    return Loaded(_rebuild(ckpt, cfg), cfg, DataInfo.from_dict(ckpt["info"]), ref.run_id, store, ckpt.get("fit", {}))
 
 
 def _config(ckpt: dict, source: str) -> config.TaskConfig:

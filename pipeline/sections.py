@@ -2,9 +2,10 @@
 subclasses `TaskConfig` with its own `data` and `model` sections; pipeline/config.py loads and validates task files."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -14,7 +15,8 @@ class Section(BaseModel):
 
 class BackboneConfig(Section):
     name: str = "resnet18"
-    # imagenet (timm's default tag) | a timm tag such as tv_in1k | a local file | none
+    # imagenet (timm's default tag) | a timm tag such as tv_in1k | hf-hub:<org>/<repo> | a local file | none |
+    # runs:/<run id> (that run's best checkpoint, of any task) | models:/<name>/<version> | models:/<name>@<alias>
     weights: str = "imagenet"
     # Only the quickstart sets this: without reachable weights it continues from random init, loudly.
     fallback_to_random: bool = False
@@ -99,6 +101,11 @@ class TrainConfig(Section):
         return data
 
 
+# `register` below is also ABCMeta.register on the class (pydantic models are ABCs): instances read the field, nothing
+# calls the method on a section, so pydantic's warning about the shadowed name is silenced for this one field.
+warnings.filterwarnings("ignore", message='Field name "register" in "TrackingConfig" shadows', category=UserWarning)
+
+
 class TrackingConfig(Section):
     # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
     uri: str | None = None
@@ -106,6 +113,16 @@ class TrackingConfig(Section):
     experiment: str | None = None
     log_model: bool = True
     log_checkpoint: bool = True
+    # A registered model's name: a successful run registers its logged model as that model's next version, with task,
+    # backbone, depth and primary metric as version tags (`pipeline register RUN --name NAME` does it afterwards).
+    register: str | None = None
+
+    @field_validator("register")
+    @classmethod
+    def _register_needs_model(cls, name: str | None, info: ValidationInfo) -> str | None:
+        if name and info.data.get("log_model") is False:
+            raise ValueError("needs tracking.log_model: true (a registered version is the run's logged model)")
+        return name
 
 
 class TaskConfig(Section):

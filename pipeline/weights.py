@@ -1,13 +1,17 @@
-"""Where backbone weights come from: timm tags in the standard hub caches, or a local state_dict file.
+"""Where backbone weights come from: timm tags and `hf-hub:` repos in the standard hub caches, or a local file; and
+the record of what was taken from them (`Lineage`).
 
-`imagenet` means timm's default pretrained tag for the model; `tv_in1k` / `tv2_in1k` are torchvision's own weights.
-Hub files are read from the Hugging Face cache first (an offline machine filled by `pipeline weights pull`), then
-downloaded with short timeouts. Every failure is a `UserError` naming the weights and the remedies.
+`imagenet` means timm's default pretrained tag for the model; `tv_in1k` / `tv2_in1k` are torchvision's own weights;
+`hf-hub:<org>/<repo>` is any timm-format repo on the Hugging Face hub. Hub files are read from the Hugging Face cache
+first (an offline machine filled by `pipeline weights pull`), then downloaded with short timeouts. Every failure is a
+`UserError` naming the weights and the remedies. Weights kept in MLflow (`runs:/`, `models:/`) are fetched by
+pipeline/tracked_weights.py, which knows the tracking store, and reach the backbone as a checkpoint file.
 """
 from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -18,14 +22,71 @@ from pipeline.checkpoint import load_error_reason
 from pipeline.errors import UserError
 
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
+HF_HUB = "hf-hub:"  # timm's prefix for a model repo on the Hugging Face hub
+TRACKED = ("runs:/", "models:/")  # MLflow's URIs of a run's files and of models (as tracking.is_tracked)
+
+
+@dataclass
+class Lineage:
+    """Where a backbone's weights came from and what was taken from them: recorded as the run's `weights.*` tags."""
+
+    source: str  # model.backbone.weights as given (a tag, hf-hub:..., runs:/..., models:/..., a file) or none
+    run_id: str | None = None  # the run that produced the weights, whenever there is one
+    task: str | None = None  # that run's task
+    loaded: int = 0  # tensors loaded into the backbone
+    skipped: list[str] = field(default_factory=list)  # tensors of the weights left out on purpose (a head)
+
+    def line(self, shown: int = 6) -> str:
+        """One line: `loaded 120 backbone tensors from runs:/ab12 (run ab12, task classification); skipped 2: ...`."""
+        origin = f" (run {self.run_id}, task {self.task or 'unknown'})" if self.run_id else ""
+        text = f"loaded {self.loaded} backbone tensors from {self.source}{origin}"
+        if self.skipped:
+            names = ", ".join(self.skipped[:shown]) + (f", ... ({len(self.skipped) - shown} more)"
+                                                        if len(self.skipped) > shown else "")
+            text += f"; skipped {len(self.skipped)}: {names}"
+        return text
+
+    def tags(self) -> dict[str, str]:
+        tags = {"weights.loaded_tensors": str(self.loaded), "weights.skipped_tensors": str(len(self.skipped))}
+        if self.skipped:
+            tags["weights.skipped"] = ", ".join(self.skipped)  # the tracker shortens it past MLflow's limit
+        if self.run_id:
+            tags.update({"weights.source_run_id": self.run_id, "weights.source_task": self.task or ""})
+        return tags
+
+
+@dataclass
+class FileWeights:
+    """A weights file's backbone tensors, and what the file says about where they came from."""
+
+    tensors: dict[str, torch.Tensor]
+    skipped: list[str]  # the file's other tensors: a pipeline checkpoint's task head, left out on purpose
+    run_id: str | None = None  # a pipeline checkpoint names the run that wrote it, and its config the task
+    task: str | None = None
+
+
+def is_tracked(weights: str) -> bool:
+    return weights.startswith(TRACKED)
 
 
 def is_path(weights: str) -> bool:
+    if weights.startswith((HF_HUB, *TRACKED)):
+        return False
     return "/" in weights or os.sep in weights or weights.endswith((".pth", ".pt", ".bin", ".safetensors", ".ckpt"))
 
 
 def resolve_tag(arch: str, weights: str) -> str:
-    """`imagenet` -> timm's default tag (`resnet50.a1_in1k`); `tv_in1k` or `resnet50.tv_in1k` -> `resnet50.tv_in1k`."""
+    """`imagenet` -> timm's default tag (`resnet50.a1_in1k`); `tv_in1k` or `resnet50.tv_in1k` -> `resnet50.tv_in1k`;
+    `hf-hub:<org>/<repo>` stays as it is (the repo holds weights for `arch`)."""
+    if weights.startswith(HF_HUB):
+        if not weights[len(HF_HUB):].strip("/") or weights.count("/") != 1:
+            raise UserError(f"model.backbone.weights: '{weights}' is not a hub repo id; write hf-hub:<org>/<repo>, "
+                            "e.g. hf-hub:timm/resnet18.a1_in1k")
+        return weights
+    if is_tracked(weights):
+        # Only the stage runner knows which tracking store to read (tracking.uri); see pipeline/tracked_weights.py.
+        raise UserError(f"model.backbone.weights: {weights} is fetched from MLflow by 'pipeline run'; outside it, "
+                        "download the run's checkpoints/best.pt and give its path")
     if weights == "imagenet":
         cfg = timm.models.get_pretrained_cfg(arch)
         if cfg is None or not (cfg.hf_hub_id or cfg.url):
@@ -34,12 +95,15 @@ def resolve_tag(arch: str, weights: str) -> str:
     name = weights if weights.startswith(f"{arch}.") else f"{arch}.{weights}"
     if _pretrained_cfg(name) is None:
         tags = [t for t in timm.list_pretrained(f"{arch}.*")]
-        raise UserError(f"model.backbone.weights: '{weights}' is not a tag of {arch}; "
-                        f"valid: imagenet, none, a file path, {', '.join(t.split('.', 1)[1] for t in tags) or '(none)'}")
+        own = ", ".join(t.split(".", 1)[1] for t in tags) or "(none)"
+        raise UserError(f"model.backbone.weights: '{weights}' is not a tag of {arch}; valid: imagenet, none, a file "
+                        f"path, hf-hub:<org>/<repo>, runs:/<run id>, models:/<name>/<version>, {own}")
     return name
 
 
 def _pretrained_cfg(name: str):
+    if name.startswith(HF_HUB):
+        return timm.models.PretrainedCfg(hf_hub_id=name[len(HF_HUB):])
     try:
         return timm.models.get_pretrained_cfg(name)
     except RuntimeError:  # timm raises for a tag its architecture does not have
@@ -127,6 +191,11 @@ def _missing(name: str, why: str) -> UserError:
 
 def read_state_dict(path: str | Path, what: str = "model.backbone.weights") -> dict[str, torch.Tensor]:
     """Load a state_dict (or a checkpoint holding one) safely: tensors only (`weights_only=True`)."""
+    return read_weights(path, what).tensors
+
+
+def read_weights(path: str | Path, what: str = "model.backbone.weights") -> FileWeights:
+    """`read_state_dict`, with the tensors left out and, for a checkpoint of this pipeline, its run and task."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what}: file '{path}' not found; give the path of a state_dict (.pth / .safetensors) or none")
@@ -139,10 +208,15 @@ def read_state_dict(path: str | Path, what: str = "model.backbone.weights") -> d
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types; all mean "not a safe state_dict"
         raise UserError(f"{what}: '{path}' is not a loadable state_dict ({load_error_reason(err)})") from None
-    return unwrap_state_dict(obj, path, what)
+    tensors, skipped = split_state_dict(obj, path, what)
+    run_id = obj.get("run_id") if isinstance(obj, dict) and isinstance(obj.get("run_id"), str) else None
+    saved = obj.get("config") if isinstance(obj, dict) else None
+    task = saved.get("task") if isinstance(saved, dict) and isinstance(saved.get("task"), str) else None
+    return FileWeights(tensors, skipped, run_id, task)
 
 
-def unwrap_state_dict(obj, path: Path, what: str) -> dict[str, torch.Tensor]:
+def split_state_dict(obj, path: Path, what: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(the backbone's tensors, the names of the others): a checkpoint of this pipeline holds a whole task model."""
     # Training checkpoints nest the weights; DataParallel/DDP prefix every key with `module.`.
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -152,16 +226,20 @@ def unwrap_state_dict(obj, path: Path, what: str) -> dict[str, torch.Tensor]:
         raise UserError(f"{what}: '{path}' holds no state_dict (a dict of tensors); save one with "
                         f"torch.save(model.state_dict(), path)")
     sd = {k.removeprefix("module."): v for k, v in obj.items()}
-    # A checkpoint of this pipeline holds the whole task model: keep the backbone part.
+    # A checkpoint of this pipeline holds the whole task model: keep the backbone part, name the rest (its head).
     if any(k.startswith("backbone.body.") for k in sd):
-        sd = {k.removeprefix("backbone.body."): v for k, v in sd.items() if k.startswith("backbone.body.")}
-    return sd
+        return ({k.removeprefix("backbone.body."): v for k, v in sd.items() if k.startswith("backbone.body.")},
+                [k for k in sd if not k.startswith("backbone.body.")])
+    return sd, []
 
 
 def pull(names: list[str]) -> list[Path]:
-    """Download weights into the standard cache: `resnet50` (its default tag), `resnet50.tv_in1k`, ..."""
+    """Download weights into the standard cache: `resnet50` (its default tag), `resnet50.tv_in1k`, `hf-hub:org/repo`."""
     paths = []
     for name in names:
+        if name.startswith(HF_HUB):
+            paths.append(hub_file(resolve_tag("", name), download=True))
+            continue
         arch, _, tag = name.partition(".")
         if not timm.is_model(arch):
             raise UserError(f"weights pull: '{arch}' is not a timm model")

@@ -86,7 +86,7 @@ def test_weights_from_a_torchvision_state_dict_and_a_checkpoint(tmp_path: Path):
 
 def test_mismatched_state_dict_names_the_keys(tmp_path: Path):
     torch.save(timm.create_model("resnet34").state_dict(), tmp_path / "r34.pth")
-    with pytest.raises(UserError, match=r"does not match resnet18: \d+ missing keys .*unexpected keys \(layer"):
+    with pytest.raises(UserError, match=r"does not match resnet18: \d+ unexpected keys \(layer1\.2\.conv1\.weight"):
         backbones.build("resnet18", str(tmp_path / "r34.pth"))
 
 

@@ -8,6 +8,9 @@ an MLflow pyfunc). One module per job:
                 `model_source_run`
     query.py    reading runs back as plain values: `RunRecord`, `get_run`, `search_runs`, `metric_history`,
                 `download_artifact`
+    sources.py  run ids, `runs:/` and `models:/` URIs resolved to a run's checkpoint file: `is_tracked`,
+                `resolve_source`, `downloaded`, `RunFile`
+    registry.py the model registry: `register` (a run's logged model as a new version), `version_run`
     ui.py       `ui`: MLflow's web UI on a local store
 
 Callers use the names below (`from pipeline import tracking; tracking.Tracker.start(...)`). Constants that tune
@@ -16,12 +19,16 @@ behaviour (`run.RETRY_EVERY`, `run.FINAL_RETRY_WAIT`, ...) are read from their o
 """
 from pipeline.tracking.models import Pyfunc, load_model, model_source_run
 from pipeline.tracking.query import RunRecord, download_artifact, get_run, metric_history, search_runs
+from pipeline.tracking.registry import register
 from pipeline.tracking.run import RUN_STATUSES, TRUNCATION_MARK, Silent, Tracker, flatten, sync
+from pipeline.tracking.sources import CHECKPOINT_ARTIFACT, RunFile, downloaded, is_tracked
+from pipeline.tracking.sources import resolve as resolve_source
 from pipeline.tracking.ui import ui
 from pipeline.tracking.uri import DEFAULT_URI, check_reachable, process_tracking_uri, resolve_uri, server_up
 
 __all__ = [
-    "DEFAULT_URI", "RUN_STATUSES", "TRUNCATION_MARK", "Pyfunc", "RunRecord", "Silent", "Tracker", "check_reachable",
-    "download_artifact", "flatten", "get_run", "load_model", "metric_history", "model_source_run",
-    "process_tracking_uri", "resolve_uri", "search_runs", "server_up", "sync", "ui",
+    "CHECKPOINT_ARTIFACT", "DEFAULT_URI", "RUN_STATUSES", "TRUNCATION_MARK", "Pyfunc", "RunFile", "RunRecord", "Silent",
+    "Tracker", "check_reachable", "download_artifact", "downloaded", "flatten", "get_run", "is_tracked", "load_model",
+    "metric_history", "model_source_run", "process_tracking_uri", "register", "resolve_source", "resolve_uri",
+    "search_runs", "server_up", "sync", "ui",
 ]

@@ -16,6 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 
 from pipeline.errors import UserError
+from pipeline.tracking import registry
 from pipeline.tracking.uri import process_tracking_uri
 
 
@@ -60,12 +61,15 @@ def load_model(uri: str, model_uri: str) -> torch.nn.Module:
 
 def model_source_run(uri: str, model_uri: str) -> str:
     """The id of the run that logged the model at `model_uri` (`models:/m-...`, `models:/name/1`, `models:/name@a`)."""
+    if registry.is_registered(model_uri):  # the registry's own lookups name what is missing: model, version, alias
+        return registry.version_run(uri, model_uri)
     try:
         with process_tracking_uri(uri):  # `models:/` URIs resolve against the process-wide store
             run_id = mlflow.models.get_model_info(model_uri).run_id
     except MlflowException as e:
         raise UserError(f"model '{model_uri}' is not in tracking store {uri}; check the URI (the run's Artifacts / "
-                        "Logged models tab shows it), or point --uri / MLFLOW_TRACKING_URI at its store") from e
+                        "Logged models tab shows it), or point --uri / MLFLOW_TRACKING_URI (tracking.uri) at its "
+                        "store") from e
     if not run_id:
         raise UserError(f"model '{model_uri}' is linked to no run, so its config and classes are unknown; pass the "
                         "run id or a checkpoint path instead")

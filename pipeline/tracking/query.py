@@ -50,7 +50,7 @@ def get_run(uri: str, run_id: str) -> RunRecord:
         return _record(mlflow.MlflowClient(uri).get_run(run_id))
     except MlflowException as e:
         raise UserError(f"run '{run_id}' is not in tracking store {uri}; check the run id, or point --uri / "
-                        "MLFLOW_TRACKING_URI at the store that holds it") from e
+                        "MLFLOW_TRACKING_URI (tracking.uri) at the store that holds it") from e
 
 
 def search_runs(uri: str, experiment: str, parent_run_id: str | None = None) -> list[RunRecord]:

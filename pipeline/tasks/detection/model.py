@@ -139,7 +139,7 @@ def frozen_bn(backbone: backbones.Backbone) -> backbones.Backbone:
     """The backbone with every BatchNorm replaced by FrozenBatchNorm2d (fixed statistics and affine), as torchvision
     builds detection backbones: detection batches are too small for batch statistics."""
     body = freeze_batch_norm_2d(backbone.body)
-    return backbones.Backbone(body, backbone.name, weights=backbone.weights)
+    return backbones.Backbone(body, backbone.name, weights=backbone.weights, lineage=backbone.lineage)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
