@@ -134,3 +134,68 @@ def test_cli_config_error_is_one_line_without_traceback():
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "did you mean train.lr" in lines[0]
     assert "Traceback" not in result.output
+
+
+# -- ${key.path} references ------------------------------------------------------------------------------------------
+
+def test_references_take_the_value_with_its_type_or_as_text(project: Path):
+    task = write(project / "tasks/t.yaml", "\n".join([
+        "task: classification",
+        "data:",
+        "  image_size: 96",
+        "  root: data/at_${data.image_size}px",
+        '  val_transforms: [{name: Resize, height: "${data.image_size}", width: "${data.image_size}"}]',
+        "  train_transforms:",
+        "    - {name: RandomResizedCrop, size: ['${train.epochs}', '${data.image_size}']}",
+        "train: {epochs: '${data.batch_size}'}",  # a reference to a value that is itself a reference
+        "finetune: {lr_mult: {layer4: '${train.lr}'}}",
+    ]) + "\n")
+    cfg = config.load(task, ["data.batch_size=12"])
+    assert cfg.data.root == "data/at_96px"
+    assert cfg.data.val_transforms == [{"name": "Resize", "height": 96, "width": 96}]
+    assert cfg.data.train_transforms[0]["size"] == [12, 96]  # ints, through train.epochs -> data.batch_size
+    assert cfg.train.epochs == 12
+    assert cfg.finetune.lr_mult == {"layer4": cfg.train.lr}  # unset: the schema's default
+
+
+def test_an_override_reaches_every_reference(project: Path):
+    task = write(project / "tasks/t.yaml", "\n".join([
+        "task: classification",
+        "data:",
+        "  image_size: 64",
+        '  train_transforms: [{name: RandomCrop, height: "${data.image_size}", width: "${data.image_size}"}]',
+        '  val_transforms: [{name: Resize, height: "${data.image_size}", width: "${data.image_size}"}]',
+    ]) + "\n")
+    cfg = config.load(task, ["data.image_size=128"])
+    assert cfg.data.train_transforms[0]["height"] == cfg.data.val_transforms[0]["width"] == 128
+    assert config.load(task).data.val_transforms[0]["height"] == 64
+
+
+def test_unset_keys_resolve_to_the_task_schemas_defaults(project: Path):
+    for task_name, size in (("classification", 224), ("face", 112)):
+        task = write(project / f"tasks/{task_name}.yaml",
+                     {"task": task_name, "data": {"val_transforms": [{"name": "Resize", "height": "${data.image_size}",
+                                                                      "width": "${data.image_size}"}]}})
+        assert config.load(task).data.val_transforms[0]["height"] == size
+
+
+@pytest.mark.parametrize("content, expected", [
+    ({"data": {"val_transforms": [{"name": "Resize", "height": "${data.imag_size}"}]}},
+     "${data.imag_size} in data.val_transforms[0].height names no config key; did you mean data.image_size"),
+    ({"data": {"root": "${data.root}"}}, "${data.root} in data.root refers back to itself (data.root -> data.root)"),
+    ({"train": {"lr": "${train.weight_decay}", "weight_decay": "${train.lr}"}}, "refers back to itself"),
+    ({"data": {"root": "images/${train}"}}, "${train} in data.root is a section or list"),
+])
+def test_bad_references_name_the_key_and_where_it_is_used(project: Path, content: dict, expected: str):
+    task = write(project / "tasks/t.yaml", {"task": "classification", **content})
+    with pytest.raises(UserError) as err:
+        config.load(task)
+    assert expected in str(err.value) and str(err.value).startswith(str(task)) and "\n" not in str(err.value)
+
+
+def test_cli_config_prints_references_resolved():
+    result = CliRunner().invoke(main, ["config", str(REPO / "tasks/quickstart.yaml"), "data.image_size=40"])
+    assert result.exit_code == 0, result.output
+    printed = yaml.safe_load(result.output)["data"]
+    assert printed["val_transforms"] == [{"name": "Resize", "height": 40, "width": 40}]
+    assert "${" not in result.output
