@@ -1,4 +1,5 @@
 """`pipeline run` end to end on the synthetic shapes data, read back from a real MLflow sqlite store."""
+import json
 from pathlib import Path
 
 import mlflow
@@ -33,6 +34,26 @@ def test_run_trains_and_logs_everything(task_file, uri: str, tmp_path: Path, mon
     assert tags["weights"] == "none" and tags["num_classes"] == "6" and tags["device"] == "cpu"
     assert tags["frozen_stages"] == "stem" and int(tags["trainable_params"]) < int(tags["num_params"])
     assert tags["precision"] in ("bf16", "fp32")
+    # model training in MLflow's UI, and the model's cost as numbers a chart can put on an axis
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    metrics = run.data.metrics
+    assert metrics["model/depth"] == 18 and metrics["model/num_params"] == int(tags["num_params"])
+    assert metrics["model/gflops"] == pytest.approx(float(tags["gflops"])) and metrics["model/gflops"] > 0
+    epoch_times = [m.value for m in client.get_metric_history(result.run_id, "epoch_time")]
+    assert metrics["train/wall_time_s"] == pytest.approx(sum(epoch_times))
+    # the view the printed link opens sorts by depth and shows the best score first
+    view = json.loads(experiment.tags["mlflow.sharedViewState.pipeline"])
+    assert view["orderByKey"] == "metrics.`model/depth`" and view["selectedColumns"][0] == "metrics.`best/top1`"
+    # what it trained and validated on, as MLflow dataset inputs with a digest of the files
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation"}
+    shapes = Path(params["data.root"])
+    assert inputs["training"].name == f"{shapes.parent.name}/{shapes.name} train"
+    assert inputs["validation"].name == f"{shapes.parent.name}/{shapes.name} val"
+    assert json.loads(inputs["training"].source) == {"uri": str(shapes.resolve())}
+    assert json.loads(inputs["validation"].profile) == {"num_rows": 24}
+    assert len(inputs["training"].digest) == 8 and inputs["training"].digest != inputs["validation"].digest
     # per-epoch metrics at steps 1..3, per-step loss and one lr per group
     top1 = client.get_metric_history(result.run_id, "val/top1")
     assert [m.step for m in top1] == [1, 2, 3]
@@ -70,10 +91,15 @@ def test_resume_continues_the_same_run(task_file, uri: str, tmp_path: Path, monk
     assert result.exit_code == 0, result.output
     assert "resuming" in result.output and "after epoch 2" in result.output
     client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    experiment_id = client.get_experiment_by_name("tiny").experiment_id
+    # the link that opens the experiment's runs, as the view that compares them (served by `pipeline ui --uri`)
+    assert (f"MLflow UI: http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey=pipeline (serve it with: pipeline ui --uri {uri})") in result.output
+    runs = client.search_runs([experiment_id])
     assert len(runs) == 1 and runs[0].info.run_id == first.run_id and runs[0].info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(first.run_id, "val/top1")] == [1, 2, 3]
     assert checkpoint.load(first.output_dir / checkpoint.LAST)["fit"]["epoch"] == 3
+    assert len(runs[0].inputs.dataset_inputs) == 2  # logged again on resuming: the same datasets, not new ones
 
 
 def test_seeded_cpu_runs_repeat(task_file, tmp_path: Path, monkeypatch):
@@ -101,7 +127,7 @@ def test_debug_flag_shows_the_traceback(task_file, tmp_path, monkeypatch):
 
 def test_resume_survives_a_truncated_last_checkpoint(task_file, uri: str, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    path = task_file(train={"epochs": 3})
+    path = task_file(train={"epochs": 3, "keep_checkpoints": "all"})  # all: last.prev.pt too
     first = stages.run(path, ("train.epochs=2",), say=lambda *_: None)
     last = first.output_dir / checkpoint.LAST
     last.write_bytes(last.read_bytes()[:1000])

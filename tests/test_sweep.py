@@ -72,11 +72,21 @@ def test_sweep_makes_one_parent_and_a_tagged_child_per_value(swept):
         assert params["depth"] == tags["depth"] and params["model.backbone.name"] == name
         assert params["train.epochs"] == "1"  # the fixed override reached every child
         assert set(child.data.metrics) >= {"val/top1", "best/top1", "train/throughput"}  # same keys for all depths
+        # numbers MLflow's charts can plot against each other, and what the child trained on
+        assert child.data.metrics["model/depth"] == int(tags["depth"])
+        assert child.data.metrics["model/num_params"] == int(tags["num_params"])
+        assert child.data.metrics["model/gflops"] == pytest.approx(float(tags["gflops"]))
+        assert {i.dataset.name.rsplit(" ", 1)[-1] for i in child.inputs.dataset_inputs} == {"train", "val"}
     # deeper costs more, on the model itself at the task's 32 px
     assert float(children[1].data.tags["gflops"]) > float(children[0].data.tags["gflops"])
     dirs = {Path(r.data.params["train.output_dir"]) for r in children}
     assert len(dirs) == 2 and all((swept["folder"] / d / "best.pt").is_file() for d in dirs)
     assert "resnet18" in swept["output"] and "FINISHED" in swept["output"].split("sweep ")[-1]
+    # the sweep's last lines link its children side by side in MLflow's compare page
+    experiment_id = parent.info.experiment_id
+    runs = "%5B" + "%2C".join(f"%22{r.info.run_id}%22" for r in children) + "%5D"
+    assert (f"compare: http://127.0.0.1:5000/#/compare-runs?runs={runs}&experiments=%5B%22{experiment_id}%22%5D"
+            "&workflowType=machine_learning") in swept["output"]
 
 
 def test_compare_prints_both_depths_and_logs_plots_to_the_parent(swept, tmp_path: Path):

@@ -147,7 +147,8 @@ def test_resume_keeps_logged_params_and_warns(uri, caplog):
 
 
 def test_experiments_open_in_the_ui_s_model_training_mode(uri):
-    """MLflow 3's UI shows an experiment without `mlflow.experimentKind` in GenAI mode (traces, token usage)."""
+    """Experiments record their type as model training (`mlflow.experimentKind`); MLflow 3.17's UI takes its mode from
+    the link (`workflowType`, tracking/ui.py), other UI builds from this tag."""
     client = mlflow.MlflowClient(uri)
     start(uri).finish()
     assert client.get_experiment_by_name("quickstart").tags["mlflow.experimentKind"] == "custom_model_development"

@@ -2,8 +2,9 @@
 an MLflow pyfunc). One module per job:
 
     uri.py      where the runs go: `resolve_uri`, `check_reachable`, `server_up`, `process_tracking_uri`
-    run.py      one run: `Tracker` (start / resume / attach, params, tags, metrics, artifacts, finish, the outbox that
-                keeps records while the server is unreachable), `Silent` for ranks other than 0, `flatten`, `sync`
+    run.py      one run: `Tracker` (start / resume / attach, params, tags, metrics, dataset inputs, artifacts, finish,
+                the outbox that keeps records while the server is unreachable), `Silent` for ranks other than 0,
+                `flatten`, `sync`
     models.py   logged models: `Pyfunc` (what is logged), `Tracker.log_model`'s work, `load_model`,
                 `model_source_run`
     query.py    reading runs back as plain values: `RunRecord`, `get_run`, `search_runs`, `metric_history`,
@@ -11,7 +12,8 @@ an MLflow pyfunc). One module per job:
     sources.py  run ids, `runs:/` and `models:/` URIs resolved to a run's checkpoint file: `is_tracked`,
                 `resolve_source`, `downloaded`, `RunFile`
     registry.py the model registry: `register` (a run's logged model as a new version), `version_run`
-    ui.py       `ui`: MLflow's web UI on a local store
+    ui.py       `ui`: MLflow's web UI on a local store, stopped with all its processes; `experiment_link` and
+                `compare_link`, the UI pages printed at the end of runs and sweeps; `view_tags`, what the first opens
 
 Callers use the names below (`from pipeline import tracking; tracking.Tracker.start(...)`). Constants that tune
 behaviour (`run.RETRY_EVERY`, `run.FINAL_RETRY_WAIT`, ...) are read from their own module: set or patch them there.
@@ -20,15 +22,17 @@ behaviour (`run.RETRY_EVERY`, `run.FINAL_RETRY_WAIT`, ...) are read from their o
 from pipeline.tracking.models import Pyfunc, load_model, model_source_run
 from pipeline.tracking.query import RunRecord, download_artifact, get_run, metric_history, search_runs
 from pipeline.tracking.registry import register
-from pipeline.tracking.run import RUN_STATUSES, TRUNCATION_MARK, Silent, Tracker, flatten, sync
+from pipeline.tracking.run import RUN_STATUSES, TRUNCATION_MARK, DatasetRecord, Silent, Tracker, flatten, sync
 from pipeline.tracking.sources import CHECKPOINT_ARTIFACT, RunFile, downloaded, is_tracked
 from pipeline.tracking.sources import resolve as resolve_source
-from pipeline.tracking.ui import ui
+from pipeline.tracking.ui import address as ui_address
+from pipeline.tracking.ui import compare_link, experiment_link, start_hint, ui, view_tags
 from pipeline.tracking.uri import DEFAULT_URI, check_reachable, process_tracking_uri, resolve_uri, server_up
 
 __all__ = [
-    "CHECKPOINT_ARTIFACT", "DEFAULT_URI", "RUN_STATUSES", "TRUNCATION_MARK", "Pyfunc", "RunFile", "RunRecord", "Silent",
-    "Tracker", "check_reachable", "download_artifact", "downloaded", "flatten", "get_run", "is_tracked", "load_model",
-    "metric_history", "model_source_run", "process_tracking_uri", "register", "resolve_source", "resolve_uri",
-    "search_runs", "server_up", "sync", "ui",
+    "CHECKPOINT_ARTIFACT", "DEFAULT_URI", "RUN_STATUSES", "TRUNCATION_MARK", "DatasetRecord", "Pyfunc", "RunFile",
+    "RunRecord", "Silent", "Tracker", "check_reachable", "compare_link", "download_artifact", "downloaded",
+    "experiment_link", "flatten", "get_run", "is_tracked", "load_model", "metric_history", "model_source_run",
+    "process_tracking_uri", "register", "resolve_source", "resolve_uri", "search_runs", "server_up", "start_hint",
+    "sync", "ui", "ui_address", "view_tags",
 ]

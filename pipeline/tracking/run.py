@@ -6,21 +6,23 @@ and stores can live in one process (sweeps, tests).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 import traceback
 import urllib.parse
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking.context.registry import resolve_tags
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from pipeline.errors import UserError
@@ -67,6 +69,17 @@ def _shorten(value: str, limit: int, what: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # One run
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """One dataset a run read, as MLflow's Dataset column and the run page show it (`name (digest)`)."""
+
+    name: str  # "shapes/classification train"
+    digest: str  # changes with the data: see pipeline/data/fingerprint.py
+    source: str  # the data root, absolute
+    context: str  # "training" or "validation", MLflow's input tag for what the run did with it
+    rows: int  # images, shown as the dataset's profile
 
 
 class Tracker:
@@ -160,6 +173,16 @@ class Tracker:
         if new:
             self._send({"op": "metrics", "metrics": new, "step": step, "timestamp": int(time.time() * 1000)})
 
+    def set_experiment_tags(self, tags: dict[str, str]) -> None:
+        """Tags of the run's experiment (not kept by the outbox: set them before `keep_offline`)."""
+        for key, value in tags.items():
+            self._client.set_experiment_tag(self._experiment_id, key, value)
+
+    def log_datasets(self, datasets: list[DatasetRecord]) -> None:
+        """Record the datasets as the run's inputs. MLflow keeps one input per dataset and context, so a resumed run
+        logging them again adds nothing; a changed digest adds a dataset."""
+        self._send({"op": "inputs", "datasets": [asdict(d) for d in datasets]})
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._send({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
@@ -240,6 +263,8 @@ class Tracker:
                                                     for k, v in record["metrics"].items()])
         elif op == "tags":
             self._client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+        elif op == "inputs":
+            self._client.log_inputs(run_id, datasets=[_dataset_input(DatasetRecord(**d)) for d in record["datasets"]])
         elif op == "artifact":
             self._client.log_artifact(run_id, record["path"], record["artifact_path"])
         elif op == "text":
@@ -326,9 +351,20 @@ class Silent:
     def log_text(self, text: str, artifact_file: str) -> None:
         return None
 
+    def log_datasets(self, datasets: list[DatasetRecord]) -> None:
+        return None
 
-# MLflow 3's UI opens an experiment without this tag in GenAI mode (traces, token usage); "custom_model_development"
-# ("Machine learning" in its experiment-type switch) opens the runs table with metrics, params and charts.
+
+def _dataset_input(d: DatasetRecord) -> DatasetInput:
+    # source as MLflow's own local-files source writes it (LocalArtifactDatasetSource: type "local", {"uri": path})
+    dataset = Dataset(d.name, d.digest, source_type="local", source=json.dumps({"uri": d.source}),
+                      profile=json.dumps({"num_rows": d.rows}))
+    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, d.context)])
+
+
+# The experiment's type as MLflow 3 records it: model training, not GenAI. The 3.17 UI (seen in headless Chromium) opens
+# experiments in the mode of its GenAI / Model training switch or of the link's `workflowType` (tracking/ui.py) and
+# reads this tag only where that switch is turned off, so the links the pipeline prints carry the mode themselves.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 

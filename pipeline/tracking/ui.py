@@ -1,23 +1,162 @@
-"""`pipeline ui`: MLflow's web UI on a local tracking store."""
+"""`pipeline ui`: MLflow's web UI on a local tracking store, and the links that open its pages for our runs."""
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 import urllib.parse
 
+import mlflow
+
 from pipeline.errors import UserError
-from pipeline.tracking.uri import check_reachable, resolve_uri
+from pipeline.tracking.uri import DEFAULT_URI, check_reachable, resolve_uri
+
+HOST, PORT = "127.0.0.1", 5000  # where `pipeline ui` serves by default, and so where printed links point
+STOP_GRACE = 5.0  # seconds the server's processes get to stop on SIGTERM before SIGKILL
+LISTED = 10  # experiments `pipeline ui` prints a link for, most recently active first
+
+# MLflow 3.17's UI picks GenAI mode (traces, token usage) or model-training mode (the runs table, metrics, charts) from
+# this query parameter, else from its GenAI / Model training switch; the experiment's kind tag does not decide it.
+_TRAINING_MODE = "workflowType=machine_learning"
+# The runs table shows no metric columns until a user picks some, and only in that browser. A view saved the way the
+# UI's own Share button saves one (an experiment tag) and named in the link is what the link opens, for anyone.
+VIEW_KEY = "pipeline"
+_SHARED_VIEW_TAG = "mlflow.sharedViewState."  # + key; the UI applies it for `viewStateShareKey=<key>`
+_PRIMARY_METRIC_TAG = "mlflow.experiment.primaryMetric.name"  # the UI's default charts start with this metric
 
 
-def ui(uri: str | None, host: str = "127.0.0.1", port: int = 5000, say=print) -> int:
-    """Run `mlflow ui` on the store (`uri`, else as `resolve_uri`) until stopped; returns its exit code.
+def is_server(uri: str) -> bool:
+    return urllib.parse.urlparse(uri).scheme in ("http", "https")
+
+
+def address(uri: str) -> str:
+    """Where the UI of the store at `uri` is: the tracking server itself, else `pipeline ui`'s default address."""
+    return uri.rstrip("/") if is_server(uri) else f"http://{HOST}:{PORT}"
+
+
+def experiment_link(base: str, experiment_id: str, view: bool = True) -> str:
+    """The experiment's runs table in model-training mode; with `view`, as `view_tags` set it up."""
+    link = f"{base}/#/experiments/{experiment_id}/runs?{_TRAINING_MODE}"
+    return f"{link}&viewStateShareKey={VIEW_KEY}" if view else link
+
+
+def compare_link(base: str, experiment_id: str, run_ids: list[str]) -> str:
+    """MLflow's compare-runs page: the runs side by side (params, metrics, parallel coordinates, scatter plots)."""
+    query = urllib.parse.urlencode({"runs": json.dumps(run_ids, separators=(",", ":")),
+                                    "experiments": json.dumps([experiment_id])}, quote_via=urllib.parse.quote)
+    return f"{base}/#/compare-runs?{query}&{_TRAINING_MODE}"
+
+
+def view_tags(metrics: list[str], order_by: str) -> dict[str, str]:
+    """Experiment tags for the view `experiment_link` opens: the runs table sorted by metric `order_by` (ascending;
+    runs without it last, a sweep's children no longer folded under their parent), with a column per metric in
+    `metrics` and the Dataset column. The first metric becomes the experiment's primary one."""
+    state = {"orderByKey": _column("metrics", order_by), "orderByAsc": True,
+             "selectedColumns": [*(_column("metrics", m) for m in metrics), _column("attributes", "Dataset")]}
+    return {_SHARED_VIEW_TAG + VIEW_KEY: json.dumps(state), _PRIMARY_METRIC_TAG: metrics[0]}
+
+
+def _column(kind: str, key: str) -> str:
+    return f"{kind}.`{key}`"  # how the UI names a column and a sort key: metrics.`best/top1`
+
+
+def start_hint(uri: str) -> str:
+    """What serves the links printed for `uri`: nothing to do for a tracking server, else `pipeline ui`."""
+    if is_server(uri):
+        return ""
+    return " (serve it with: pipeline ui" + ("" if uri == DEFAULT_URI else f" --uri {uri}") + ")"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The server
+
+
+def ui(uri: str | None, host: str = HOST, port: int = PORT, say=print) -> int:
+    """Run `mlflow ui` on the store (`uri`, else as `resolve_uri`) until it exits or this process gets SIGINT or
+    SIGTERM, which stop all of its processes; returns its exit code (0 when stopped by a signal).
 
     A tracking server serves its own UI, so for an http(s) store there is nothing to start.
     """
     uri = resolve_uri(uri)
-    if urllib.parse.urlparse(uri).scheme in ("http", "https"):
+    if is_server(uri):
         raise UserError(f"tracking store {uri} is a server, which serves the UI itself: open {uri} in a browser")
     check_reachable(uri)
-    say(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl-C stops it)")
-    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                            "--host", host, "--port", str(port)])
+    _check_port_free(host, port)
+    base = f"http://{host}:{port}"
+    say(f"MLflow UI for {uri} on {base} (Ctrl-C stops it)")
+    for name, experiment_id, has_view in _experiments(uri):
+        say(f"  {name}: {experiment_link(base, experiment_id, has_view)}")
+    # Its own process group: MLflow's server runs uvicorn (and job runners) in child processes, which a signal to
+    # the `mlflow ui` process alone leaves running. One worker: a local UI has one user; MLflow's default is 4. No job
+    # runners unless asked for: seven processes that serve GenAI features (judges, issue detection), not training runs.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
+                               "--port", str(port), "--workers", "1"], start_new_session=True, env=env)
+    return _serve(server)
+
+
+def _serve(server: subprocess.Popen) -> int:
+    stopping: list[float] = []  # when the first SIGINT / SIGTERM came
+
+    def stop(_signum, _frame) -> None:
+        # a second Ctrl-C does not wait for the server's graceful shutdown
+        _signal_group(server.pid, signal.SIGKILL if stopping else signal.SIGTERM)
+        stopping.append(time.monotonic())
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                code = server.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                # uvicorn waits for open requests before it exits; a browser can hold one for long
+                if stopping and time.monotonic() - stopping[0] > STOP_GRACE:
+                    _signal_group(server.pid, signal.SIGKILL)
+    finally:
+        _stop_group(server.pid)  # what the server left: its children outlive it when it dies first
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0 if stopping else code
+
+
+def _stop_group(pgid: int) -> None:
+    """SIGTERM to every process left in group `pgid`, SIGKILL to those still there after STOP_GRACE."""
+    if not _signal_group(pgid, signal.SIGTERM):
+        return
+    deadline = time.monotonic() + STOP_GRACE
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        if not _signal_group(pgid, 0):
+            return
+    _signal_group(pgid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send `sig` to process group `pgid` (0: only check); False once no process is left in it."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        if probe.connect_ex((host, port)) == 0:
+            raise UserError(f"{host}:{port} is in use (another 'pipeline ui' or 'mlflow ui'?); open "
+                            f"http://{host}:{port} if it is one, or pass --port")
+
+
+def _experiments(uri: str) -> list[tuple[str, str, bool]]:
+    """(name, id, whether it has our view) of the store's experiments, most recently active first, at most LISTED."""
+    client = mlflow.MlflowClient(uri)
+    found = client.search_experiments(max_results=LISTED + 1, order_by=["last_update_time DESC"])
+    # MLflow's "Default" experiment, made with every store, holds nothing of ours unless someone logged there
+    return [(e.name, e.experiment_id, _SHARED_VIEW_TAG + VIEW_KEY in e.tags) for e in found
+            if e.name != "Default" or client.search_runs([e.experiment_id], max_results=1)][:LISTED]

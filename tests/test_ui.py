@@ -1,0 +1,97 @@
+"""`pipeline ui` as users run it: a real process serving MLflow's UI on 127.0.0.1, and what it leaves after a signal."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from pipeline import tracking
+from pipeline.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid`, from /proc (the server's own session included: it is still a descendant)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            # the command name in field 2 may hold spaces; the parent pid is the second field after it
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) if entry.name.isdigit() else None
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid is not None:
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's reaping is left
+
+
+def test_ui_serves_the_store_and_leaves_nothing_after_sigterm(uri: str, tmp_path: Path):
+    tracker = tracking.Tracker.start(uri, "tiny", run_name="r", params={}, tags={})
+    tracker.finish()
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    ui = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--uri", uri, "--port", str(port)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env)
+    try:
+        deadline = time.monotonic() + 120  # MLflow's server takes 10-30 s to start on two busy cores
+        while True:
+            assert ui.poll() is None, ui.communicate()[0]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+                    assert answer.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the UI did not answer within 120 s"
+                time.sleep(0.5)
+        started = descendants(ui.pid)
+        assert len(started) >= 2  # `mlflow ui` and the uvicorn server it runs, at least
+        ui.send_signal(signal.SIGTERM)
+        output, _ = ui.communicate(timeout=30)
+    finally:
+        if ui.poll() is None:  # a failed assertion above: do not leave the test's own server behind
+            ui.kill()
+            ui.communicate()
+    assert ui.returncode == 0, output
+    experiment_id = tracker.experiment_id
+    assert f"tiny: http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning" in output
+    assert not port_open(port)
+    assert not [pid for pid in started if alive(pid)], output
+
+
+def test_ui_refuses_a_busy_port_and_a_server_store_in_one_line(uri: str):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = CliRunner().invoke(main, ["ui", "--uri", uri, "--port", str(busy.getsockname()[1])])
+    assert result.exit_code == 1 and "is in use" in result.output and len(result.output.splitlines()) == 1
+    result = CliRunner().invoke(main, ["ui", "--uri", "http://127.0.0.1:5000"])
+    assert result.exit_code == 1 and "serves the UI itself" in result.output
