@@ -1,4 +1,19 @@
-"""Checkpoints: written atomically (temp file, fsync, rename), read with `weights_only=True`."""
+"""Checkpoints: written atomically (temp file, fsync, rename), read with `weights_only=True`, and what a run keeps.
+
+A run folder holds `best.pt` (the best epoch's model weights and fit state, no optimizer: what predict, export and
+`runs:/` weights read) and, while training, `last.pt` (model, optimizer, grad scaler, RNG: what --resume needs).
+`train.keep_checkpoints` says what stays once the run has finished:
+
+- `best`: best.pt only (resnet18: 45 MB); the finished run can no longer be continued with --resume;
+- `last` (default): best.pt and last.pt (resnet18 with AdamW: 45 + 134 MB), so a finished run can be continued with
+  more epochs;
+- `all`: also `last.prev.pt`, the checkpoint before last.pt, kept through training too.
+
+`last.prev.pt` is not needed for crashes: `save` never leaves a half-written file behind (the old one stays until the
+new one is complete on disk), so a run killed while saving resumes from the previous last.pt. It only helps when a
+complete last.pt is damaged afterwards (a failing disk, a copy cut short), which `all` guards against at the price of
+one more last.pt.
+"""
 from __future__ import annotations
 
 import os
@@ -13,8 +28,9 @@ import torch
 from pipeline.errors import UserError
 
 LAST = "last.pt"
-PREVIOUS = "last.prev.pt"  # the checkpoint before `last.pt`, kept so a damaged last one never ends a run
+PREVIOUS = "last.prev.pt"  # the checkpoint before `last.pt`, with keep_checkpoints=all (see the module docstring)
 BEST = "best.pt"
+KEEP = ("best", "last", "all")
 
 
 def save(state: dict, path: Path, keep_previous: bool = False) -> None:
@@ -35,6 +51,23 @@ def save(state: dict, path: Path, keep_previous: bool = False) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_last(state: dict, folder: Path, keep: str = "last") -> None:
+    """Write `last.pt`; with keep `all` the one it replaces becomes `last.prev.pt`. Otherwise a `last.prev.pt` left by
+    an earlier run in the folder goes, so that a resume can never fall back to another run's state."""
+    save(state, folder / LAST, keep_previous=keep == "all")
+    if keep != "all":
+        (folder / PREVIOUS).unlink(missing_ok=True)
+
+
+def prune(folder: Path, keep: str) -> None:
+    """At the end of a finished run: remove what `keep` does not keep (best: last.pt and last.prev.pt)."""
+    if keep not in KEEP:
+        raise ValueError(f"keep={keep!r}: one of {', '.join(KEEP)}")
+    drop = {"best": (LAST, PREVIOUS), "last": (PREVIOUS,), "all": ()}[keep]
+    for name in drop:
+        (folder / name).unlink(missing_ok=True)
 
 
 def load(path: Path) -> dict:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
 
 import click
 
+from pipeline import __version__
 from pipeline.errors import UserError
 
 
@@ -27,6 +29,15 @@ class _Group(click.Group):
                 self._fail(ctx, "error: out of memory; lower data.batch_size or data.image_size, or raise "
                                 "train.accum_steps to keep the effective batch (checkpoints so far are kept)", err)
             raise
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Each command with its whole first sentence, wrapped: click would cut it to the terminal's width."""
+        rows = [(name, command.get_short_help_str(limit=1_000)) for name, command in
+                ((name, self.get_command(ctx, name)) for name in self.list_commands(ctx))
+                if command is not None and not command.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     @staticmethod
     def _fail(ctx: click.Context, message: str, err: BaseException):
@@ -50,13 +61,19 @@ def _one_line(err: UserError) -> str:
     return text
 
 
+_Group.group_class = type  # subgroups (data, weights) list their commands the same way
+
+
 @click.group(cls=_Group)
 @click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
+@click.version_option(__version__, "--version", prog_name="pipeline", message="%(prog)s %(version)s")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
     """Fine-tune pretrained ResNet-family backbones and compare them in MLflow."""
     ctx.ensure_object(dict)["debug"] = debug
     _show_pipeline_logs()
+    if not sys.stderr.isatty():  # MLflow draws its own artifact bars; in a redirected log each redraw stays
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 class _Echo(logging.Handler):
@@ -86,7 +103,10 @@ def _task_file(_ctx: click.Context, _param: click.Parameter, value: Path) -> Pat
 @click.argument("overrides", nargs=-1)
 @click.option("--resume", is_flag=True, help="Continue the run in train.output_dir from its last checkpoint.")
 def run(task_file: Path, overrides: tuple[str, ...], resume: bool) -> None:
-    """Train TASK_FILE (a path or a built-in task name), with optional key.path=value OVERRIDES (e.g. train.lr=0.01)."""
+    """Train TASK_FILE (a path or a built-in task name), with optional key.path=value OVERRIDES (e.g. train.lr=0.01).
+
+    `pipeline config TASK_FILE` prints every key with its value; `pipeline tasks` lists the built-in task files.
+    """
     from pipeline import stages
 
     stages.run(task_file, overrides, resume=resume, say=click.echo)
@@ -180,16 +200,19 @@ def sweep(task_file: Path, args: tuple[str, ...], resume: bool) -> None:
 @click.argument("experiment")
 @click.option("--metric", default=None, help="Metric to compare (default: the task's primary, e.g. val/top1).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder for the plots and runs.csv.")
-@click.option("--parent", default=None, help="Only the runs of the sweep with this parent run id.")
+@click.option("--parent", default=None, help="The sweep with this parent run id, or any unique prefix of it (the "
+              "23b984f9 of its folder sweep-23b984f9). Default: the latest sweep.")
+@click.option("--all", "every", is_flag=True, help="Every finished run of EXPERIMENT, whatever sweep; the plots join "
+              "runs of one sweep and epoch count only.")
 @click.option("--by", default=None, help="A tag or param that labels the runs, e.g. weights.source (pretrained start "
               "vs random init): a column, and one line per value in the plots.")
 @click.option("--uri", default=None, help="Tracking store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
-def compare(experiment: str, metric: str | None, out: Path | None, parent: str | None, by: str | None,
+def compare(experiment: str, metric: str | None, out: Path | None, parent: str | None, every: bool, by: str | None,
             uri: str | None) -> None:
-    """Table (and with --out, plots) of the runs of EXPERIMENT (a task file's name), sorted by depth."""
+    """Table (and with --out, plots) of the latest sweep of EXPERIMENT (a task file's name), sorted by depth."""
     from pipeline import compare as compare_runs
 
-    compare_runs.run(experiment, uri=uri, metric=metric, out=out, parent=parent, by=by, say=click.echo)
+    compare_runs.run(experiment, uri=uri, metric=metric, out=out, parent=parent, by=by, every=every, say=click.echo)
 
 
 @main.command()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -15,9 +14,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from pipeline import checkpoint, distributed, finetune
+from pipeline import checkpoint, distributed, finetune, progress
 from pipeline.dense_adamw import DenseAdamW
 from pipeline.errors import UserError
 
@@ -177,8 +175,7 @@ def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torc
     window_loss = torch.zeros((), device=s.device)
     window, images, nonfinite, micro = 0, 0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
-               **_quiet_unless_main(s))
+    bar = progress.bar(loader, desc, show=s.ctx.main)  # rank 0 draws, on a terminal only
     for micro, batch in enumerate(bar, start=1):
         batch = to_device(batch, s.device, s.channels_last)
         with autocast(s.device, s.precision):
@@ -222,11 +219,6 @@ def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torc
             "epoch_time": elapsed, "steps_per_epoch": steps_per_epoch}
 
 
-def _quiet_unless_main(s: StepSettings) -> dict:
-    # Only rank 0 draws progress bars; otherwise tqdm's own defaults hold (TQDM_DISABLE=1 turns them off).
-    return {} if s.ctx.main else {"disable": True}
-
-
 def _optimizer_step(model: nn.Module, optimizer, scaler, clip: float | None) -> None:
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -251,8 +243,7 @@ def evaluate(model: nn.Module, predict, evaluator, loader: Iterable, s: StepSett
     """The evaluator's metrics over `loader`. With `merge` (a task whose evaluators merge), each data-parallel rank
     saw its shard of the validation set and the evaluators are merged across ranks first."""
     model.eval()
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
-                      **_quiet_unless_main(s)):
+    for batch in progress.bar(loader, desc, show=s.ctx.main):
         batch = to_device(batch, s.device, s.channels_last)
         with autocast(s.device, s.precision):
             outputs = predict(model, batch)
@@ -286,6 +277,7 @@ class Fit:
     epochs: int
     output_dir: Path
     patience: int | None = None
+    keep_checkpoints: str = "last"  # all: also keep the checkpoint before last.pt (checkpoint.save_last)
     scaler: torch.amp.GradScaler | None = None
     extra: dict = field(default_factory=dict)
     log: LogFn = lambda metrics, step: None
@@ -366,6 +358,6 @@ def _save(f: Fit, state: FitState, best: bool) -> None:
         "rng": checkpoint.rng_state(),
         **f.extra,
     }
-    checkpoint.save(ckpt, f.output_dir / checkpoint.LAST, keep_previous=True)
-    if best:
+    checkpoint.save_last(ckpt, f.output_dir, f.keep_checkpoints)
+    if best:  # weights only: the optimizer state (twice the model's size with AdamW) is for resuming, from last.pt
         checkpoint.save({"model": model_state, "fit": state.as_dict(), **f.extra}, f.output_dir / checkpoint.BEST)

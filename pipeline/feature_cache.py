@@ -5,13 +5,11 @@ Tasks that declare `caches_features` (pipeline/tasks/base.py) have models with `
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm import tqdm
 
+from pipeline import progress
 from pipeline.data.sampling import EpochSampler
 from pipeline.engine import StepSettings, autocast, to_device
 from pipeline.errors import UserError
@@ -33,7 +31,7 @@ def compute(model: nn.Module, loader: DataLoader, s: StepSettings, desc: str) ->
     """Features and labels of every batch of `loader` (in its order), kept on the training device."""
     model.eval()
     feats, labels = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, mininterval=1.0):
+    for batch in progress.bar(loader, desc):
         images, target = to_device(batch, s.device, s.channels_last)
         with autocast(s.device, s.precision):
             feats.append(model.features(images).float())

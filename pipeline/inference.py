@@ -9,7 +9,6 @@ image's `Placement`; nothing here asks which task it runs.
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from pipeline import backbones, checkpoint, config, engine, stages, tracking
+from pipeline import backbones, checkpoint, config, engine, progress, stages, tracking
 from pipeline.data.images import read_rgb
 from pipeline.data.transforms import build_transforms
 from pipeline.errors import UserError
@@ -127,8 +125,7 @@ class Session:
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=list, pin_memory=self.device.type == "cuda",
                             num_workers=stages.auto_workers(self.device) if len(paths) > batch_size else 0)
         with torch.inference_mode():
-            for items in tqdm(loader, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True,
-                              disable=len(loader) < 2):
+            for items in progress.bar(loader, desc, show=len(loader) > 1, unit="batch", leave=True, mininterval=0.1):
                 bad = [paths[i] for i, image, _ in items if image is None]
                 if bad:
                     yield Batch([], None, bad)

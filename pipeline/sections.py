@@ -80,8 +80,11 @@ class TrainConfig(Section):
     accum_steps: int = Field(1, gt=0)
     clip_grad_norm: float | None = Field(None, gt=0)
     patience: int | None = Field(None, gt=0)
-    # None: outputs/<task file stem>/<backbone>
+    # None: outputs/<experiment>/<backbone> (pipeline/placement.py)
     output_dir: str | None = None
+    # What a finished run leaves in output_dir (pipeline/checkpoint.py): best = best.pt (model weights only); last =
+    # best.pt and last.pt (model, optimizer, RNG: what --resume needs); all = also last.prev.pt, the one before last.pt.
+    keep_checkpoints: Literal["best", "last", "all"] = "last"
     log_every: int = Field(10, gt=0)
     max_nonfinite: int = Field(5, gt=0)
     # Under torchrun: BatchNorm statistics over the global batch instead of each process's share.

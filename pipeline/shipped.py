@@ -7,6 +7,7 @@ setuptools `package-dir` mapping because the default (lenient) editable install 
 from __future__ import annotations
 
 import difflib
+import re
 from importlib.resources import files
 from pathlib import Path
 
@@ -39,11 +40,21 @@ def find_task(arg: str | Path) -> Path:
 
 
 def describe() -> list[tuple[str, str, str]]:
-    """(name, task kind, first comment line) of every built-in task file."""
+    """(name, task kind, first sentence of the opening comment) of every built-in task file."""
     rows = []
     for path in sorted(TASK_FILES.glob("*.yaml")):
         text = path.read_text()
         kind = (yaml.safe_load(text) or {}).get("task", "?")
-        comment = next((line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")), "")
-        rows.append((path.stem, str(kind), comment))
+        rows.append((path.stem, str(kind), first_sentence(text)))
     return rows
+
+
+def first_sentence(text: str) -> str:
+    """The opening comment's first sentence, joined across its lines; it ends at an example command (an indented
+    comment line), a blank comment line or the first YAML line, so a sentence wrapped over two lines stays whole."""
+    words = []
+    for line in text.splitlines():
+        if not line.startswith("#") or line.startswith("#  ") or not line.lstrip("#").strip():
+            break
+        words.append(line.lstrip("#").strip())
+    return re.split(r"(?<=\.)\s+", " ".join(words), maxsplit=1)[0]

@@ -84,7 +84,10 @@ def test_tasks_command_lists_every_task_file():
         kind = yaml.safe_load(text)["task"]
         first_comment = next(line for line in text.splitlines() if line.startswith("#")).lstrip("# ").strip()
         assert rows[name].split()[1] == kind, rows[name]
-        assert rows[name].endswith(first_comment), rows[name]
+        # the whole first sentence, even where it wraps onto the next comment line
+        description = rows[name].split(maxsplit=2)[2]
+        assert description.endswith(".") and (description.startswith(first_comment) or
+                                              first_comment.startswith(description)), rows[name]
 
 
 def test_task_file_anywhere_takes_defaults_from_the_package(tmp_path: Path):

@@ -64,6 +64,7 @@ class Classification(Task):
     export = ExportSpec(output_names=("logits",), dynamic_size=True)
     caches_features = True
     merges_evaluators = True
+    one_class_per_image = True
 
     def default_transforms(self, data: ClassificationData) -> tuple[list[dict], list[dict]]:
         size = data.image_size
