@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from pipeline import (backbones, checkpoint, config, cpu_kernels, distributed, engine, feature_cache, finetune, outbox,
-                      profile, tracking)
-from pipeline.data import shapes
+from pipeline import (backbones, checkpoint, checks, config, cpu_kernels, distributed, engine, feature_cache, finetune,
+                      outbox, placement, profile, register, tracked_weights, tracking)
+from pipeline.data import fingerprint, shapes, transform_checks
 from pipeline.data.sampling import EpochSampler, SeededDataset
 from pipeline.data.transforms import reseed_worker
 from pipeline.errors import UserError
@@ -64,30 +64,36 @@ def run(task_file: str | Path, overrides: tuple[str, ...] = (), resume: bool = F
         tracker = open_run(setup, parent_run_id, tags, say)
         with tracker:  # FAILED / KILLED with the error as a tag on any exception
             data = build_data(setup, say)
+            tracker.log_datasets(dataset_records(setup, data))
+            for line in checks.at_start(setup.cfg, setup.task, data, setup.ctx.world):  # settings that waste a run
+                say(line)
             model = build_model(setup, data.info, say)
             plan = plan_finetune(setup, model)
             model = place_model(setup, model, plan, say)
             optimizer = make_optimizer(setup, model, plan, tracker, say)
-            tracker.set_tags(model_tags(model, data.info, setup, plan))
+            described = model_tags(model, data.info, setup, plan)
+            tracker.set_tags(described)
+            tracker.log_metrics(model_metrics(setup, described), 0)  # MLflow's charts plot metrics, never tags
             train_loader, val_loader = make_loaders(setup, data, model, plan, say)
             fit = make_fit(setup, model, data.info, plan, optimizer, train_loader, val_loader, tracker, say)
             state = engine.fit(fit, resumed_state(setup, fit, tracker, say))
             result = finish(setup, fit, state, data.info, tracker, say)
+            if setup.ctx.main:  # a finished run keeps what train.keep_checkpoints says
+                checkpoint.prune(setup.output_dir, setup.cfg.train.keep_checkpoints)
     finally:
         distributed.shutdown(ctx)
     result.wall_time = time.perf_counter() - started
     uri = tracking.resolve_uri(setup.cfg.tracking.uri)
     say(f"done in {result.wall_time:.0f}s: best {result.primary} {result.best:.4f}; checkpoints in "
-        f"{setup.output_dir}/; MLflow run {result.run_id} in {uri} ({_view_hint(uri)})")
+        f"{setup.output_dir}/; MLflow run {result.run_id} in {uri}")
+    if ctx.main:  # the other ranks' tracker knows no experiment
+        say(f"MLflow UI: {tracking.experiment_link(tracking.ui_address(uri), tracker.experiment_id)}"
+            f"{tracking.start_hint(uri)}")
     return result
 
 
 def _silent(*_) -> None:
     """`say` of ranks other than 0."""
-
-
-def _view_hint(uri: str) -> str:
-    return f"open {uri}" if uri.startswith(("http:", "https:")) else f"view: pipeline ui --uri {uri}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -98,8 +104,12 @@ def prepare(task_file: str | Path, overrides=(), resume: bool = False, ctx: dist
             say=print) -> Setup:
     cfg = config.load(task_file, overrides)
     cpu_kernels.prepare_process(cfg.train.cpu_kernels)  # a training process reuses its memory every step
-    experiment = cfg.tracking.experiment or Path(task_file).stem
-    output_dir = Path(cfg.train.output_dir or f"outputs/{experiment}/{cfg.model.backbone.name}")
+    experiment = placement.experiment(task_file, cfg)  # other data than the task file's: a place of its own
+    output_dir = placement.output_dir(cfg, experiment)
+    if not cfg.tracking.experiment and experiment != Path(task_file).stem:
+        say(f"data.root {cfg.data.root} is not {Path(task_file).name}'s own data: experiment '{experiment}', "
+            f"checkpoints in {output_dir} (tracking.experiment and train.output_dir choose others)")
+    placement.check_folder(output_dir, cfg.data.root)
     last = checkpoint.load_resumable(output_dir, say) if resume else None
     backbones.check_name(cfg.model.backbone.name)
     device = distributed.device_for(ctx, engine.resolve_device(cfg.train.device))
@@ -124,9 +134,14 @@ def open_run(setup: Setup, parent_run_id: str | None = None, tags: dict[str, str
         # depth as a param too: MLflow's parallel-coordinates chart offers params and metrics, not tags
         params={**tracking.flatten(cfg.model_dump(mode="json")), "depth": str(depth or "")},
         tags={"task": cfg.task, "task_file": setup.task_file, "backbone": name, "depth": str(depth or ""),
-              "weights": cfg.model.backbone.weights, **(tags or {})},
+              # weights.source as given, before anything can fail; model_tags adds the rest of the lineage
+              "weights": cfg.model.backbone.weights, "weights.source": cfg.model.backbone.weights, **(tags or {})},
         run_id=setup.last["run_id"] if setup.last else None, parent_run_id=parent_run_id)
     distributed.broadcast(ctx, tracker.run_id)
+    # what the printed link opens: each run's best score and model cost, by depth (pipeline/tracking/ui.py)
+    tracker.set_experiment_tags(tracking.view_tags(
+        [best_key(setup.task.primary), "model/depth", "model/gflops", "model/num_params", "train/wall_time_s"],
+        order_by="model/depth"))
     if setup.last is None and (setup.output_dir / checkpoint.LAST).exists():
         say(f"note: {setup.output_dir} holds an earlier run's checkpoints; this run replaces them "
               "(--resume continues it)")
@@ -142,22 +157,36 @@ def open_run(setup: Setup, parent_run_id: str | None = None, tags: dict[str, str
 
 
 def build_data(setup: Setup, say=print) -> TaskData:
-    """The task's datasets; its synthetic data is generated first where the config asks for it."""
+    """The task's datasets; its synthetic data is generated first where the config asks for it. The transforms are
+    checked before anything trains (pipeline/data/transform_checks.py): validation that would corrupt the metric is
+    refused before any data is read, train and val images of different sizes after the first of each is read."""
     cfg, task = setup.cfg, setup.task
-    if cfg.data.synth_if_missing and setup.ctx.main:
-        shapes.ensure(Path(cfg.data.root).parent, task.synth, seed=0)
+    transform_checks.check_val_spec(task, cfg.data)
+    root = Path(cfg.data.root)
+    # Only where data.root is the synthetic set's own folder: the quickstart pointed at your images generates nothing.
+    if cfg.data.synth_if_missing and root.name == task.synth and setup.ctx.main:
+        shapes.ensure(root.parent, task.synth, seed=0)
     distributed.barrier(setup.ctx)
     seed_everything(cfg.seed)
     default_mean, default_std = backbones.pretrained_mean_std(cfg.model.backbone.name)
     data = task.build_data(cfg.data, mean=cfg.data.mean or default_mean, std=cfg.data.std or default_std,
                            seed=cfg.seed)
+    transform_checks.check_sizes(task, data, cfg.data, cfg.seed)
     say(f"data: {len(data.train)} train / {len(data.val)} val images from {cfg.data.root}")
     return data
 
 
 def build_model(setup: Setup, info: DataInfo, say=print) -> nn.Module:
-    """The task's model with its configured weights; a resumed run's weights on top."""
-    model = setup.task.build_model(setup.cfg.model, info, say=say)
+    """The task's model with its configured weights; a resumed run's weights on top. `runs:/` and `models:/` weights
+    come from the run's own tracking store (pipeline/tracked_weights.py). What the backbone loaded is printed."""
+    cfg = setup.cfg
+    if tracking.is_tracked(cfg.model.backbone.weights):
+        model = tracked_weights.build_model(setup.task, cfg.model, info, tracking.resolve_uri(cfg.tracking.uri), say)
+    else:
+        model = setup.task.build_model(cfg.model, info, say=say)
+    lineage = model.backbone.lineage
+    if lineage.loaded and lineage.source == model.backbone.weights:  # not replaced by a task's own init (coco)
+        say(lineage.line())
     if setup.last:
         model.load_state_dict(setup.last["model"])
     return model
@@ -254,7 +283,7 @@ def make_fit(setup: Setup, model: nn.Module, info: DataInfo, plan: finetune.Plan
         make_evaluator=lambda: task.make_evaluator(info), merge_evaluators=task.merges_evaluators,
         train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, schedule=schedule, plan=plan,
         base_lr=t.lr, weight_decay=t.weight_decay, settings=step_settings(setup), epochs=t.epochs,
-        output_dir=setup.output_dir, patience=t.patience,
+        output_dir=setup.output_dir, patience=t.patience, keep_checkpoints=t.keep_checkpoints,
         scaler=torch.amp.GradScaler(setup.device.type) if setup.precision == "fp16" else None,
         extra={"run_id": tracker.run_id, "config": cfg.model_dump(mode="json"), "info": info.to_dict(),
                "task_file": setup.task_file},
@@ -295,8 +324,9 @@ def finish(setup: Setup, fit: engine.Fit, state: engine.FitState, info: DataInfo
                        metrics={k: v for k, v in metrics.items() if isinstance(v, float)}, wall_time=0.0)
     if not setup.ctx.main:
         return result
-    tracker.log_metrics({f"best/{primary.split('/', 1)[1]}": metrics[primary], "best/epoch": state.best_epoch},
-                        state.epoch)
+    # train/wall_time_s: the training passes of every epoch, a resumed run's earlier ones too (not validation)
+    tracker.log_metrics({best_key(primary): metrics[primary], "best/epoch": state.best_epoch,
+                         "train/wall_time_s": sum(h.get("epoch_time", 0.0) for h in state.history)}, state.epoch)
     for path in task.report(metrics, info, setup.output_dir / "report"):
         tracker.log_artifact(path, "report")
     if cfg.tracking.log_checkpoint:
@@ -306,7 +336,10 @@ def finish(setup: Setup, fit: engine.Fit, state: engine.FitState, info: DataInfo
 
         say("logging the model to MLflow ...")
         # the served pyfunc rebuilds the model from best.pt (pipeline/serve.py): stock modules, any image size
-        tracker.log_model(serve.pyfunc(setup.output_dir / checkpoint.BEST, cfg.data.image_size))
+        logged = tracker.log_model(serve.pyfunc(setup.output_dir / checkpoint.BEST, cfg.data.image_size))
+        if cfg.tracking.register and logged:  # not logged: the tracker has said why (server unreachable)
+            say(register.run_model(tracker.run_id, cfg.tracking.register, cfg.tracking.uri,
+                                   what="tracking.register").line())
     say(_summary(state, metrics, primary))
     return result
 
@@ -361,12 +394,42 @@ def auto_workers(device: torch.device) -> int:
 
 def model_tags(model: nn.Module, info: DataInfo, setup: Setup, plan: finetune.Plan) -> dict[str, str]:
     frozen = [s for s in plan.parts if s in plan.frozen]
+    lineage = model.backbone.lineage  # stale when a task's own init (coco) replaced the backbone's weights
     # gflops: multiply-accumulates per image at the task's input size (see profile.gflops), for depth comparisons
-    return {"num_params": str(profile.num_params(model)),
+    return {**(lineage.tags() if lineage.source == model.backbone.weights else {}),
+            "num_params": str(profile.num_params(model)),
             "gflops": f"{profile.gflops(model, setup.cfg.data.image_size):.4f}",
             "trainable_params": str(finetune.trainable_params(model)), "frozen_stages": ",".join(frozen) or "none",
             "num_classes": str(info.num_classes), "weights": model.backbone.weights, "device": str(setup.device),
             "precision": setup.precision}
+
+
+def best_key(primary: str) -> str:
+    """The metric that holds the best checkpoint's primary score: val/top1 -> best/top1."""
+    return f"best/{primary.split('/', 1)[1]}"
+
+
+def model_metrics(setup: Setup, described: dict[str, str]) -> dict[str, float]:
+    """The model's cost from `model_tags` as numbers, for chart axes: depth, parameters, GFLOPs at the task's size."""
+    depth = backbones.depth(setup.cfg.model.backbone.name)
+    return {**({"model/depth": float(depth)} if depth else {}), "model/num_params": float(described["num_params"]),
+            "model/gflops": float(described["gflops"])}
+
+
+def dataset_records(setup: Setup, data: TaskData) -> list[tracking.DatasetRecord]:
+    """The train and val sets as the run's MLflow dataset inputs: named after the data root's last two folders
+    (`shapes/classification train`), with a digest of the files each split reads (pipeline/data/fingerprint.py)."""
+    root = Path(os.path.abspath(setup.cfg.data.root))  # as the datasets' own paths are joined: no symlinks resolved
+    records = []
+    for split, context, dataset in (("train", "training", data.train), ("val", "validation", data.val)):
+        paths = fingerprint.files(dataset) or fingerprint.tree(root)
+        annotations = getattr(setup.cfg.data, f"{split}_ann", None)  # detection: the split's labels, in one json
+        if annotations:
+            paths.append(root / annotations)
+        records.append(tracking.DatasetRecord(
+            name=f"{'/'.join(root.parts[-2:])} {split}", digest=fingerprint.digest(paths, root, len(dataset)),
+            source=str(root), context=context, rows=len(dataset)))
+    return records
 
 
 def _summary(state: engine.FitState, metrics: dict, primary: str) -> str:

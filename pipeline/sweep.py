@@ -15,15 +15,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from pipeline import backbones, checkpoint, config, stages, tracking
+from pipeline import backbones, checkpoint, config, placement, stages, tracking
 from pipeline.errors import UserError
 from pipeline.tasks.registry import TASKS
 
 # Tags that mark a sweep's parent run and say which sweep it ran, so that --resume finds it again.
 ROLE_TAG = "pipeline.sweep"
 SPEC_TAG = "pipeline.sweep_spec"
-# Keys a sweep cannot vary: the children must share the parent's store and experiment, and each gets its own folder.
-_FIXED_KEYS = ("tracking.", "train.output_dir", "task")
+# Keys a sweep cannot vary: the children must share the parent's store and experiment (data.root names the
+# experiment of other data, pipeline/placement.py), and each gets its own folder.
+_FIXED_KEYS = ("tracking.", "train.output_dir", "task", "data.root")
 
 
 @dataclass
@@ -55,7 +56,7 @@ def run(task_file: str | Path, args: tuple[str, ...], resume: bool = False, say=
     fixed, swept = parse_args(args)
     combos = [dict(zip(swept, values)) for values in itertools.product(*swept.values())]
     cfg = _validate(task_file, fixed, combos)
-    experiment = cfg.tracking.experiment or Path(task_file).stem
+    experiment = placement.experiment(task_file, cfg)  # the children's: other data than the file's gets its own
     uri = tracking.resolve_uri(cfg.tracking.uri)
     parent = _open_parent(uri, experiment, cfg.task, task_file, fixed, swept, resume, say)
     say(f"sweep of {len(combos)} runs under parent run {parent.run_id} in experiment '{experiment}'")
@@ -76,6 +77,7 @@ def run(task_file: str | Path, args: tuple[str, ...], resume: bool = False, say=
                                            parent.run_id, resume, say))
         result = SweepResult(parent.run_id, primary, children)
         say(summary(result))
+        say(links(uri, parent.experiment_id, result))
         if result.failed:
             raise UserError(f"{len(result.failed)} of {len(children)} sweep runs failed (table above); fix the cause "
                             f"and rerun the same command with --resume to run only those")
@@ -121,7 +123,7 @@ def parse_args(args: tuple[str, ...]) -> tuple[list[str], dict[str, list[str]]]:
                             "with no empty entries")
         if key.startswith(_FIXED_KEYS):
             raise UserError(f"sweep argument '{arg}': {key} cannot be swept (every child shares the parent's "
-                            "tracking store and experiment, and gets its own output folder); give one value")
+                            "tracking store, experiment and data, and gets its own output folder); give one value")
         swept[key] = [v.strip() for v in values]
     if not swept:
         raise UserError("sweep: nothing to sweep; give at least one key with several values, e.g. "
@@ -215,6 +217,16 @@ def _one_line(err: BaseException) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Summary
+
+
+def links(uri: str, experiment_id: str, result: SweepResult) -> str:
+    """The MLflow UI pages of the sweep: its experiment's runs, and its children side by side."""
+    base = tracking.ui_address(uri)
+    lines = [f"MLflow UI{tracking.start_hint(uri)}:", f"  runs:    {tracking.experiment_link(base, experiment_id)}"]
+    run_ids = [c.run_id for c in result.children if c.run_id]
+    if len(run_ids) > 1:
+        lines.append(f"  compare: {tracking.compare_link(base, experiment_id, run_ids)}")
+    return "\n".join(lines)
 
 
 def summary(result: SweepResult) -> str:

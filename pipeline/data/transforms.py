@@ -86,6 +86,11 @@ def transform_names() -> list[str]:
     return sorted(_registry())
 
 
+def transform_class(name: Any) -> type | None:
+    """The albumentations class a spec entry's `name` stands for; None for an unknown name."""
+    return _registry().get(name) if isinstance(name, str) else None
+
+
 @functools.cache
 def _registry() -> dict[str, type]:
     classes = {name: getattr(A, name) for name in dir(A)}

@@ -25,9 +25,17 @@ Inference side (one contract serves `pipeline predict`, `pipeline export`, the l
 - `example_input(image_size)`: what export traces with.
 - `writer(out_dir, info, options)`: turns batches of inference outputs into files (CSV, COCO json, masks, .npy).
 
+Transform rules (checked once at the start of a run, pipeline/data/transform_checks.py)
+- `fixed_input_size`: train and val transforms must both give data.image_size square images (detection: False, the
+  detector resizes each image by model.min_size / max_size itself, so sizes vary).
+- `val_geometry`: the spatial transforms (albumentations' DualTransform: they move pixels, boxes and masks) a validation
+  spec may hold; None allows any. `val_transform_problem` says why one spec entry would corrupt the metric.
+
 Optional abilities (declared, never probed)
 - `caches_features`: the model has `features(images)` and an `input_is_features` switch (finetune.cache_features).
 - `merges_evaluators`: evaluators have `merge(other)`, so data-parallel ranks can each score a shard of the val set.
+- `one_class_per_image`: each image has one label (classification), so a val set smaller than the number of classes
+  leaves some class unvalidated (warned at start, pipeline/checks.py).
 - `collate_fn`: the task batches its own way (detection: lists of images of different sizes).
 - `batch_sampler(dataset, sampler, batch_size)`: may reorder training batches (detection groups by aspect ratio).
 """
@@ -168,9 +176,13 @@ class Task(ABC):
     primary: ClassVar[str]  # e.g. val/top1: picks the best checkpoint, drives early stopping
     synth: ClassVar[str]  # the synthetic dataset kind for data.synth_if_missing (pipeline/data/shapes.py)
     export: ClassVar[ExportSpec]
+    # transform rules
+    fixed_input_size: ClassVar[bool] = True
+    val_geometry: ClassVar[frozenset[str] | None] = None
     # optional abilities
     caches_features: ClassVar[bool] = False
     merges_evaluators: ClassVar[bool] = False
+    one_class_per_image: ClassVar[bool] = False
     collate_fn: ClassVar[Callable | None] = None
 
     # -- training side -------------------------------------------------------------------------------------------
@@ -232,6 +244,16 @@ class Task(ABC):
     def inference_transforms(self, cfg: TaskConfig) -> list[dict]:
         """The albumentations spec the model was evaluated with: what an image goes through before inference."""
         return self.specs(cfg.data)[1]
+
+    def val_transform_problem(self, entry: dict, data: DataConfig) -> str | None:
+        """Why one entry of the validation spec (a spatial transform) would corrupt this task's metric, and what to do
+        instead; None where it would not. The evaluator scores predictions against labels that went through the same
+        transforms, mapped back only as far as `val_geometry` allows."""
+        if self.val_geometry is None or entry["name"] in self.val_geometry:
+            return None
+        return (f"{entry['name']} moves pixels, and {self.name} validation maps predictions back only through "
+                f"{', '.join(sorted(self.val_geometry))}; remove it (validation may resize and normalise; "
+                "augmentation belongs in data.train_transforms)")
 
     # -- shared by the tasks -------------------------------------------------------------------------------------
 

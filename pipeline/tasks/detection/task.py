@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pipeline import backbones
+from pipeline.data.transform_checks import RESIZES
 from pipeline.errors import UserError
 from pipeline.tasks.base import DataInfo, ExportSpec, Placement, PredictOptions, Task, TaskData
 from pipeline.tasks.common import save_figure
@@ -52,6 +53,10 @@ class Detection(Task):
     export = ExportSpec(output_names=("detections",), dynamic_size=True, check=detection_export.match_detections,
                         script=detection_export.script)
     collate_fn = staticmethod(CocoDetection.collate_fn)
+    fixed_input_size = False  # the detector resizes each image by model.min_size / max_size: sizes vary
+    # The evaluator maps boxes back to the annotation file's pixels by each axis' scale (evaluate.py): a flip, crop,
+    # pad or rotation would shift every box against the ground truth.
+    val_geometry = RESIZES
 
     def default_transforms(self, data: DetectionData) -> tuple[list[dict], list[dict]]:
         # The detector resizes to model.min_size / max_size itself; the data side only augments.

@@ -1,13 +1,17 @@
 """The segmentation task: the contract of pipeline/tasks/base.py for DeepLabV3 on a dilated backbone."""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
+import albumentations as A
+import cv2
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline import export_checks
+from pipeline.data.transform_checks import RESIZES
 from pipeline.errors import UserError
 from pipeline.tasks.base import DataInfo, ExportSpec, Placement, PredictOptions, Task, TaskData
 from pipeline.tasks.common import save_figure
@@ -37,6 +41,10 @@ class Segmentation(Task):
     synth = "coco"  # the synthetic shapes scenes (COCO json + class masks)
     # checked by the class each pixel gets: near-tied logits may swap through rounding alone
     export = ExportSpec(output_names=("logits",), dynamic_size=True, check=export_checks.argmax)
+    # Masks go through the same transforms and are scored as they come out: a resize rescales both, and padding counts
+    # nowhere where masks are padded with ignore_index (val_transform_problem; tests/test_transform_checks.py proves
+    # it). A crop or rotation would score other pixels than the image's, and inference (to_original) undoes no flip.
+    val_geometry = RESIZES | {"PadIfNeeded"}
 
     def default_transforms(self, data: SegmentationData) -> tuple[list[dict], list[dict]]:
         """Train: scale to image_size, random rescale 0.5-2x, pad (mask: ignore) and crop, flip. Val: scale and pad.
@@ -54,6 +62,18 @@ class Segmentation(Task):
                  {"name": "HorizontalFlip", "p": 0.5}]
         val = [{"name": "LongestMaxSize", "max_size": size}, pad]
         return train, val
+
+    def val_transform_problem(self, entry: dict, data: SegmentationData) -> str | None:
+        problem = super().val_transform_problem(entry, data)
+        if problem is None and entry["name"] == "PadIfNeeded":
+            defaults = inspect.signature(A.PadIfNeeded.__init__).parameters
+            border = entry.get("border_mode", defaults["border_mode"].default)
+            fill_mask = entry.get("fill_mask", defaults["fill_mask"].default)
+            if border != cv2.BORDER_CONSTANT or fill_mask != data.ignore_index:
+                filled = fill_mask if border == cv2.BORDER_CONSTANT else "mirrored labels"
+                return (f"PadIfNeeded pads masks with {filled}, which scores the padding as labelled pixels; give it "
+                        "border_mode: 0 and fill_mask: ${data.ignore_index} so that padding counts nowhere")
+        return problem
 
     def build_data(self, data: SegmentationData, *, mean, std, seed: int) -> TaskData:
         if data.skip_bad_images:
