@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
+from loopback import free_port, port_open
 from pipeline import checkpoint, stages, tracking
 from pipeline.data import synth_coco, synth_faces
 
@@ -157,18 +157,6 @@ def test_logged_model_predicts_any_image_mode_and_refuses_bad_input_as_400(train
 
 
 # --- over HTTP -------------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1.0)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def post(port: int, body: dict | str) -> tuple[int, str]:

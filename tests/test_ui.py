@@ -10,21 +10,11 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from loopback import free_port, port_open
 from pipeline import tracking
 from pipeline.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def descendants(pid: int) -> set[int]:
