@@ -198,7 +198,12 @@ def sweep(task_file: Path, args: tuple[str, ...], resume: bool) -> None:
 
 @main.command()
 @click.argument("experiment")
-@click.option("--metric", default=None, help="Metric to compare (default: the task's primary, e.g. val/top1).")
+@click.option("--metric", "metrics", multiple=True, help="Metric to compare (default: the task's primary, e.g. "
+              "val/top1). Several: comma separated (--metric train/loss_epoch,train/error,val/top1) or --metric again; "
+              "a column and a <metric>_vs_depth.png each.")
+@click.option("--at", default="best", show_default=True, help="Which value of each metric: best (at the best "
+              "checkpoint's epoch) or last (the end of training, e.g. training error). Metrics logged per optimizer "
+              "step (grad_norm/<stage>) read as the mean of the last epoch either way.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder for the plots and runs.csv.")
 @click.option("--parent", default=None, help="The sweep with this parent run id, or any unique prefix of it (the "
               "23b984f9 of its folder sweep-23b984f9). Default: the latest sweep.")
@@ -207,12 +212,14 @@ def sweep(task_file: Path, args: tuple[str, ...], resume: bool) -> None:
 @click.option("--by", default=None, help="A tag or param that labels the runs, e.g. weights.source (pretrained start "
               "vs random init): a column, and one line per value in the plots.")
 @click.option("--uri", default=None, help="Tracking store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
-def compare(experiment: str, metric: str | None, out: Path | None, parent: str | None, every: bool, by: str | None,
-            uri: str | None) -> None:
-    """Table (and with --out, plots) of the latest sweep of EXPERIMENT (a task file's name), sorted by depth."""
+def compare(experiment: str, metrics: tuple[str, ...], at: str, out: Path | None, parent: str | None, every: bool,
+            by: str | None, uri: str | None) -> None:
+    """Table (and with --out, plots) of the latest sweep of EXPERIMENT (a task file's name), sorted by depth; backbone
+    families (cifar_plain, cifar_resnet) are separate lines."""
     from pipeline import compare as compare_runs
 
-    compare_runs.run(experiment, uri=uri, metric=metric, out=out, parent=parent, by=by, every=every, say=click.echo)
+    compare_runs.run(experiment, uri=uri, metric=metrics, out=out, parent=parent, by=by, every=every, at=at,
+                     say=click.echo)
 
 
 @main.command()

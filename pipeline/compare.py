@@ -4,21 +4,30 @@ Which runs: the experiment's latest sweep by default (the sweep whose newest fin
 with `parent` (a run id or any unique prefix of one, such as the `23b984f9` of its folder `sweep-23b984f9`), or every
 finished run with `every`. An experiment without sweeps shows every finished run.
 
-One row per finished training run (backbone, depth, epochs, parameters, GFLOPs at the task's input size, the metric
-at the best epoch, training img/s, wall time), sorted by depth, and four plots: the metric against depth, the metric
-against GFLOPs with the Pareto front marked, wall time against depth, and the metric's curve per run.
+One row per finished training run (backbone, depth, epochs, parameters, GFLOPs at the task's input size, each
+compared metric, training img/s, wall time), sorted by depth within each family, and plots: each metric against depth,
+the first metric against GFLOPs with the Pareto front marked, wall time against depth, and the first metric's curve per
+run.
 
-The plots cannot mislead: a line joins only runs of one sweep with one epoch count (and one value of `by`, a tag or
-param such as `weights.source` that labels every row); runs outside a sweep, and runs of a line that repeat a depth,
-are points that no line joins. Legends sit outside the axes, so no point hides behind one. Fractions (accuracy, mAP,
-IoU) are drawn on 0..1 and other non-negative values from 0, so two close runs look close; an axis fit to the points
-says so in its label.
+Which value of a metric (`at`): `best`, the value at the best checkpoint's epoch (what the model kept scores), or
+`last`, the last logged value (the end of training, as the degradation experiment compares training error). Metrics the
+engine logs per optimizer step (`grad_norm/<stage>`, `lr/<group>`, `train/loss`, and any metric whose steps run past
+the run's epochs) have no best epoch: either way they read as the mean of the values logged in the run's last epoch.
+
+The plots cannot mislead: a line joins only runs of one sweep with one epoch count, one backbone family (cifar_plain56
+-> cifar_plain, resnet50 -> resnet: plain and residual nets are two lines) and one value of `by` (a tag or param such
+as `weights.source` that labels every row); runs outside a sweep, and runs of a line that repeat a depth, are points
+that no line joins. A run that did not log a metric shows '-' and is left out of that metric's plots. Legends sit
+outside the axes, so no point hides behind one. Fractions (accuracy, mAP, IoU) are drawn on 0..1 and other non-negative
+values from 0, so two close runs look close; an axis fit to the points says so in its label.
 """
 from __future__ import annotations
 
 import csv
 import math
+import re
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +38,15 @@ from pipeline import tracking
 from pipeline.errors import UserError
 from pipeline.tasks.registry import TASKS
 
+# With one metric; with several, each gets <metric>_vs_depth.png (slashes as "_") in place of metric_vs_depth.png, and
+# the other three plots show the first.
 PLOTS = ("metric_vs_depth.png", "metric_vs_gflops.png", "time_vs_depth.png", "curves.png")
+AT = ("best", "last")
+# What the engine logs per optimizer step (MLflow step = optimizer step): read as the mean of the last epoch's values.
+PER_STEP_PREFIXES = ("grad_norm/", "lr/")
+PER_STEP_NAMES = ("train/loss",)
+# Logged, but no quantity to compare against depth: run constants (already columns) and unfreezing markers.
+NOT_COMPARED = ("model/", "unfreeze/")
 
 
 @dataclass
@@ -39,38 +56,59 @@ class Row:
     depth: int | None
     num_params: int | None
     gflops: float | None
-    value: float | None  # the compared metric at the run's best epoch
+    values: dict[str, float | None]  # each compared metric, read as `at` says; None: the run did not log it
     throughput: float | None  # median training img/s over epochs
     wall_time: float | None
     parent_run_id: str | None
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, metric)
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> (step, value)
+    per_step: dict[str, bool] = field(default_factory=dict)  # metric -> its steps are optimizer steps, not epochs
     group: str | None = None  # the run's value of the `by` tag or param
     epochs: int | None = None  # train.epochs as configured
 
     @property
-    def line(self) -> tuple[str, int, str]:
-        """What a plot line holds in common: sweep, epochs and `by` value (as sortable text and numbers)."""
-        return self.parent_run_id or "", self.epochs or 0, self.group or ""
+    def value(self) -> float | None:
+        """The first compared metric."""
+        return next(iter(self.values.values()), None)
+
+    @property
+    def curve(self) -> list[tuple[int, float]]:
+        return next(iter(self.curves.values()), [])
+
+    @property
+    def family(self) -> str:
+        return family(self.backbone)
+
+    @property
+    def line(self) -> tuple[str, int, str, str]:
+        """What a plot line holds in common: sweep, epochs, backbone family and `by` value (sortable text and
+        numbers)."""
+        return self.parent_run_id or "", self.epochs or 0, self.family, self.group or ""
 
 
 @dataclass
 class CompareResult:
-    metric: str
+    metric: str  # the first compared metric
     rows: list[Row]
     files: list[Path]
     logged_to: str | None  # the parent run the files were logged to
+    metrics: list[str] = field(default_factory=list)  # every compared metric, in the order given
 
 
-def run(experiment: str, uri: str | None = None, metric: str | None = None, out: str | Path | None = None,
-        parent: str | None = None, by: str | None = None, every: bool = False, say=print) -> CompareResult:
+def run(experiment: str, uri: str | None = None, metric: str | Sequence[str] | None = None,
+        out: str | Path | None = None, parent: str | None = None, by: str | None = None, every: bool = False,
+        at: str = "best", say=print) -> CompareResult:
     """Print the table; with `out`, write the plots and a CSV there and log them to the sweep's parent run.
 
-    `parent` (a run id or a unique prefix of one) picks a sweep, `every` takes every finished run; by default the
-    latest sweep, or every finished run of an experiment without sweeps. The files go to a parent run only when all
-    rows share that parent.
+    `metric`: one name, several comma separated, or a sequence of either (default: the task's primary). `at`: `best`
+    or `last` (see the module's docstring). `parent` (a run id or a unique prefix of one) picks a sweep, `every` takes
+    every finished run; by default the latest sweep, or every finished run of an experiment without sweeps. The files
+    go to a parent run only when all rows share that parent.
     """
     if parent and every:
         raise UserError("--parent picks one sweep and --all takes every run; give one of them")
+    if at not in AT:
+        raise UserError(f"--at {at}: choose best (at the best checkpoint's epoch) or last (the end of training)")
+    metrics = parse_metrics(metric)
     uri = tracking.resolve_uri(uri)
     every_run = tracking.search_runs(uri, experiment)
     runs = [r for r in every_run if r.status == "FINISHED" and r.tags.get("backbone")]  # sweep parents have none
@@ -89,16 +127,15 @@ def run(experiment: str, uri: str | None = None, metric: str | None = None, out:
     if not runs:
         where = f"under parent run {parent}" if parent else f"in experiment '{experiment}'"
         raise UserError(f"no finished training runs {where} in {uri}; run 'pipeline sweep' or 'pipeline run' first")
-    metric = metric or _primary(runs)
+    metrics = metrics or [_primary(runs)]
     newest = _newest_start(runs)
-    rows = sorted((_row(uri, r, metric, by) for r in runs), key=lambda row: _order(row, newest))
-    if all(r.value is None for r in rows):
-        logged = sorted({k for r in runs for k in r.metrics if k.startswith("val/")})
-        raise UserError(f"--metric {metric}: no run of '{experiment}' logged it; they log {', '.join(logged)}")
-    say(table(rows, metric, by))
+    rows = sorted((_row(uri, r, metrics, by, at) for r in runs), key=lambda row: _order(row, newest))
+    _check_logged(rows, runs, metrics, experiment, say)
+    readings = {m: reading(rows, m, at) for m in metrics}
+    say(table(rows, readings, by))
     if out is None:
-        return CompareResult(metric, rows, [], None)
-    files = [*plot(rows, metric, Path(out)), write_csv(rows, metric, Path(out) / "runs.csv", by)]
+        return CompareResult(metrics[0], rows, [], None, metrics)
+    files = [*plot(rows, readings, Path(out)), write_csv(rows, readings, Path(out) / "runs.csv", by)]
     say(f"wrote {', '.join(str(f) for f in files)}")
     logged_to = parent or _common_parent(rows)
     if logged_to:
@@ -108,7 +145,44 @@ def run(experiment: str, uri: str | None = None, metric: str | None = None, out:
         say(f"logged them to the sweep's parent run {logged_to} (artifacts: compare/)")
     elif any(r.parent_run_id for r in rows):
         say("not logged to a parent run: the rows come from several sweeps or single runs; pick one with --parent")
-    return CompareResult(metric, rows, files, logged_to)
+    return CompareResult(metrics[0], rows, files, logged_to, metrics)
+
+
+def parse_metrics(given: str | Sequence[str] | None) -> list[str]:
+    """`val/top1`, `train/error,val/top1` or a sequence of such texts -> the names in order, each once."""
+    texts = [given] if isinstance(given, str) else list(given or [])
+    names = [name.strip() for text in texts for name in text.split(",")]
+    if any(not name for name in names):
+        raise UserError(f"--metric {','.join(texts)}: an empty name; give names such as train/error,val/top1")
+    return list(dict.fromkeys(names))
+
+
+def family(backbone: str) -> str:
+    """The backbone's name without its depth and what follows: cifar_plain56 -> cifar_plain, cifar_resnet20 ->
+    cifar_resnet, resnext50_32x4d -> resnext, wide_resnet50_2 -> wide_resnet, densenet121 -> densenet; a name without
+    digits is its own family."""
+    return re.match(r"\D*", backbone).group().rstrip("_-.") or backbone
+
+
+def _check_logged(rows: list[Row], runs: list[tracking.RunRecord], metrics: list[str], experiment: str, say) -> None:
+    """A metric no run logged is an error naming what the runs do log; one only some runs logged is said, once."""
+    missing = [m for m in metrics if all(r.values[m] is None for r in rows)]
+    if missing:
+        logged = sorted({k for r in runs for k in r.metrics if not k.startswith(NOT_COMPARED)})
+        raise UserError(f"--metric {', '.join(missing)}: no run of '{experiment}' logged "
+                        f"{'it' if len(missing) == 1 else 'them'}; they log {', '.join(logged) or 'no metrics'}")
+    for m in metrics:
+        absent = [r for r in rows if r.values[m] is None]
+        if absent:
+            names = ", ".join(f"{r.backbone} ({r.run_id[:8]})" for r in absent)
+            say(f"{m}: not logged by {len(absent)} of {len(rows)} runs ({names}); shown as '-', left out of its plots")
+
+
+def reading(rows: list[Row], metric: str, at: str) -> str:
+    """Which value of `metric` the rows hold, in words, for the table's header and the plots' axes."""
+    if any(r.per_step.get(metric) for r in rows):
+        return "mean of last epoch"
+    return {"best": "best epoch", "last": "last"}[at]
 
 
 def latest_sweep(runs: list[tracking.RunRecord]) -> str | None:
@@ -157,17 +231,49 @@ def _primary(runs: list[tracking.RunRecord]) -> str:
     return TASKS[known[0]].primary
 
 
-def _row(uri: str, run: tracking.RunRecord, metric: str, by: str | None = None) -> Row:
-    curve = tracking.metric_history(uri, run.run_id, metric)
+def _row(uri: str, run: tracking.RunRecord, metrics: list[str], by: str | None = None, at: str = "best") -> Row:
     throughput = [v for _, v in tracking.metric_history(uri, run.run_id, "train/throughput")]
     tags = run.tags
+    epochs = _int(run.params.get("train.epochs"))
+    # The epochs it ran: best/epoch is logged once, at the last epoch (an early-stopped run ran fewer than configured)
+    finished_at = tracking.metric_history(uri, run.run_id, "best/epoch")
+    ran = finished_at[-1][0] if finished_at else epochs
+    curves = {m: tracking.metric_history(uri, run.run_id, m) for m in metrics}
+    per_step = {m: is_per_step(m, curve, ran) for m, curve in curves.items()}
+    values = {m: last_epoch_mean(curve, ran) if per_step[m] else value_of(curve, at, run.metrics.get("best/epoch"))
+              for m, curve in curves.items()}
     return Row(run_id=run.run_id, backbone=tags["backbone"], depth=_int(tags.get("depth")),
-               num_params=_int(tags.get("num_params")), gflops=_float(tags.get("gflops")),
-               value=at_best_epoch(curve, run.metrics.get("best/epoch")),
+               num_params=_int(tags.get("num_params")), gflops=_float(tags.get("gflops")), values=values,
                throughput=statistics.median(throughput) if throughput else None, wall_time=run.wall_time,
-               parent_run_id=run.parent_run_id, curve=curve,
-               group=(run.tags.get(by) or run.params.get(by) or "-") if by else None,
-               epochs=_int(run.params.get("train.epochs")))
+               parent_run_id=run.parent_run_id, curves=curves, per_step=per_step,
+               group=(run.tags.get(by) or run.params.get(by) or "-") if by else None, epochs=epochs)
+
+
+def is_per_step(metric: str, curve: list[tuple[int, float]], epochs: int | None) -> bool:
+    """Whether the metric's MLflow steps count optimizer steps rather than epochs: the engine's per-step metrics by
+    name (grad_norm/<stage>, lr/<group>, train/loss), and any other metric whose steps run past the run's epochs."""
+    if metric.startswith(PER_STEP_PREFIXES) or metric in PER_STEP_NAMES:
+        return True
+    return bool(curve and epochs and curve[-1][0] > epochs)
+
+
+def value_of(curve: list[tuple[int, float]], at: str, best_epoch: float | None) -> float | None:
+    """An epoch metric's value: at the best checkpoint's epoch (`best`) or its last logged value (`last`)."""
+    if not curve:
+        return None
+    return at_best_epoch(curve, best_epoch) if at == "best" else curve[-1][1]
+
+
+def last_epoch_mean(curve: list[tuple[int, float]], epochs: int | None) -> float | None:
+    """The mean of a per-step metric over the run's last epoch: the values logged after (epochs - 1) / epochs of its
+    last step (every epoch has as many steps, and the engine logs each epoch's last step). A single step's gradient
+    norm is noise; an epoch's mean is what the run ended with. Epochs unknown: the last value."""
+    if not curve:
+        return None
+    if not epochs or epochs < 1:
+        return curve[-1][1]
+    end = curve[-1][0]
+    return statistics.fmean(v for step, v in curve if step > end * (epochs - 1) / epochs or step == end)
 
 
 def at_best_epoch(curve: list[tuple[int, float]], best_epoch: float | None) -> float | None:
@@ -183,11 +289,11 @@ def at_best_epoch(curve: list[tuple[int, float]], best_epoch: float | None) -> f
 
 
 def _order(row: Row, newest: dict[str, float]) -> tuple:
-    """By depth within a sweep, epoch count and `by` value; several sweeps stay apart, the latest first, then the runs
-    outside a sweep."""
-    sweep, epochs, group = row.line
-    return (not sweep, -newest.get(sweep, 0.0), sweep, epochs, group, row.depth is None, row.depth or 0, row.backbone,
-            row.run_id)
+    """By depth within a sweep, epoch count, family and `by` value; several sweeps stay apart, the latest first, then
+    the runs outside a sweep."""
+    sweep, epochs, kind, group = row.line
+    return (not sweep, -newest.get(sweep, 0.0), sweep, epochs, kind, group, row.depth is None, row.depth or 0,
+            row.backbone, row.run_id)
 
 
 def _int(text: str | None) -> int | None:
@@ -210,18 +316,19 @@ def _common_parent(rows: list[Row]) -> str | None:
 # Table and CSV
 
 
-def table(rows: list[Row], metric: str, by: str | None = None) -> str:
-    """Names left-aligned, numbers right-aligned; a `sweep` column only when the rows come from several sweeps (or
-    from single runs and sweeps), so that two rows of one backbone are told apart."""
+def table(rows: list[Row], readings: dict[str, str], by: str | None = None) -> str:
+    """Names left-aligned, numbers right-aligned; one column per metric, headed by which value it holds (`val/top1
+    (best epoch)`); a `sweep` column only when the rows come from several sweeps (or from single runs and sweeps), so
+    that two rows of one backbone are told apart."""
     columns = [("backbone", [r.backbone for r in rows], True)]
     if by:
         columns.append((by, [r.group or "-" for r in rows], True))
     columns += [("depth", [_fmt(r.depth) for r in rows], False),
                 ("epochs", [_fmt(r.epochs) for r in rows], False),
                 ("params", [_fmt(r.num_params, "{:,}") for r in rows], False),
-                ("GFLOPs", [_fmt(r.gflops, "{:.2f}") for r in rows], False),
-                (metric, [_fmt(r.value, "{:.4f}") for r in rows], False),
-                ("train img/s", [_fmt(r.throughput, "{:.0f}") for r in rows], False),
+                ("GFLOPs", [_fmt(r.gflops, "{:.2f}") for r in rows], False)]
+    columns += [(f"{m} ({how})", [_number(r.values.get(m), 4) for r in rows], False) for m, how in readings.items()]
+    columns += [("train img/s", [_fmt(r.throughput, "{:.0f}") for r in rows], False),
                 ("wall time", [_fmt(r.wall_time, "{:.0f}s") for r in rows], False)]
     if len({r.parent_run_id for r in rows}) > 1:
         columns.append(("sweep", [_sweep(r.parent_run_id) for r in rows], True))
@@ -238,19 +345,30 @@ def _fmt(value, pattern: str = "{}") -> str:
     return "-" if value is None else pattern.format(value)
 
 
+def _number(value: float | None, digits: int) -> str:
+    """Fixed decimals for the usual range (0.9512); significant digits for tiny or huge values (a vanishing gradient
+    norm of 3.2e-05 would print as 0.0000)."""
+    if value is None:
+        return "-"
+    fixed = value == 0 or not math.isfinite(value) or 10 ** -(digits - 1) <= abs(value) < 10 ** (digits + 1)
+    return f"{value:.{digits}f}" if fixed else f"{value:.{digits}g}"
+
+
 def _sweep(parent_run_id: str | None) -> str:
     return parent_run_id[:8] if parent_run_id else "-"
 
 
-def write_csv(rows: list[Row], metric: str, path: Path, by: str | None = None) -> Path:
+def write_csv(rows: list[Row], readings: dict[str, str], path: Path, by: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["run_id", "backbone", *([by] if by else []), "depth", "epochs", "num_params", "gflops", metric,
-                         "train_img_s", "wall_time_s", "parent_run_id"])
+        writer.writerow(["run_id", "backbone", *([by] if by else []), "depth", "epochs", "num_params", "gflops",
+                         *(f"{m} ({how})" for m, how in readings.items()), "train_img_s", "wall_time_s",
+                         "parent_run_id"])
         for r in rows:
             writer.writerow([r.run_id, r.backbone, *([r.group] if by else []), r.depth, r.epochs, r.num_params,
-                             r.gflops, r.value, r.throughput, r.wall_time, r.parent_run_id or ""])
+                             r.gflops, *(r.values.get(m) for m in readings), r.throughput, r.wall_time,
+                             r.parent_run_id or ""])
     return path
 
 
@@ -258,64 +376,97 @@ def write_csv(rows: list[Row], metric: str, path: Path, by: str | None = None) -
 # Plots
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[int]:
     """Indices of the (cost, value) points that no other point beats: none is cheaper-or-equal and better.
 
     Sorted by cost; ties in cost keep only the best value.
     """
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    sign = 1.0 if higher_is_better else -1.0
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -sign * points[i][1]))
     front, best = [], float("-inf")
     for i in order:
-        if points[i][1] > best:
+        if sign * points[i][1] > best:
             front.append(i)
-            best = points[i][1]
+            best = sign * points[i][1]
     return front
 
 
-def plot(rows: list[Row], metric: str, out: Path) -> list[Path]:
+def better(metric: str) -> int:
+    """1 when higher is better (accuracy, mAP, IoU), -1 when lower is (loss, error), 0 when neither is (a gradient
+    norm, a learning rate)."""
+    if metric.startswith(PER_STEP_PREFIXES):
+        return 0
+    leaf = metric.rsplit("/", 1)[-1].lower()
+    return -1 if "loss" in leaf or "err" in leaf else 1
+
+
+def file_stem(metric: str) -> str:
+    """A metric's name as a file name: train/error -> train_error."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", metric).strip("_") or "metric"
+
+
+def plot(rows: list[Row], readings: dict[str, str], out: Path) -> list[Path]:
+    """metric_vs_depth.png for one metric, <metric>_vs_depth.png for each of several; the GFLOPs plot and the curves
+    show the first metric."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / name for name in PLOTS]
-    figures = (_vs_depth(rows, metric), _vs_gflops(rows, metric), _time_vs_depth(rows), _curves(rows, metric))
-    for figure, path in zip(figures, paths):
-        figure.savefig(path, dpi=110, bbox_inches="tight")  # "tight" takes in the legends outside the axes
+    metrics = list(readings)
+    first = metrics[0]
+    figures: dict[str, Figure] = {}
+    if len(metrics) == 1:
+        figures["metric_vs_depth.png"] = _vs_depth(rows, first, readings[first])
+    else:
+        for m in metrics:
+            figures[f"{file_stem(m)}_vs_depth.png"] = _vs_depth(rows, m, readings[m])
+    figures["metric_vs_gflops.png"] = _vs_gflops(rows, first, readings[first])
+    figures["time_vs_depth.png"] = _time_vs_depth(rows)
+    figures["curves.png"] = _curves(rows, first)
+    paths = []
+    for name, figure in figures.items():
+        figure.savefig(out / name, dpi=110, bbox_inches="tight")  # "tight" takes in the legends outside the axes
+        paths.append(out / name)
     return paths
 
 
 def lines(rows: list[Row]) -> dict[tuple, list[Row]]:
-    """The rows a plot line may join: one sweep, one epoch count, one `by` value. Runs outside a sweep share no line."""
+    """The rows a plot line may join: one sweep, one epoch count, one backbone family, one `by` value. Runs outside a
+    sweep share no line."""
     found: dict[tuple, list[Row]] = {}
     for r in rows:
-        found.setdefault(r.line if r.parent_run_id else ("", r.epochs or 0, r.group or "", r.run_id), []).append(r)
+        found.setdefault(r.line if r.parent_run_id else (*r.line, r.run_id), []).append(r)
     return found
 
 
-def _label(members: list[Row]) -> str:
+def _label(members: list[Row], with_family: bool = False) -> str:
+    """The line's family (when the plot holds several), `by` value, sweep or run, and epochs."""
     r = members[0]
-    parts = [r.group] if r.group is not None else []
+    parts = [r.family] if with_family else []
+    parts += [r.group] if r.group is not None else []
     parts.append(f"sweep {_sweep(r.parent_run_id)}" if r.parent_run_id else f"run {r.run_id[:8]}")
     parts.append(f"{r.epochs} epochs" if r.epochs is not None else "epochs unknown")
     return ", ".join(parts)
 
 
 def _by_depth(rows: list[Row], y) -> Figure:
-    """y(row) against depth: one line per sweep, epoch count and `by` value; a line whose runs repeat a depth (a
-    sweep over depth and learning rate, say) would zigzag between them, so its runs stay points."""
+    """y(row) against depth: one line per sweep, epoch count, family and `by` value; a line whose runs repeat a depth
+    (a sweep over depth and learning rate, say) would zigzag between them, so its runs stay points."""
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
-    for members in lines([r for r in rows if r.depth is not None and y(r) is not None]).values():
+    shown = [r for r in rows if r.depth is not None and y(r) is not None]
+    with_family = len({r.family for r in shown}) > 1
+    for members in lines(shown).values():
         members = sorted(members, key=lambda r: r.depth)
         joined = len(members) > 1 and len({r.depth for r in members}) == len(members)
-        label = _label(members) + ("" if joined or len(members) == 1 else " (not joined: repeated depths)")
+        label = _label(members, with_family) + ("" if joined or len(members) == 1 else " (not joined: repeated depths)")
         ax.plot([r.depth for r in members], [y(r) for r in members], "o-" if joined else "o", label=label)
     return fig
 
 
-def _vs_depth(rows: list[Row], metric: str) -> Figure:
-    fig = _by_depth(rows, lambda r: r.value)
+def _vs_depth(rows: list[Row], metric: str, how: str = "best epoch") -> Figure:
+    fig = _by_depth(rows, lambda r: r.values.get(metric))
     ax = fig.axes[0]
-    shown = [r for r in rows if r.depth is not None and r.value is not None]
-    _annotate(ax, [(r.depth, r.value, f"{r.backbone} {r.value:.3f}") for r in shown])
-    _y_axis(ax, [r.value for r in shown], f"{metric} (best epoch)")
+    shown = [(r, r.values[metric]) for r in rows if r.depth is not None and r.values.get(metric) is not None]
+    _annotate(ax, [(r.depth, v, f"{r.backbone} {_number(v, 3)}") for r, v in shown])
+    _y_axis(ax, [v for _, v in shown], f"{metric} ({how})", fractions=not any(r.per_step.get(metric) for r in rows))
     ax.set(xlabel="depth (layers)", title=f"{metric} vs depth")
     _finish(ax)
     return fig
@@ -332,17 +483,29 @@ def _time_vs_depth(rows: list[Row]) -> Figure:
     return fig
 
 
-def _vs_gflops(rows: list[Row], metric: str) -> Figure:
+def _vs_gflops(rows: list[Row], metric: str, how: str = "best epoch") -> Figure:
+    """The metric against compute, with a Pareto front per sweep, epoch count and `by` value: the families of one sweep
+    compete (which buys most per GFLOP), runs of other budgets do not. A metric with no better direction (a gradient
+    norm) gets no front."""
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
-    shown = [r for r in rows if r.gflops is not None and r.value is not None]
-    ax.scatter([r.gflops for r in shown], [r.value for r in shown], color="tab:gray", label="runs")
-    for members in lines(shown).values():  # a front per sweep and epoch count: runs of other budgets do not compete
+    shown = [r for r in rows if r.gflops is not None and r.values.get(metric) is not None]
+    ax.scatter([r.gflops for r in shown], [r.values[metric] for r in shown], color="tab:gray", label="runs")
+    direction = better(metric)
+    budgets: dict[tuple, list[Row]] = {}
+    for r in shown:
+        if r.parent_run_id and direction:
+            sweep, epochs, _, group = r.line
+            budgets.setdefault((sweep, epochs, group), []).append(r)
+    for members in budgets.values():
         if len(members) > 1:
-            front = [members[i] for i in pareto_front([(r.gflops, r.value) for r in members])]
-            ax.plot([r.gflops for r in front], [r.value for r in front], "o-", label=f"Pareto front, {_label(front)}")
-    _annotate(ax, [(r.gflops, r.value, f"{r.backbone} {r.value:.3f}") for r in shown])
-    _y_axis(ax, [r.value for r in shown], f"{metric} (best epoch)")
+            points = [(r.gflops, r.values[metric]) for r in members]
+            front = [members[i] for i in pareto_front(points, higher_is_better=direction > 0)]
+            ax.plot([r.gflops for r in front], [r.values[metric] for r in front], "o-",
+                    label=f"Pareto front, {_label(front)}")
+    _annotate(ax, [(r.gflops, r.values[metric], f"{r.backbone} {_number(r.values[metric], 3)}") for r in shown])
+    _y_axis(ax, [r.values[metric] for r in shown], f"{metric} ({how})",
+            fractions=not any(r.per_step.get(metric) for r in rows))
     ax.set(xlabel="GFLOPs per image (multiply-accumulates)", title=f"{metric} vs compute")
     _finish(ax)
     return fig
@@ -352,14 +515,17 @@ def _curves(rows: list[Row], metric: str) -> Figure:
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
     for r in rows:
-        if r.curve:
-            steps, values = zip(*r.curve)
+        curve = r.curves.get(metric)
+        if curve:
+            steps, values = zip(*curve)
             group = f", {r.group}" if r.group else ""
             epochs = f", {r.epochs} epochs" if r.epochs is not None else ""
             ax.plot(steps, values, "o-" if len(steps) == 1 else "-",
                     label=f"{r.backbone}{group}{epochs} ({r.run_id[:8]})")
-    _y_axis(ax, [v for r in rows for _, v in r.curve], metric)
-    ax.set(xlabel="epoch", title=f"{metric} per epoch")
+    per_step = any(r.per_step.get(metric) for r in rows)
+    _y_axis(ax, [v for r in rows for _, v in r.curves.get(metric, [])], metric, fractions=not per_step)
+    unit = "optimizer step" if per_step else "epoch"
+    ax.set(xlabel=unit, title=f"{metric} per {unit}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _finish(ax)
     return fig
@@ -378,13 +544,15 @@ def _annotate(ax, points: list[tuple[float, float, str]]) -> None:
                     ha="right" if right else "left")
 
 
-def _y_axis(ax, values: list[float], label: str) -> None:
+def _y_axis(ax, values: list[float], label: str, fractions: bool = True) -> None:
     """An axis whose distances read as differences: fractions on 0..1, other non-negative values from 0. Only an axis
-    with negative values is fit to the points, and its label says so."""
+    with negative values is fit to the points, and its label says so. `fractions=False` (gradient norms, learning
+    rates: small, but no fraction) draws values below 1 from 0 to their largest, not on 0..1 where they would lie flat
+    on the floor."""
     values = [v for v in values if v is not None and math.isfinite(v)]
     if values and min(values) >= 0:
-        top = 1.0 if max(values) <= 1 else max(values)
-        ax.set_ylim(0, top * 1.04)  # a little room above, so a point at the top is drawn whole
+        top = 1.0 if fractions and max(values) <= 1 else max(values)
+        ax.set_ylim(0, (top or 1.0) * 1.04)  # a little room above, so a point at the top is drawn whole
     elif values:
         label += " (axis fit to the points)"
     ax.set_ylabel(label)

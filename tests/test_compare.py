@@ -212,3 +212,191 @@ def test_compare_errors_are_one_line(store: str, args, expected):
     assert result.exit_code == 1
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], result.output
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The degradation experiment (issue 21): plain and residual CIFAR nets of two depths in one sweep, compared on training
+# error at the end of training, on validation top-1, and on the stem's gradient norm logged per optimizer step.
+
+STEPS_PER_EPOCH = 4
+# backbone -> (train/error at the last epoch, val/top1 at the best epoch, grad_norm/stem over the last epoch)
+DEGRADATION = {"cifar_plain20": (0.10, 0.88, 0.05), "cifar_plain56": (0.20, 0.80, 0.01),
+               "cifar_resnet20": (0.08, 0.90, 0.50), "cifar_resnet56": (0.05, 0.92, 0.40)}
+
+
+def _degradation_run(uri: str, parent: str, name: str, epochs: int = 3) -> str:
+    error, top1, grad = DEGRADATION[name]
+    depth = int(name.removeprefix(compare.family(name)))
+    tags = {"task": "classification", "backbone": name, "depth": str(depth), "gflops": str(depth / 100),
+            "num_params": str(depth * 1000)}
+    with tracking.Tracker.start(uri, "degradation_shapes", run_name=name, params={"train.epochs": str(epochs)},
+                                tags=tags, parent_run_id=parent) as run:
+        for epoch in range(1, epochs + 1):
+            metrics = {"train/error": error + 0.1 * (epochs - epoch), "train/loss_epoch": 2 * error + epochs - epoch,
+                       "val/top1": top1 - (0.1 if epoch == 1 else 0.05 if epoch == 3 else 0.0), "model/depth": depth}
+            if "resnet" in name:  # only the residual runs log it: the plain rows show '-'
+                metrics["val/loss"] = 1 - top1
+            run.log_metrics(metrics, epoch)
+        for step in range(1, epochs * STEPS_PER_EPOCH + 1):  # per optimizer step: 10x larger before the last epoch
+            last_epoch = step > (epochs - 1) * STEPS_PER_EPOCH
+            run.log_metrics({"grad_norm/stem": grad if last_epoch else 10 * grad}, step)
+        run.log_metrics({"best/top1": top1, "best/epoch": 2}, epochs)
+    time.sleep(0.01)
+    return run.run_id
+
+
+@pytest.fixture
+def degradation(store: str) -> str:
+    """The issue's sweep: model.backbone.name=cifar_plain20,cifar_plain56,cifar_resnet20,cifar_resnet56."""
+    with tracking.Tracker.start(store, "degradation_shapes", run_name="sweep", params={},
+                                tags={"pipeline.sweep": "parent", "task": "classification"}) as parent:
+        for name in DEGRADATION:
+            _degradation_run(store, parent.run_id, name)
+    return parent.run_id
+
+
+@pytest.mark.parametrize("backbone, expected", [
+    ("cifar_plain56", "cifar_plain"), ("cifar_resnet20", "cifar_resnet"), ("resnet50", "resnet"),
+    ("resnext50_32x4d", "resnext"), ("wide_resnet50_2", "wide_resnet"), ("densenet121", "densenet"),
+    ("tinynet", "tinynet"),
+])
+def test_family_is_the_name_without_its_depth(backbone: str, expected: str):
+    assert compare.family(backbone) == expected
+
+
+def test_plain_and_residual_nets_are_two_lines_and_each_metric_gets_a_column_and_a_plot(
+        store: str, degradation: str, tmp_path: Path):
+    said = []
+    result = compare.run("degradation_shapes", uri=store, metric="train/error,val/top1", at="last",
+                         out=tmp_path / "figs", say=said.append)
+    assert result.metrics == ["train/error", "val/top1"]
+    # sorted by depth within each family, the families apart
+    assert [r.backbone for r in result.rows] == ["cifar_plain20", "cifar_plain56", "cifar_resnet20", "cifar_resnet56"]
+    joined = {key: [r.backbone for r in members] for key, members in compare.lines(result.rows).items()}
+    assert joined == {(degradation, 3, "cifar_plain", ""): ["cifar_plain20", "cifar_plain56"],
+                      (degradation, 3, "cifar_resnet", ""): ["cifar_resnet20", "cifar_resnet56"]}
+    # the depth plot draws one line per family, labelled with it
+    ax = compare._vs_depth(result.rows, "train/error", "last").axes[0]
+    drawn = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+    assert drawn == {f"cifar_plain, sweep {degradation[:8]}, 3 epochs": ([20, 56], pytest.approx([0.10, 0.20])),
+                     f"cifar_resnet, sweep {degradation[:8]}, 3 epochs": ([20, 56], pytest.approx([0.08, 0.05]))}
+    assert ax.get_ylabel() == "train/error (last)"
+    # one column per metric, headed by which value it holds
+    table = next(line for line in said if line.startswith("backbone"))
+    header, *body = table.splitlines()
+    assert "train/error (last)" in header and "val/top1 (last)" in header
+    assert body[1].split()[:7] == ["cifar_plain56", "56", "3", "56,000", "0.56", "0.2000", "0.7500"]
+    # a <metric>_vs_depth.png per metric; the other plots show the first metric
+    assert {p.name for p in result.files} == {"train_error_vs_depth.png", "val_top1_vs_depth.png",
+                                              "metric_vs_gflops.png", "time_vs_depth.png", "curves.png", "runs.csv"}
+    assert all(p.is_file() and p.read_bytes().startswith(b"\x89PNG") for p in result.files if p.suffix == ".png")
+    with (tmp_path / "figs" / "runs.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [float(row["train/error (last)"]) for row in rows] == pytest.approx([0.10, 0.20, 0.08, 0.05])
+    assert result.logged_to == degradation
+
+
+def test_at_last_takes_the_end_of_training_and_best_the_best_checkpoints_epoch(store: str, degradation: str):
+    def values(at: str) -> list[float]:
+        result = compare.run("degradation_shapes", uri=store, metric=["val/top1", "train/error"], at=at,
+                             say=lambda *_: None)
+        return [(r.values["val/top1"], r.values["train/error"]) for r in result.rows if r.backbone == "cifar_plain20"]
+
+    # val/top1 is 0.88 at the best epoch (2) and 0.83 at the last (3); train/error is 0.2 at epoch 2, 0.1 at 3
+    assert values("best") == [pytest.approx((0.88, 0.20))]
+    assert values("last") == [pytest.approx((0.83, 0.10))]
+
+
+def test_a_metric_logged_per_optimizer_step_reads_as_its_last_epochs_mean(store: str, degradation: str,
+                                                                         tmp_path: Path):
+    said = []
+    result = compare.run("degradation_shapes", uri=store, metric="grad_norm/stem", out=tmp_path / "figs",
+                         say=said.append)  # --at best: no best epoch among optimizer steps, the same reading
+    assert {r.backbone: r.value for r in result.rows} == pytest.approx(
+        {name: grad for name, (_, _, grad) in DEGRADATION.items()})
+    assert all(r.per_step["grad_norm/stem"] for r in result.rows)
+    assert "grad_norm/stem (mean of last epoch)" in next(line for line in said if line.startswith("backbone"))
+    assert {p.name for p in result.files} >= {"metric_vs_depth.png", "curves.png"}
+    # gradient norms are no fractions: 0.01 and 0.5 are drawn up to 0.5, not flat on a 0..1 axis
+    assert compare._vs_depth(result.rows, "grad_norm/stem").axes[0].get_ylim() == pytest.approx((0, 0.52))
+    # a curve over optimizer steps says so
+    assert compare._curves(result.rows, "grad_norm/stem").axes[0].get_xlabel() == "optimizer step"
+
+
+def test_per_step_metrics_are_told_from_epoch_metrics_by_name_or_steps():
+    per_epoch = [(1, 0.5), (2, 0.6), (3, 0.7)]
+    per_step = [(s, float(s)) for s in range(1, 13)]
+    assert not compare.is_per_step("val/top1", per_epoch, 3)
+    assert compare.is_per_step("custom/thing", per_step, 3)  # its steps run past the 3 epochs
+    assert compare.is_per_step("grad_norm/layer1", per_epoch[:1], 3)  # by name, even with one step logged
+    # the last of 3 epochs of 4 steps: steps 9..12; logged every 5 steps (and each epoch's last): 10 and 12
+    assert compare.last_epoch_mean(per_step, 3) == pytest.approx(10.5)
+    assert compare.last_epoch_mean([(5, 1.0), (8, 2.0), (10, 3.0), (12, 5.0)], 3) == pytest.approx(4.0)
+    assert compare.last_epoch_mean(per_step, None) == 12.0  # epochs unknown: the last value
+    assert compare.last_epoch_mean([], 3) is None
+
+
+def test_an_early_stopped_run_counts_the_epochs_it_ran(store: str):
+    """train.epochs=100 but stopped after 3: best/epoch, logged at the last epoch, says how many epochs there were."""
+    with tracking.Tracker.start(store, "early", run_name="r", params={"train.epochs": "100"},
+                                tags={"task": "classification", "backbone": "resnet18", "depth": "18"}) as run:
+        for step in range(1, 13):
+            run.log_metrics({"custom/norm": 1.0 if step > 8 else 9.0}, step)
+        run.log_metrics({"val/top1": 0.5, "best/epoch": 3}, 3)
+    (row,) = compare.run("early", uri=store, metric="custom/norm", say=lambda *_: None).rows
+    assert row.per_step["custom/norm"] and row.value == pytest.approx(1.0)
+
+
+def test_a_metric_only_some_runs_logged_shows_dashes_and_leaves_their_points_out(store: str, degradation: str,
+                                                                                 tmp_path: Path):
+    said = []
+    result = compare.run("degradation_shapes", uri=store, metric="val/top1,val/loss", out=tmp_path / "figs",
+                         say=said.append)
+    notes = [line for line in said if line.startswith("val/loss: not logged by 2 of 4 runs")]
+    assert len(notes) == 1 and "cifar_plain20" in notes[0] and "cifar_plain56" in notes[0]
+    header, *body = next(line for line in said if line.startswith("backbone")).splitlines()
+    column = header.index("val/loss (best epoch)") + len("val/loss (best epoch)")
+    assert [line[:column].split()[-1] for line in body] == ["-", "-", "0.1000", "0.0800"]
+    lines = compare._vs_depth(result.rows, "val/loss").axes[0].get_lines()
+    # one family left: its line needs no family in the label
+    assert [(line.get_label(), list(line.get_xdata())) for line in lines] == [
+        (f"sweep {degradation[:8]}, 3 epochs", [20, 56])]
+    assert (tmp_path / "figs" / "val_loss_vs_depth.png").is_file()
+
+
+def test_compare_cli_for_the_degradation_experiment(store: str, degradation: str, tmp_path: Path):
+    out = tmp_path / "figs"
+    result = CliRunner().invoke(main, ["compare", "degradation_shapes", "--metric", "train/loss_epoch,train/error",
+                                       "--metric", "val/top1", "--at", "last", "--out", str(out), "--uri", store])
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.output.splitlines() if line.startswith("cifar_")]
+    assert [row[0] for row in rows] == ["cifar_plain20", "cifar_plain56", "cifar_resnet20", "cifar_resnet56"]
+    assert [row[5:7] for row in rows] == [["0.2000", "0.1000"], ["0.4000", "0.2000"], ["0.1600", "0.0800"],
+                                          ["0.1000", "0.0500"]]  # train/loss_epoch and train/error, last epoch
+    for name in ("train_loss_epoch", "train_error", "val_top1"):
+        assert (out / f"{name}_vs_depth.png").read_bytes().startswith(b"\x89PNG")
+    assert not (out / "metric_vs_depth.png").exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--metric", "val/nosuch"), "--metric val/nosuch: no run of 'degradation_shapes' logged it; they log "
+                                 "best/epoch, best/top1, grad_norm/stem, train/error, train/loss_epoch, val/loss, "
+                                 "val/top1"),
+    (("--metric", "val/top1,val/nosuch,train/nosuch"), "--metric val/nosuch, train/nosuch: no run of "
+                                                        "'degradation_shapes' logged them"),
+    (("--metric", "val/top1,"), "--metric val/top1,: an empty name"),
+    (("--at", "worst"), "--at worst: choose best"),
+])
+def test_compare_metric_and_at_errors_are_one_line(store: str, degradation: str, args, expected):
+    result = CliRunner().invoke(main, ["compare", "degradation_shapes", *args, "--uri", store])
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], result.output
+    assert "model/depth" not in errors[0]  # run constants are no metric to compare
+
+
+def test_pareto_front_of_a_metric_where_lower_is_better():
+    points = [(1.0, 0.30), (2.0, 0.35), (3.0, 0.20), (4.0, 0.25)]  # (cost, loss)
+    assert compare.pareto_front(points, higher_is_better=False) == [0, 2]
+    assert (compare.better("val/top1"), compare.better("train/loss_epoch"), compare.better("train/error"),
+            compare.better("grad_norm/stem")) == (1, -1, -1, 0)
