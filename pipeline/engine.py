@@ -18,6 +18,8 @@ from torch import nn
 from pipeline import checkpoint, distributed, finetune, progress
 from pipeline.dense_adamw import DenseAdamW
 from pipeline.errors import UserError
+from pipeline.tasks.base import TRAIN_ERROR
+from pipeline.threads import Governor
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -164,6 +166,8 @@ class StepSettings:
     log_every: int = 10
     max_nonfinite: int = 5
     ctx: distributed.Context = distributed.Context()  # data-parallel rank and world size (torchrun)
+    grad_norms: bool = False  # log grad_norm/<stage> of the trainable stages every `log_every` steps
+    threads: Governor | None = None  # CPU threads, looked at again between steps (pipeline/threads.py)
 
 
 def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torch.optim.Optimizer,
@@ -173,13 +177,21 @@ def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torc
     steps_per_epoch = -(-len(loader) // s.accum_steps)
     total_loss = torch.zeros((), device=s.device)
     window_loss = torch.zeros((), device=s.device)
+    wrong = torch.zeros((), device=s.device)  # training images the model got wrong (tasks that report TRAIN_ERROR)
+    counted = 0  # images behind `wrong`
     window, images, nonfinite, micro = 0, 0, 0, 0
+    waited = 0.0  # seconds spent waiting for the loader
     start = time.perf_counter()
     bar = progress.bar(loader, desc, show=s.ctx.main)  # rank 0 draws, on a terminal only
+    ready = time.perf_counter()
     for micro, batch in enumerate(bar, start=1):
+        waited += time.perf_counter() - ready
+        if s.threads is not None:
+            s.threads.poll()
         batch = to_device(batch, s.device, s.channels_last)
         with autocast(s.device, s.precision):
             losses = loss_fn(model, batch)
+            error = losses.pop(TRAIN_ERROR, None)
             loss = sum(losses.values())
         # One host sync per step (as GradScaler has), so a diverging run stops before its weights turn to NaN; under
         # DDP every rank must agree to skip, or the others would wait for its gradients forever.
@@ -189,6 +201,7 @@ def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torc
             if nonfinite >= s.max_nonfinite:
                 raise UserError(f"loss was not finite for {nonfinite} consecutive steps (last at step {state.step}); "
                                 f"lower train.lr, set train.clip_grad_norm, or use train.precision=fp32")
+            ready = time.perf_counter()
             continue
         nonfinite = 0
         (scaler.scale(loss / s.accum_steps) if scaler else loss / s.accum_steps).backward()
@@ -196,32 +209,51 @@ def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torc
         total_loss += detached
         window_loss += detached
         window += 1
-        images += batch_len(batch)
+        n = batch_len(batch)
+        images += n
+        if error is not None:
+            wrong += error.detach() * n
+            counted += n
         if micro % s.accum_steps and micro != len(loader):
+            ready = time.perf_counter()
             continue  # accumulate; the epoch's last batch steps even with a partial accumulation
         schedule.apply(optimizer, state.step)
-        _optimizer_step(model, optimizer, scaler, s.clip_grad_norm)
+        due = bool(window) and ((state.step + 1) % s.log_every == 0 or micro == len(loader))
+        norms = _optimizer_step(model, optimizer, scaler, s.clip_grad_norm, grad_norms=s.grad_norms and due)
         state.step += 1
         if window and (state.step % s.log_every == 0 or micro == len(loader)):
             mean = distributed.mean(s.ctx, window_loss / window).item()  # the only other read of device values
             rate = images / (time.perf_counter() - start)
             lrs = _stage_lrs(optimizer)
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}", img_s=f"{rate:.0f}")
-            log({"train/loss": mean, **{f"lr/{k}": v for k, v in lrs.items()}}, state.step)
+            log({"train/loss": mean, **{f"lr/{k}": v for k, v in lrs.items()},
+                 **{f"grad_norm/{k}": v for k, v in norms.items()}}, state.step)
             window_loss.zero_()
             window = 0
+        ready = time.perf_counter()
     bar.close()
     elapsed = time.perf_counter() - start
     done = max(1, micro - nonfinite)
     # Under DDP: the loss averaged over ranks and the throughput of all of them (each rank takes as many images).
-    return {"train/loss_epoch": distributed.mean(s.ctx, total_loss / done).item(),
-            "train/throughput": images * s.ctx.world / max(elapsed, 1e-9),
-            "epoch_time": elapsed, "steps_per_epoch": steps_per_epoch}
+    metrics = {"train/loss_epoch": distributed.mean(s.ctx, total_loss / done).item(),
+               "train/throughput": images * s.ctx.world / max(elapsed, 1e-9),
+               # the share of the epoch spent waiting for the next batch: what faster loading would give back
+               "train/data_wait": waited / max(elapsed, 1e-9),
+               "epoch_time": elapsed, "steps_per_epoch": steps_per_epoch}
+    if counted:
+        metrics["train/error"] = distributed.mean(s.ctx, wrong / counted).item()
+    if s.threads is not None:
+        metrics["train/threads"] = float(s.threads.threads)
+    return metrics
 
 
-def _optimizer_step(model: nn.Module, optimizer, scaler, clip: float | None) -> None:
+def _optimizer_step(model: nn.Module, optimizer, scaler, clip: float | None,
+                    grad_norms: bool = False) -> dict[str, float]:
+    """One optimizer step; with `grad_norms`, the gradient norm of each stage the optimizer trains, taken before
+    clipping (frozen stages have no group in the optimizer, so they have no norm)."""
     if scaler is not None:
         scaler.unscale_(optimizer)
+    norms = stage_grad_norms(optimizer) if grad_norms else {}
     if clip is not None:
         nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
     if scaler is not None:
@@ -230,6 +262,20 @@ def _optimizer_step(model: nn.Module, optimizer, scaler, clip: float | None) -> 
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return norms
+
+
+def stage_grad_norms(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The L2 norm of the gradients of each stage's parameters (its weight-decay and no-decay groups together)."""
+    by_stage: dict[str, list[torch.Tensor]] = {}
+    for i, g in enumerate(optimizer.param_groups):
+        grads = [p.grad for p in g["params"] if p.grad is not None]
+        by_stage.setdefault(g.get("stage", g.get("name", str(i))), []).extend(grads)
+    stages = [(k, v) for k, v in by_stage.items() if v]
+    if not stages:
+        return {}
+    norms = torch.stack([nn.utils.get_total_norm(v) for _, v in stages])  # one host read for all stages
+    return dict(zip((k for k, _ in stages), norms.float().tolist()))
 
 
 def _stage_lrs(optimizer) -> dict[str, float]:
@@ -285,8 +331,12 @@ class Fit:
     on_epoch_end: Callable[[int, dict], None] = lambda epoch, metrics: None
 
 
+DATA_WAIT_NOTE = 0.3  # above this share of an epoch spent waiting for batches, the console says so (once)
+
+
 def fit(f: Fit, state: FitState) -> FitState:
     """Run the remaining epochs of `f`, continuing from `state` (epoch 0 for a new run)."""
+    noted = False
     for epoch in range(state.epoch + 1, f.epochs + 1):
         _unfreeze(f, epoch, state.step)
         sampler = getattr(f.train_loader, "sampler", None)
@@ -314,11 +364,20 @@ def fit(f: Fit, state: FitState) -> FitState:
         f.say(f"{desc}  loss {train_metrics['train/loss_epoch']:.4f}  {evaluator.primary} {primary:.4f}"
               f"{' (best)' if improved else ''}  {train_metrics['train/throughput']:.0f} img/s  "
               f"{train_metrics['epoch_time']:.1f}s  ~{_eta(state, f.epochs)} left")
+        if not noted and train_metrics["train/data_wait"] > DATA_WAIT_NOTE:
+            noted = True
+            f.say(data_wait_note(train_metrics["train/data_wait"], getattr(f.train_loader, "num_workers", 0)))
         if f.patience is not None and state.bad_epochs >= f.patience:
             f.say(f"early stop: {evaluator.primary} has not improved for {state.bad_epochs} epochs "
                   f"(best {state.best:.4f} at epoch {state.best_epoch})")
             break
     return state
+
+
+def data_wait_note(share: float, workers: int) -> str:
+    return (f"note: {share:.0%} of this epoch waited for the data loader ({workers} workers): the model could train "
+            f"faster than images arrive. More data.num_workers, a larger data.cache_mb (classification keeps decoded images in "
+            f"memory), or a smaller data.image_size would feed it faster")
 
 
 def epoch_metrics(history_entry: dict) -> dict[str, float]:

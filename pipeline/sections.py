@@ -94,6 +94,18 @@ class TrainConfig(Section):
     # auto: on a CPU device, the CPU fast paths of pipeline/cpu_kernels.py (small-map convs as GEMMs, AdamW without
     # layout copies, gather RoIAlign, kept heap memory); off: the stock PyTorch and torchvision operations everywhere.
     cpu_kernels: Literal["auto", "off"] = "auto"
+    # Intra-op CPU threads. auto: the CPUs this process may use (affinity, cgroup quota) less those other processes
+    # keep busy, looked at again every few seconds (pipeline/threads.py); OMP_NUM_THREADS, when set, is taken as is.
+    threads: int | Literal["auto"] = "auto"
+    # grad_norm/<stage> of every trainable stage each log_every steps (gradient flow through depth; one host read)
+    log_grad_norms: bool = False
+
+    @field_validator("threads")
+    @classmethod
+    def _threads_positive(cls, value: int | str) -> int | str:
+        if value != "auto" and value < 1:
+            raise ValueError("must be auto or a number of threads >= 1")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -116,6 +128,8 @@ class TrackingConfig(Section):
     experiment: str | None = None
     log_model: bool = True
     log_checkpoint: bool = True
+    # MLflow's system metrics (CPU, memory, GPU with nvidia-ml-py installed) every this many seconds; 0 turns them off
+    system_metrics_every: float = Field(10.0, ge=0)
     # A registered model's name: a successful run registers its logged model as that model's next version, with task,
     # backbone, depth and primary metric as version tags (`pipeline register RUN --name NAME` does it afterwards).
     register: str | None = None

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from pipeline import (backbones, checkpoint, checks, config, cpu_kernels, distributed, engine, feature_cache, finetune,
-                      outbox, placement, profile, register, tracked_weights, tracking)
+                      outbox, placement, profile, register, threads, tracked_weights, tracking)
 from pipeline.data import fingerprint, shapes, transform_checks
 from pipeline.data.sampling import EpochSampler, SeededDataset
 from pipeline.data.transforms import reseed_worker
@@ -51,6 +51,7 @@ class Setup:
     device: torch.device
     precision: str
     ctx: distributed.Context
+    threads: threads.Governor  # intra-op CPU threads, chosen and kept up to date
 
 
 def run(task_file: str | Path, overrides: tuple[str, ...] = (), resume: bool = False, say=print,
@@ -116,7 +117,7 @@ def prepare(task_file: str | Path, overrides=(), resume: bool = False, ctx: dist
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
     return Setup(cfg, TASKS[cfg.task], str(task_file), experiment, output_dir, last, device,
-                 engine.resolve_precision(cfg.train.precision, device), ctx)
+                 engine.resolve_precision(cfg.train.precision, device), ctx, threads.Governor(cfg.train.threads))
 
 
 def open_run(setup: Setup, parent_run_id: str | None = None, tags: dict[str, str] | None = None, say=print):
@@ -132,12 +133,15 @@ def open_run(setup: Setup, parent_run_id: str | None = None, tags: dict[str, str
     tracker = tracking.Tracker.start(
         uri, setup.experiment, run_name=f"{name}-{datetime.now():%Y%m%d-%H%M%S}",
         # depth as a param too: MLflow's parallel-coordinates chart offers params and metrics, not tags
-        params={**tracking.flatten(cfg.model_dump(mode="json")), "depth": str(depth or "")},
+        params={**tracking.flatten(cfg.model_dump(mode="json")), "depth": str(depth or ""),
+                "threads": str(setup.threads.threads)},  # what train.threads chose at the start
         tags={"task": cfg.task, "task_file": setup.task_file, "backbone": name, "depth": str(depth or ""),
               # weights.source as given, before anything can fail; model_tags adds the rest of the lineage
               "weights": cfg.model.backbone.weights, "weights.source": cfg.model.backbone.weights, **(tags or {})},
         run_id=setup.last["run_id"] if setup.last else None, parent_run_id=parent_run_id)
     distributed.broadcast(ctx, tracker.run_id)
+    if cfg.tracking.system_metrics_every:
+        tracker.log_system_metrics(cfg.tracking.system_metrics_every)
     # what the printed link opens: each run's best score and model cost, by depth (pipeline/tracking/ui.py)
     tracker.set_experiment_tags(tracking.view_tags(
         [best_key(setup.task.primary), "model/depth", "model/gflops", "model/num_params", "train/wall_time_s"],
@@ -264,7 +268,8 @@ def step_settings(setup: Setup) -> engine.StepSettings:
     t = setup.cfg.train
     return engine.StepSettings(device=setup.device, precision=setup.precision, channels_last=t.channels_last,
                                accum_steps=t.accum_steps, clip_grad_norm=t.clip_grad_norm, log_every=t.log_every,
-                               max_nonfinite=t.max_nonfinite, ctx=setup.ctx)
+                               max_nonfinite=t.max_nonfinite, ctx=setup.ctx, grad_norms=t.log_grad_norms,
+                               threads=setup.threads)
 
 
 def make_fit(setup: Setup, model: nn.Module, info: DataInfo, plan: finetune.Plan, optimizer, train_loader, val_loader,
@@ -276,6 +281,8 @@ def make_fit(setup: Setup, model: nn.Module, info: DataInfo, plan: finetune.Plan
                                     t.step_milestones, t.step_gamma, t.poly_power)
     on = f"{setup.ctx.world} processes ({setup.device.type}), global batch {cfg.data.batch_size * setup.ctx.world}" \
         if setup.ctx.active else str(setup.device)
+    if setup.device.type == "cpu":
+        on += f" with {setup.threads.threads} threads ({setup.threads.why})"
     say(f"training {cfg.model.backbone.name} on {on} ({setup.precision}{', channels_last' if t.channels_last else ''})"
         f" for {t.epochs} epochs, {steps_per_epoch} steps each")
     return engine.Fit(

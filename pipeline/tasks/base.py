@@ -10,7 +10,9 @@ Training side
   (class names, category ids, sizes); it is saved in every checkpoint, so a trained model carries it.
 - `build_model(...)`: an `nn.Module` with `.backbone` (named stages, see pipeline/backbones.py) and `head_parts()`
   (an ordered dict of named head modules, which fine-tuning gives their own learning rates).
-- `loss(model, batch) -> dict[str, Tensor]`: the engine sums the dict.
+- `loss(model, batch) -> dict[str, Tensor]`: the engine sums the dict, except the entry named `TRAIN_ERROR`: a task that
+  can tell puts there the fraction of the batch it got wrong (detached), and the engine logs its epoch mean as
+  `train/error` (the training error the ResNet paper plots against depth).
 - `predict(model, batch)`: eval-mode outputs for the evaluator; `make_evaluator(info)` -> `Evaluator`; `primary` is
   the metric that picks the best checkpoint and stops early.
 - `report(metrics, info, out_dir)`: the task's pictures and tables (files; the runner logs them).
@@ -56,6 +58,8 @@ from torch.utils.data import Dataset
 from pipeline import export_checks
 from pipeline.data.transforms import build_transforms, is_random
 from pipeline.sections import DataConfig, ModelConfig, TaskConfig
+
+TRAIN_ERROR = "error"  # the key in `Task.loss`'s dict that is not a loss (see above)
 
 
 @dataclass

@@ -96,6 +96,7 @@ class Tracker:
         self._outbox: Outbox | None = None  # set by keep_offline: the server may go away mid-run
         self._say: Callable[[str], None] = print
         self._last_retry = 0.0
+        self._system = None  # mlflow's SystemMetricsMonitor, while it runs
 
     @classmethod
     def start(cls, uri: str, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str],
@@ -292,10 +293,30 @@ class Tracker:
             self._say("warning: the model was not logged to MLflow (tracking server lost); best.pt holds it")
             return None
 
+    def log_system_metrics(self, every: float = 10.0) -> None:
+        """MLflow's system metrics (CPU and memory use, GPU use and memory where NVML is installed) every `every`
+        seconds, from a background thread, until the run ends; MLflow's run page shows them under System metrics."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines on the console
+        try:
+            self._system = SystemMetricsMonitor(self._run_id, sampling_interval=every, resume_logging=True,
+                                                tracking_uri=self._client.tracking_uri)
+            self._system.start()
+        except Exception as err:  # noqa: BLE001  (psutil missing, a store that refuses): training goes on
+            self._system = None
+            self._say(f"note: system metrics are off ({type(err).__name__}: {err})")
+
+    def _stop_system_metrics(self) -> None:
+        if self._system is not None:
+            self._system.finish()
+            self._system = None
+
     def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
         """End the run as FINISHED, FAILED or KILLED; `error` goes to the `error` tag first."""
         if status not in RUN_STATUSES:
             raise ValueError(f"finish: status must be one of {', '.join(RUN_STATUSES)}, got {status!r}")
+        self._stop_system_metrics()
         if error:
             self.set_tags({"error": error})
         self._send({"op": "status", "status": status, "end_time": int(time.time() * 1000)})

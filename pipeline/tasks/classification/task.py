@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import backbones
-from pipeline.tasks.base import DataInfo, ExportSpec, PredictOptions, Task, TaskData
+from pipeline.tasks.base import TRAIN_ERROR, DataInfo, ExportSpec, PredictOptions, Task, TaskData
 from pipeline.tasks.classification.config import ClassificationData, ClassificationModel, Config
 from pipeline.tasks.classification.data import build_datasets
 from pipeline.tasks.classification.evaluate import PRIMARY, Evaluator
@@ -92,7 +92,8 @@ class Classification(Task):
     def loss(self, model: Classifier, batch) -> dict[str, torch.Tensor]:
         images, labels = batch
         logits = model(images)
-        return {"cls": F.cross_entropy(logits.float(), labels, label_smoothing=model.label_smoothing)}
+        return {"cls": F.cross_entropy(logits.float(), labels, label_smoothing=model.label_smoothing),
+                TRAIN_ERROR: (logits.detach().argmax(1) != labels).float().mean()}
 
     def predict(self, model: Classifier, batch) -> torch.Tensor:
         return model(batch[0])
