@@ -18,6 +18,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from pipeline import distributed, engine, stages  # noqa: E402
+from pipeline.tasks.base import TRAIN_ERROR  # noqa: E402
 
 
 def load_task(task_file: str, overrides: tuple[str, ...] = ()):
@@ -98,7 +99,7 @@ def bare_rate(model, loss, optimizer, source, steps: int, s: engine.StepSettings
     for batch in Sized(source, steps):
         batch = engine.to_device(batch, s.device, s.channels_last)
         with engine.autocast(s.device, s.precision):
-            total = sum(loss(model, batch).values())
+            total = sum(v for k, v in loss(model, batch).items() if k != TRAIN_ERROR)
         total.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -122,9 +123,10 @@ def inference_rate(model, predict, batches: list, steps: int, s: engine.StepSett
     return images / (time.perf_counter() - start)
 
 
-def alternate(measures: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
-    """Median of `rounds` measurements of each, taken in turns (forward, then backward) after one warm-up each."""
-    for measure in measures.values():
+def alternate(measures: dict[str, Callable[[], float]], rounds: int, warmup: bool = True) -> dict[str, float]:
+    """Median of `rounds` measurements of each, taken in turns (forward, then backward) after one warm-up each
+    (`warmup=False`: measures that warm themselves up, such as whole runs)."""
+    for measure in measures.values() if warmup else ():
         measure()
     taken: dict[str, list[float]] = {name: [] for name in measures}
     order = list(measures)
