@@ -12,6 +12,7 @@ import timm
 import torch
 from torch import nn
 
+from pipeline import cifar_resnets  # noqa: F401  registers cifar_resnet*/cifar_plain* with timm
 from pipeline import weights as W
 from pipeline.errors import UserError
 
@@ -259,7 +260,7 @@ def check_name(name: str) -> None:
 
 
 def depth(name: str) -> int | None:
-    """The depth in a family name (resnet50 -> 50, resnext101_32x8d -> 101, densenet121 -> 121)."""
+    """The depth in a family name (resnet50 -> 50, resnext101_32x8d -> 101, densenet121 -> 121, cifar_plain56 -> 56)."""
     import re
 
     match = re.match(r"^[a-z_]*?(\d+)", name)

@@ -87,14 +87,16 @@ def resolve_tag(arch: str, weights: str) -> str:
         # Only the stage runner knows which tracking store to read (tracking.uri); see pipeline/tracked_weights.py.
         raise UserError(f"model.backbone.weights: {weights} is fetched from MLflow by 'pipeline run'; outside it, "
                         "download the run's checkpoints/best.pt and give its path")
+    tags = timm.list_pretrained(f"{arch}.*")
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if (weights == "imagenet" or not tags) and (cfg is None or not (cfg.hf_hub_id or cfg.url)):
+        # e.g. the CIFAR ResNets (pipeline/cifar_resnets.py): models only ever trained from scratch.
+        raise UserError(f"model.backbone.weights: '{weights}', but {arch} has no pretrained weights; set "
+                        f"model.backbone.weights=none (random init), or to a local file or runs:/<run id>")
     if weights == "imagenet":
-        cfg = timm.models.get_pretrained_cfg(arch)
-        if cfg is None or not (cfg.hf_hub_id or cfg.url):
-            raise UserError(f"model.backbone.weights: timm has no pretrained weights for '{arch}'; use weights=none")
         return f"{arch}.{cfg.tag}" if cfg.tag else arch
     name = weights if weights.startswith(f"{arch}.") else f"{arch}.{weights}"
     if _pretrained_cfg(name) is None:
-        tags = [t for t in timm.list_pretrained(f"{arch}.*")]
         own = ", ".join(t.split(".", 1)[1] for t in tags) or "(none)"
         raise UserError(f"model.backbone.weights: '{weights}' is not a tag of {arch}; valid: imagenet, none, a file "
                         f"path, hf-hub:<org>/<repo>, runs:/<run id>, models:/<name>/<version>, {own}")
