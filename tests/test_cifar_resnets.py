@@ -234,8 +234,9 @@ def test_degradation_cifar10_runs_on_cifar_format_data(tmp_path: Path, uri: str,
     path = REPO / "tasks" / "degradation_cifar10.yaml"
     common = (f"tracking.uri={uri}", "tracking.log_model=false", "data.num_workers=0", "data.batch_size=4",
               f"train.output_dir={tmp_path / 'out'}")
-    with pytest.raises(UserError, match="no 'cifar-10-batches-py' folder in 'data'"):
+    with pytest.raises(UserError, match="cifar10 is not at .*data/cifar-10-batches-py; extract") as err:
         stages.run(path, common, say=lambda *_: None)
+    assert str((tmp_path / "data" / "cifar-10-batches-py").resolve()) in str(err.value)
     write_cifar10(tmp_path / "data" / "cifar-10-batches-py")
     result = stages.run(path, (*common, "train.epochs=2", "train.step_milestones=[1]"), say=lambda *_: None)
     assert MlflowClient(uri).get_run(result.run_id).info.status == "FINISHED"

@@ -347,8 +347,9 @@ def find_cifar_folder(root: Path, fmt: str, *, download: bool) -> Path:
         return root
     if not (root / folder_name).is_dir():
         if not download:
-            raise UserError(f"data.root: no '{folder_name}' folder in '{root}'; set data.download: true to fetch "
-                            f"{fmt}, or extract the official python archive there")
+            raise UserError(f"data.root: {fmt} is not at {(root / folder_name).resolve()}; extract the official "
+                            f"python archive ({folder_name}/data_batch_1 ...) into {root.resolve()}, point data.root "
+                            f"at the folder that holds it, or set data.download: true to fetch it")
         _download_cifar(root, fmt)
     return root / folder_name
 
