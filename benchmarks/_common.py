@@ -142,6 +142,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def cpu_model() -> str:
+    """The CPU's model name, whether it has AMX and AVX512-BF16 (what bf16 buys depends on them)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown CPU")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    return (f"{name}; AMX: {'yes' if 'amx_bf16' in flags else 'no'}; "
+            f"AVX512-BF16: {'yes' if 'avx512_bf16' in flags else 'no'}")
+
+
 def device_line(device: torch.device, precision: str) -> str:
     what = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     return f"{device} ({what}), {precision}"

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+import _common as C
+
 REPO = Path(__file__).resolve().parents[1]
 TASKS = {
     # task file, overrides: short runs at each task file's own size and batch
@@ -43,7 +45,7 @@ def main() -> None:
                         help="epochs per task, e.g. classification=3,detection=2")
     args = parser.parse_args()
     epochs = dict(kv.split("=") for kv in args.epochs.split(","))
-    print(f"{_cpu()}; {len(os.sched_getaffinity(0))} CPUs in this process's affinity")
+    print(f"{C.cpu_model()}; {len(os.sched_getaffinity(0))} CPUs in this process's affinity")
     print(f"{'task':<15}{'threads':<15}{'solo':>8}{'paired a':>10}{'paired b':>10}{'paired/solo':>13}"
           f"{'target':>8}{'threads a/b':>13}")
     solo_by_mode: dict[tuple[str, str], float] = {}
@@ -92,15 +94,6 @@ def _read(store: str) -> dict:
     rates = [m.value for m in client.get_metric_history(run.info.run_id, "train/throughput")]
     threads = sorted({int(m.value) for m in client.get_metric_history(run.info.run_id, "train/threads")})
     return {"rate": statistics.median(rates), "threads": ",".join(map(str, threads)) or run.data.params.get("threads")}
-
-
-def _cpu() -> str:
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = "unknown CPU"
-    return name
 
 
 if __name__ == "__main__":

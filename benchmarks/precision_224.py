@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,14 +29,6 @@ from mlflow import MlflowClient  # noqa: E402
 import _common as C  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cpu_line() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-    return (f"{name}; AMX: {'yes' if 'amx_bf16' in flags else 'no'}; AVX512-BF16: "
-            f"{'yes' if 'avx512_bf16' in flags else 'no'}; {torch.get_num_threads()} threads")
 
 
 def pipeline_rate(size: int, precision: str, epochs: int, batch: int) -> float:
@@ -91,7 +82,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="bare-loop steps per measurement")
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
-    print(cpu_line())
+    print(f"{C.cpu_model()}; {torch.get_num_threads()} threads")
     print(f"{'size':>5}{'pipe auto':>11}{'pipe fp32':>11}{'bare bf16':>11}{'bare fp32':>11}"
           f"{'auto/bare bf16':>16}{'pipe auto/fp32':>16}{'bare bf16/fp32':>16}{'ratio of ratios':>17}")
     for size in args.sizes:

@@ -376,8 +376,8 @@ def fit(f: Fit, state: FitState) -> FitState:
 
 def data_wait_note(share: float, workers: int) -> str:
     return (f"note: {share:.0%} of this epoch waited for the data loader ({workers} workers): the model could train "
-            f"faster than images arrive. More data.num_workers, a larger data.cache_mb (classification keeps decoded images in "
-            f"memory), or a smaller data.image_size would feed it faster")
+            f"faster than images arrive. More data.num_workers, a larger data.cache_mb (classification keeps decoded "
+            f"images in memory), or a smaller data.image_size would feed it faster")
 
 
 def epoch_metrics(history_entry: dict) -> dict[str, float]:

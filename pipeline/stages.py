@@ -132,9 +132,9 @@ def open_run(setup: Setup, parent_run_id: str | None = None, tags: dict[str, str
     depth = backbones.depth(name)
     tracker = tracking.Tracker.start(
         uri, setup.experiment, run_name=f"{name}-{datetime.now():%Y%m%d-%H%M%S}",
-        # depth as a param too: MLflow's parallel-coordinates chart offers params and metrics, not tags
+        # depth as a param too (MLflow's parallel-coordinates chart offers params, not tags); threads: what auto chose
         params={**tracking.flatten(cfg.model_dump(mode="json")), "depth": str(depth or ""),
-                "threads": str(setup.threads.threads if setup.threads else torch.get_num_threads())},  # what train.threads chose at the start
+                "threads": str(torch.get_num_threads())},
         tags={"task": cfg.task, "task_file": setup.task_file, "backbone": name, "depth": str(depth or ""),
               # weights.source as given, before anything can fail; model_tags adds the rest of the lineage
               "weights": cfg.model.backbone.weights, "weights.source": cfg.model.backbone.weights, **(tags or {})},
@@ -281,8 +281,7 @@ def make_fit(setup: Setup, model: nn.Module, info: DataInfo, plan: finetune.Plan
                                     t.step_milestones, t.step_gamma, t.poly_power)
     on = f"{setup.ctx.world} processes ({setup.device.type}), global batch {cfg.data.batch_size * setup.ctx.world}" \
         if setup.ctx.active else str(setup.device)
-    if setup.device.type == "cpu" and setup.threads is not None:
-        on += f" with {setup.threads.threads} threads ({setup.threads.why})"
+    on += setup.threads.summary() if setup.device.type == "cpu" and setup.threads else ""
     say(f"training {cfg.model.backbone.name} on {on} ({setup.precision}{', channels_last' if t.channels_last else ''})"
         f" for {t.epochs} epochs, {steps_per_epoch} steps each")
     return engine.Fit(

@@ -193,6 +193,9 @@ class Governor:
         others, self._last = others_busy(self._last, now), now
         return others
 
+    def summary(self) -> str:
+        return f" with {self.threads} threads ({self.why})"
+
     def poll(self) -> int:
         """Threads after looking at the other processes again, when `every` seconds have passed since the last look."""
         if self.fixed is not None or self._last is None or time.monotonic() - self._last.at < self.every:
