@@ -100,12 +100,14 @@ class TrainConfig(Section):
     # grad_norm/<stage> of every trainable stage each log_every steps (gradient flow through depth; one host read)
     log_grad_norms: bool = False
 
-    @field_validator("threads")
+    @field_validator("threads", mode="before")
     @classmethod
-    def _threads_positive(cls, value: int | str) -> int | str:
-        if value != "auto" and value < 1:
-            raise ValueError("must be auto or a number of threads >= 1")
-        return value
+    def _threads_positive(cls, value: Any) -> int | str:
+        if value == "auto" or (type(value) is int and value >= 1):
+            return value
+        if isinstance(value, str) and value.strip().isdigit() and int(value) >= 1:
+            return int(value)
+        raise ValueError(f"must be auto or a number of threads >= 1, not {value!r}")
 
     @model_validator(mode="before")
     @classmethod
