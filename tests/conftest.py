@@ -17,6 +17,10 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)  # weights the tests placed in the hub caches (~130 MB a session)
+
+
 @pytest.fixture(scope="session")
 def hub_cache() -> Path:
     return Path(os.environ["HF_HUB_CACHE"])
@@ -28,6 +32,16 @@ def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("store") / "mlflow.db"
     mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
     return path
+
+
+@pytest.fixture(scope="module")
+def module_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """A folder for one test module's shared runs, removed when the module is done: trained runs hold checkpoints of
+    100-400 MB each, and kept to the end of the session they add up to gigabytes (tmp_path goes per test already, by
+    tmp_path_retention_policy in pyproject.toml)."""
+    folder = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

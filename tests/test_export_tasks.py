@@ -42,9 +42,9 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
+def checkpoints(module_dir: Path) -> dict[str, Path]:
     """One untrained checkpoint per task, in the runner's format (engine._save plus stages' extras)."""
-    folder = tmp_path_factory.mktemp("checkpoints")
+    folder = module_dir
     paths = {}
     for name, (sections, data, _) in CASES.items():
         task = TASKS[name]

@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, empty_store: Path, shapes: Path):
-    folder = tmp_path_factory.mktemp("trained")
+def trained(module_dir: Path, empty_store: Path, shapes: Path):
+    folder = module_dir
     shutil.copy(empty_store, folder / "mlflow.db")
     uri = f"sqlite:///{folder}/mlflow.db"
     shutil.copytree(REPO / "configs", folder / "configs")

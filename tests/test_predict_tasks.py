@@ -58,8 +58,8 @@ def _configs(scenes: Path, faces: Path, out: Path, uri: str) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, empty_store: Path) -> dict:
-    folder = tmp_path_factory.mktemp("predict_tasks")
+def runs(module_dir: Path, empty_store: Path) -> dict:
+    folder = module_dir
     shutil.copy(empty_store, folder / "mlflow.db")
     uri = f"sqlite:///{folder}/mlflow.db"
     scenes = synth_coco.generate(folder, image_size=64, train_images=4, val_images=2)

@@ -68,8 +68,8 @@ def _data(task: str, folder: Path, shapes: Path) -> tuple[Path, dict, Path]:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, empty_store: Path) -> Path:
-    folder = tmp_path_factory.mktemp("serve")
+def store(module_dir: Path, empty_store: Path) -> Path:
+    folder = module_dir
     shutil.copy(empty_store, folder / "mlflow.db")
     return folder
 

@@ -37,9 +37,9 @@ def cli(*args: str):
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, empty_store: Path, shapes: Path):
+def swept(module_dir: Path, empty_store: Path, shapes: Path):
     """The issue's sweep: resnet18 and resnet34 under one parent, run once for the tests of this module."""
-    folder = tmp_path_factory.mktemp("sweep")
+    folder = module_dir
     shutil.copy(empty_store, folder / "mlflow.db")
     uri = f"sqlite:///{folder}/mlflow.db"
     task = write_task(folder, shapes, uri)

@@ -37,10 +37,10 @@ SMALL_DETECTOR = {"min_size": 64, "max_size": 64, "anchor_sizes": [8, 16, 32, 64
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, empty_store: Path):
+def store(module_dir: Path, empty_store: Path):
     """A store of one finished classification run (resnet18 from random init, 1 epoch, model logged and registered
     by tracking.register as version 1), in a folder that is also the working directory (MLflow's ./mlruns)."""
-    folder = tmp_path_factory.mktemp("lineage")
+    folder = module_dir
     shutil.copy(empty_store, folder / "mlflow.db")
     uri = f"sqlite:///{folder}/mlflow.db"
     with pytest.MonkeyPatch.context() as mp:
