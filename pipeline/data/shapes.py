@@ -5,6 +5,7 @@ through a scratch folder, so an interrupted generation never looks finished. A t
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.data import synth, synth_coco, synth_faces
@@ -17,8 +18,30 @@ KINDS = {
 
 
 def ensure(out: Path, kind: str, seed: int = 0) -> Path:
-    """Generate dataset `kind` under `out` unless it is already there; return its root (`out/<kind>`)."""
-    root = Path(out) / kind
-    if not root.is_dir():
-        KINDS[kind](Path(out), seed=seed, overwrite=True)
+    """Generate dataset `kind` under `out` unless it is already there; return its root (`out/<kind>`).
+
+    Runs started together (two terminals, two depths) share one generation: the first takes a lock beside the data,
+    the others wait for it and then find the data there. Without it they wrote into one scratch folder and failed.
+    """
+    out = Path(out)
+    root = out / kind
+    if root.is_dir():
+        return root
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out / f".{kind}.lock"):
+        if not root.is_dir():  # another process may have generated it while this one waited
+            KINDS[kind](out, seed=seed, overwrite=True)
     return root
+
+
+@contextmanager
+def _exclusive(path: Path):
+    """An advisory lock on `path` held across processes (flock); where there is no fcntl (Windows), no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield

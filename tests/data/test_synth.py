@@ -1,5 +1,10 @@
 import hashlib
 import math
+import os
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -57,6 +62,40 @@ def test_ensure_generates_only_when_missing(tmp_path, monkeypatch):
     assert calls == []
     shapes.ensure(tmp_path / "missing", "classification")
     assert calls == [tmp_path / "missing"]
+
+
+def test_runs_started_together_generate_once_and_both_get_the_data(tmp_path, monkeypatch):
+    calls = []
+
+    def slow_generate(out, seed, overwrite):  # a generation that takes a while, as the real ones do
+        calls.append(out)
+        time.sleep(0.5)
+        (out / "classification" / "train").mkdir(parents=True)
+
+    monkeypatch.setitem(shapes.KINDS, "classification", slow_generate)
+    roots = []
+    threads = [threading.Thread(target=lambda: roots.append(shapes.ensure(tmp_path, "classification")))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [tmp_path]
+    assert roots == [tmp_path / "classification"] * 2
+
+
+def test_two_processes_ensuring_one_dataset_both_succeed(tmp_path):
+    """Two `pipeline run`s of the quickstart started at once: before the lock, they shared one scratch folder and one
+    of them died with FileExistsError."""
+    code = ("import sys; from pathlib import Path; from pipeline.data import shapes; "
+            "root = shapes.ensure(Path(sys.argv[1]), 'classification'); print(len(list(root.rglob('*.png'))))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    assert [out.strip() for out, _ in outs] == ["1500", "1500"]  # 6 classes x (200 train + 50 val)
+    assert not list(tmp_path.glob(".classification.partial*"))
 
 
 def test_mean_colour_does_not_predict_the_class(tmp_path):
