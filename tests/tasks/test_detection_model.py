@@ -109,6 +109,21 @@ def test_knob_mismatches_are_user_errors():
         _model(fpn_stages=["layer2", "layer9"], anchor_sizes=[8, 16, 32])
     with pytest.raises(UserError, match=r"model.init: coco .* needs model.backbone.name=resnet50"):
         _model(init="coco")
+    with pytest.raises(UserError, match=r"strides \[4, 16\]; .* e\.g\. model\.fpn_stages=\[layer1,layer2,layer3,layer4\]"):
+        _model(fpn_stages=["layer1", "layer3"], anchor_sizes=[8, 16, 32])
+
+
+def test_a_cifar_net_gets_a_pyramid_it_can_build():
+    """cifar_resnet20's stem and layer1 share stride 1: the default (its last four stages) is refused with the stages
+    that do make a pyramid, and those build and run."""
+    with pytest.raises(UserError, match=r"for cifar_resnet20 e\.g\. model\.fpn_stages=\[layer1,layer2,layer3\] "
+                                        r"with 4 model\.anchor_sizes"):
+        _model("cifar_resnet20")
+    model = _model("cifar_resnet20", **{**SMALL, "fpn_stages": ["layer1", "layer2", "layer3"],
+                                         "anchor_sizes": [8, 16, 32, 64]}).eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 64, 64)])
+    assert out[0]["boxes"].shape[1] == 4
 
 
 def _hub_file(version: str) -> Path:

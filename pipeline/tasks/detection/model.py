@@ -101,8 +101,14 @@ def build_detector(backbone: backbones.Backbone, category_ids: list[int], *, ver
                         f"valid: {', '.join(backbone.out_stages)}")
     strides = [backbone.strides[s] for s in stages]
     if any(b != 2 * a for a, b in zip(strides, strides[1:])):
+        tail = backbone.out_stages[-1:]  # the last stages (up to four, as the default) that do make a pyramid
+        for s in reversed(backbone.out_stages[:-1]):
+            if len(tail) == 4 or backbone.strides[tail[0]] != 2 * backbone.strides[s]:
+                break
+            tail = [s, *tail]
         raise UserError(f"model.fpn_stages: {stages} have strides {strides}; the pyramid needs consecutive stages, "
-                        "each twice the stride of the one before")
+                        f"each twice the stride of the one before: for {backbone.name} e.g. "
+                        f"model.fpn_stages=[{','.join(tail)}] with {len(tail) + 1} model.anchor_sizes")
     if len(anchor_sizes) != len(stages) + 1:
         raise UserError(f"model.anchor_sizes: {len(anchor_sizes)} sizes for {len(stages) + 1} pyramid levels "
                         f"({', '.join(stages)} and the extra pooled level); give one size per level")
