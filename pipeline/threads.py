@@ -119,8 +119,9 @@ def _busy_seconds(cpus: set[int], stat: Path = Path("/proc/stat")) -> float | No
 
 
 def _own_seconds() -> float:
-    """CPU time of this process (every thread) and of its live children (loader workers have not exited)."""
-    total = sum(os.times()[:2])
+    """CPU time of this process (every thread), of its children that have exited (a non-persistent loader's workers,
+    once joined) and of its live children (loader workers that have not)."""
+    total = sum(os.times()[:4])  # user, system, and the same for the children it has waited for
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     me = str(os.getpid())
     for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():

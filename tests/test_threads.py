@@ -1,4 +1,6 @@
 """Thread choice from what a process may use (affinity, cgroup quota) and what other processes keep busy."""
+import multiprocessing
+import time
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,26 @@ def test_the_real_machine_gives_a_sane_choice():
     assert 1 <= governor.threads <= len(threads.affinity())
     others = threads.others_busy(threads.sample(governor.cpus), threads.sample(governor.cpus))
     assert others >= 0.0
+
+
+def _burn(seconds: float) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_a_finished_loader_worker_is_not_counted_as_another_process():
+    """A worker that burned CPU and exited (a non-persistent DataLoader's, at the end of its pass) is this process's
+    own work: counting it as another process's would take a thread away for nothing."""
+    cpus = threads.affinity()
+    before = threads.sample(cpus)
+    worker = multiprocessing.get_context("fork").Process(target=_burn, args=(0.6,))
+    worker.start()
+    worker.join()
+    after = threads.sample(cpus)
+    assert worker.exitcode == 0
+    # the worker's 0.6 CPU-seconds are this process's own, not other processes' (which the busy CPUs would say)
+    assert after.own - before.own >= 0.5
 
 
 def test_config_field(task_file):
