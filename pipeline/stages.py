@@ -143,8 +143,8 @@ def open_run(setup: Setup, parent_run_id: str | None = None, tags: dict[str, str
     if cfg.tracking.system_metrics_every:
         tracker.log_system_metrics(cfg.tracking.system_metrics_every)
     # what the printed link opens: each run's best score and model cost, by depth (pipeline/tracking/ui.py)
-    tracker.set_experiment_tags(tracking.view_tags(
-        [best_key(setup.task.primary), "model/depth", "model/gflops", "model/num_params", "train/wall_time_s"],
+    tracker.set_experiment_tags(tracking.view_tags(cfg.tracking.ui_metrics or [
+        best_key(setup.task.primary), "model/depth", "model/gflops", "model/num_params", "train/wall_time_s"],
         order_by="model/depth"))
     if setup.last is None and (setup.output_dir / checkpoint.LAST).exists():
         say(f"note: {setup.output_dir} holds an earlier run's checkpoints; this run replaces them "

@@ -1,5 +1,6 @@
 """The CIFAR ResNets of the ResNet paper and their plain twins (pipeline/cifar_resnets.py): sizes as the paper,
 named stages for the pipeline, shortcuts that are (or are not) there, and the degradation task files."""
+import json
 import pickle
 import shlex
 from pathlib import Path
@@ -248,4 +249,14 @@ def test_degradation_shapes_runs(tmp_path: Path, uri: str, shapes: Path, monkeyp
                         (f"data.root={shapes}", f"tracking.uri={uri}", "tracking.log_model=false",
                          "data.num_workers=0", "train.epochs=1", "train.step_milestones=[]",
                          f"train.output_dir={tmp_path / 'out'}"), say=lambda *_: None)
-    assert MlflowClient(uri).get_run(result.run_id).info.status == "FINISHED"
+    client = MlflowClient(uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    # the MLflow UI opens on what the experiment is about: training error and loss by depth, then the rest
+    experiment = client.get_experiment(run.info.experiment_id)
+    view = json.loads(experiment.tags["mlflow.sharedViewState.pipeline"])
+    columns = [c.removeprefix("metrics.`").removesuffix("`") for c in view["selectedColumns"][:-1]]
+    assert columns[:2] == ["train/error", "train/loss_epoch"] and "grad_norm/stem" in columns
+    assert experiment.tags["mlflow.experiment.primaryMetric.name"] == "train/error"
+    assert view["orderByKey"] == "metrics.`model/depth`"
+    assert set(columns) <= set(run.data.metrics)  # every column has a value in the run
