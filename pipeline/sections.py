@@ -135,9 +135,9 @@ class TrackingConfig(Section):
     # A registered model's name: a successful run registers its logged model as that model's next version, with task,
     # backbone, depth and primary metric as version tags (`pipeline register RUN --name NAME` does it afterwards).
     register: str | None = None
-    # The metrics the MLflow UI's runs table shows first, a column each, sorted by depth; the first is also where its
-    # default charts start. None: the best primary score, model/depth, model/gflops, model/num_params,
-    # train/wall_time_s. The degradation experiment shows training error first (tasks/degradation_*.yaml).
+    # The metrics the MLflow UI opens on (pipeline/tracking/ui.py): a column each in the runs table, sorted by depth,
+    # and a scatter plot each against depth above the other charts. None: the best primary score, model/depth,
+    # model/gflops, model/num_params, train/wall_time_s. The degradation task files name training error and loss.
     ui_metrics: list[str] | None = Field(None, min_length=1)
 
     @field_validator("register")

@@ -260,3 +260,7 @@ def test_degradation_shapes_runs(tmp_path: Path, uri: str, shapes: Path, monkeyp
     assert experiment.tags["mlflow.experiment.primaryMetric.name"] == "train/error"
     assert view["orderByKey"] == "metrics.`model/depth`"
     assert set(columns) <= set(run.data.metrics)  # every column has a value in the run
+    # and its charts open on training error, loss, the best top-1 and the stem's gradient against depth
+    assert [(c["xaxis"]["key"], c["yaxis"]["key"]) for c in view["compareRunCharts"]] == [
+        ("model/depth", "train/error"), ("model/depth", "train/loss_epoch"), ("model/depth", "best/top1"),
+        ("model/depth", "grad_norm/stem")]

@@ -1,4 +1,5 @@
 """`pipeline ui` as users run it: a real process serving MLflow's UI on 127.0.0.1, and what it leaves after a signal."""
+import json
 import os
 import signal
 import socket
@@ -85,3 +86,22 @@ def test_ui_refuses_a_busy_port_and_a_server_store_in_one_line(uri: str):
     assert result.exit_code == 1 and "is in use" in result.output and len(result.output.splitlines()) == 1
     result = CliRunner().invoke(main, ["ui", "--uri", "http://127.0.0.1:5000"])
     assert result.exit_code == 1 and "serves the UI itself" in result.output
+
+
+def test_the_view_opens_on_the_table_sorted_by_depth_and_on_scatter_plots_against_depth():
+    tags = tracking.view_tags(["best/mAP", "model/depth", "model/gflops", "train/wall_time_s"], order_by="model/depth")
+    state = json.loads(tags["mlflow.sharedViewState.pipeline"])
+    assert tags["mlflow.experiment.primaryMetric.name"] == "best/mAP"
+    assert state["orderByKey"] == "metrics.`model/depth`" and state["orderByAsc"] is True
+    assert state["selectedColumns"][-1] == "attributes.`Dataset`"
+    # one section, kept first, of one scatter plot per metric that is not the model's own, each against depth
+    [section] = state["compareRunSections"]
+    assert state["isAccordionReordered"] is True and section["display"] is True
+    charts = state["compareRunCharts"]
+    assert [(c["type"], c["xaxis"]["key"], c["yaxis"]["key"]) for c in charts] == [
+        ("SCATTER", "model/depth", "best/mAP"), ("SCATTER", "model/depth", "train/wall_time_s")]
+    assert {c["metricSectionId"] for c in charts} == {section["uuid"]}
+    assert len({c["uuid"] for c in charts}) == len(charts)
+    # nothing to plot against depth: no section (an empty one would sit above MLflow's own charts)
+    state = json.loads(tracking.view_tags(["model/depth"], "model/depth")["mlflow.sharedViewState.pipeline"])
+    assert "compareRunCharts" not in state and "compareRunSections" not in state

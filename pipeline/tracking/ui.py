@@ -54,10 +54,29 @@ def compare_link(base: str, experiment_id: str, run_ids: list[str]) -> str:
 def view_tags(metrics: list[str], order_by: str) -> dict[str, str]:
     """Experiment tags for the view `experiment_link` opens: the runs table sorted by metric `order_by` (ascending;
     runs without it last, a sweep's children no longer folded under their parent), with a column per metric in
-    `metrics` and the Dataset column. The first metric becomes the experiment's primary one."""
+    `metrics` (MLflow 3.17 shows them in name order) and the Dataset column. Its charts (the chart icon above the
+    table) open on a section of scatter plots, each metric but the model's own against `order_by`, above the charts
+    MLflow makes for every metric. The first metric becomes the experiment's primary one."""
     state = {"orderByKey": _column("metrics", order_by), "orderByAsc": True,
-             "selectedColumns": [*(_column("metrics", m) for m in metrics), _column("attributes", "Dataset")]}
+             "selectedColumns": [*(_column("metrics", m) for m in metrics), _column("attributes", "Dataset")],
+             **_scatter_section(f"vs {order_by.split('/')[-1]}", order_by,
+                                [m for m in metrics if m != order_by and not m.startswith("model/")])}
     return {_SHARED_VIEW_TAG + VIEW_KEY: json.dumps(state), _PRIMARY_METRIC_TAG: metrics[0]}
+
+
+def _scatter_section(name: str, x: str, ys: list[str]) -> dict:
+    """A chart section of the runs page, first: one scatter plot (a point per run) of each metric in `ys` against `x`.
+    The shapes are those of the UI's own chart state (RunsChartsScatterCardConfig in MLflow 3.17's bundle); the
+    charts for the other metrics are still made, in sections after it (isAccordionReordered keeps this one first)."""
+    if not ys:
+        return {}
+    section = "pipeline-section"
+    charts = [{"uuid": f"pipeline-chart-{i}", "type": "SCATTER", "runsCountToCompare": 100, "metricSectionId": section,
+               "deleted": False, "isGenerated": False, "xaxis": {"key": x, "type": "METRIC"},
+               "yaxis": {"key": y, "type": "METRIC"}} for i, y in enumerate(ys)]
+    return {"compareRunSections": [{"uuid": section, "name": name, "display": True, "isReordered": True,
+                                    "deleted": False, "isGenerated": False}],
+            "compareRunCharts": charts, "isAccordionReordered": True}
 
 
 def _column(kind: str, key: str) -> str:
