@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.data import synth, synth_coco, synth_faces
+from pipeline.errors import UserError
 
 KINDS = {
     "classification": synth.generate,  # ImageFolder: one shape per image
@@ -27,10 +28,15 @@ def ensure(out: Path, kind: str, seed: int = 0) -> Path:
     root = out / kind
     if root.is_dir():
         return root
-    out.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out / f".{kind}.lock"):
-        if not root.is_dir():  # another process may have generated it while this one waited
-            KINDS[kind](out, seed=seed, overwrite=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with _exclusive(out / f".{kind}.lock"):
+            if not root.is_dir():  # another process may have generated it while this one waited
+                KINDS[kind](out, seed=seed, overwrite=True)
+    except OSError as e:
+        raise UserError(f"data.root: the synthetic {kind} data cannot be written under '{out}' "
+                        f"({e.strerror or e}); point data.root at a folder you can write to, ending in /{kind}, "
+                        "or at your own data") from None
     return root
 
 

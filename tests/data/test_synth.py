@@ -98,6 +98,14 @@ def test_two_processes_ensuring_one_dataset_both_succeed(tmp_path):
     assert not list(tmp_path.glob(".classification.partial*"))
 
 
+def test_a_place_the_data_cannot_be_written_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(UserError, match=r"data.root: the synthetic classification data cannot be written under '.*file/"
+                                        r"shapes' \(.*\); point data.root at a folder you can write to"):
+        shapes.ensure(blocker / "shapes", "classification")
+
+
 def test_mean_colour_does_not_predict_the_class(tmp_path):
     root = synth.generate(tmp_path, image_size=32, train_per_class=40, val_per_class=1)
     means = {kind: np.stack([np.asarray(Image.open(p), dtype=np.float64).mean(axis=(0, 1))
