@@ -17,15 +17,16 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would interleave wit
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from pipeline import distributed, engine, stages  # noqa: E402
+from pipeline.train import runner  # noqa: E402
 from pipeline.tasks.base import TRAIN_ERROR  # noqa: E402
+from pipeline.train import distributed, engine
 
 
 def load_task(task_file: str, overrides: tuple[str, ...] = ()):
-    """Config, task, datasets and data info of a task file, through the runner's own builders (stages.prepare,
-    stages.build_data); its synthetic data is generated when missing."""
-    setup = stages.prepare(task_file, overrides, say=_quiet)
-    data = stages.build_data(setup, say=_quiet)
+    """Config, task, datasets and data info of a task file, through the runner's own builders (runner.prepare,
+    runner.build_data); its synthetic data is generated when missing."""
+    setup = runner.prepare(task_file, overrides, say=_quiet)
+    data = runner.build_data(setup, say=_quiet)
     return setup.cfg, setup.task, data.train, data.val, data.info
 
 
@@ -40,17 +41,17 @@ def first_batches(dataset, batch_size: int, n: int, task=None) -> list:
 
 
 def build_model(cfg, task, info, backbone: str | None, device: torch.device, channels_last: bool):
-    """The task's model as `pipeline run` trains it (stages.build_model, plan_finetune, place_model with the CPU fast
+    """The task's model as `pipeline run` trains it (runner.build_model, plan_finetune, place_model with the CPU fast
     paths, make_optimizer), random init."""
     b = cfg.model.backbone.model_copy(update={"name": backbone or cfg.model.backbone.name, "weights": "none"})
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"backbone": b}),
                                  "train": cfg.train.model_copy(update={"channels_last": channels_last})})
-    setup = stages.Setup(cfg, task, task_file="", experiment="", output_dir=Path("."), last=None, device=device,
+    setup = runner.Setup(cfg, task, task_file="", experiment="", output_dir=Path("."), last=None, device=device,
                          precision=engine.resolve_precision(cfg.train.precision, device), ctx=distributed.Context())
-    model = stages.build_model(setup, info, say=_quiet)
-    plan = stages.plan_finetune(setup, model)
-    model = stages.place_model(setup, model, plan, say=_quiet)
-    optimizer = stages.make_optimizer(setup, model, plan, say=_quiet)
+    model = runner.build_model(setup, info, say=_quiet)
+    plan = runner.plan_finetune(setup, model)
+    model = runner.place_model(setup, model, plan, say=_quiet)
+    optimizer = runner.make_optimizer(setup, model, plan, say=_quiet)
     BENCH_SCHEDULE.apply(optimizer, 0)
     return model, optimizer
 

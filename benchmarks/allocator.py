@@ -59,7 +59,8 @@ def child(task_file: str, steps: int) -> dict:
 
     import _common as C  # keeps freed memory on import, unless a MALLOC_* variable is set
 
-    from pipeline import allocator, engine
+    from pipeline.platform import allocator
+    from pipeline.train import engine
 
     cfg, task, train_ds, _, info = C.load_task(task_file)
     device = engine.resolve_device(cfg.train.device)

@@ -20,8 +20,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pipeline import backbones, engine, small_conv  # noqa: E402
+from pipeline.platform import small_conv  # noqa: E402
+from pipeline.models import backbones
 from pipeline.tasks.classification.task import Classifier  # noqa: E402
+from pipeline.train import engine
 
 
 def run_steps(model, opt, batch, steps: int, s: engine.StepSettings) -> float:

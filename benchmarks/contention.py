@@ -20,9 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from mlflow import MlflowClient
-
 import _common as C
+from mlflow import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = {

@@ -14,7 +14,7 @@ import time
 
 import _common as C
 
-from pipeline import engine
+from pipeline.train import engine
 
 
 def loader_rate(dataset, batch: int, workers: int, batches: int, task=None) -> float:

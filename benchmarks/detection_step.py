@@ -16,7 +16,7 @@ import _common as C
 from torch.profiler import ProfilerActivity, profile
 from torchvision.ops import MultiScaleRoIAlign
 
-from pipeline import engine
+from pipeline.train import engine
 
 PARTS = ("backbone", "fpn", "rpn", "roi_heads")
 

@@ -14,8 +14,9 @@ import time
 
 import torch
 
-from pipeline import backbones, engine, finetune
+from pipeline.models import backbones
 from pipeline.tasks.classification.task import Classifier
+from pipeline.train import engine, finetune
 
 STRATEGIES = {
     "full": [],

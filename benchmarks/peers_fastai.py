@@ -40,8 +40,17 @@ def main() -> None:
 
     import fastai
     import torch
-    from fastai.vision.all import (Callback, FlipItem, ImageDataLoaders, Resize, accuracy, aug_transforms, models,
-                                   set_seed, vision_learner)
+    from fastai.vision.all import (
+        Callback,
+        FlipItem,
+        ImageDataLoaders,
+        Resize,
+        accuracy,
+        aug_transforms,
+        models,
+        set_seed,
+        vision_learner,
+    )
 
     class TrainTimer(Callback):
         """Seconds and images of each epoch's training phase (all of it, batch loading included)."""

@@ -21,12 +21,11 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import _common as C  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
-
-import _common as C  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,8 +19,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # before torch, which imports tqdm: 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pipeline import backbones, engine, small_conv  # noqa: E402
+from pipeline.platform import small_conv  # noqa: E402
+from pipeline.models import backbones
 from pipeline.tasks.classification.task import Classifier  # noqa: E402
+from pipeline.train import engine
 
 
 def settings_for(device: torch.device) -> list[tuple[str, str, bool]]:

@@ -21,7 +21,8 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pipeline import engine, small_conv  # noqa: E402
+from pipeline.platform import small_conv  # noqa: E402
+from pipeline.train import engine
 
 # (in, out, kernel, stride, input side): resnet18's stages at 64 and 128 px inputs and the stage-4 downsample.
 CONVS = [(512, 512, 3, 1, 2), (512, 512, 3, 1, 4), (256, 512, 3, 2, 8), (256, 512, 1, 2, 8), (256, 256, 3, 1, 4),

@@ -13,7 +13,7 @@ import glob
 
 import _common as C
 
-from pipeline import engine
+from pipeline.train import engine
 
 
 def main() -> None:

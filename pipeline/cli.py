@@ -93,7 +93,7 @@ def _show_pipeline_logs() -> None:
 
 def _task_file(_ctx: click.Context, _param: click.Parameter, value: Path) -> Path:
     # An existing path wins; else a built-in task name (`pipeline run quickstart`) from inside the package.
-    from pipeline import shipped
+    from pipeline.config import shipped
 
     return shipped.find_task(value)
 
@@ -107,9 +107,9 @@ def run(task_file: Path, overrides: tuple[str, ...], resume: bool) -> None:
 
     `pipeline config TASK_FILE` prints every key with its value; `pipeline tasks` lists the built-in task files.
     """
-    from pipeline import stages
+    from pipeline.train import runner
 
-    stages.run(task_file, overrides, resume=resume, say=click.echo)
+    runner.run(task_file, overrides, resume=resume, say=click.echo)
 
 
 @main.command("config")
@@ -125,7 +125,7 @@ def show_config(task_file: Path, overrides: tuple[str, ...]) -> None:
 @main.command("tasks")
 def list_tasks() -> None:
     """List the built-in task files (run one by name: pipeline run quickstart)."""
-    from pipeline import shipped
+    from pipeline.config import shipped
 
     rows = shipped.describe()
     name_width, kind_width = (max(len(row[i]) for row in rows) for i in (0, 1))
@@ -176,7 +176,7 @@ def weights() -> None:
 def pull(names: tuple[str, ...]) -> None:
     """Download NAMES (resnet50, resnet50.tv_in1k, hf-hub:org/repo, ...) into the hub cache, for machines without a
     network."""
-    from pipeline import weights as W
+    from pipeline.models import weights as W
 
     for path in W.pull(list(names)):
         click.echo(f"cached {path}")
@@ -191,7 +191,7 @@ def sweep(task_file: Path, args: tuple[str, ...], resume: bool) -> None:
 
     Arguments with one value (train.epochs=5) apply to every run.
     """
-    from pipeline import sweep as sweep_runs
+    from pipeline.study import sweep as sweep_runs
 
     sweep_runs.run(task_file, args, resume=resume, say=click.echo)
 
@@ -216,7 +216,7 @@ def compare(experiment: str, metrics: tuple[str, ...], at: str, out: Path | None
             by: str | None, uri: str | None) -> None:
     """Table (and with --out, plots) of the latest sweep of EXPERIMENT (a task file's name), sorted by depth; backbone
     families (cifar_plain, cifar_resnet) are separate lines."""
-    from pipeline import compare as compare_runs
+    from pipeline.study import compare as compare_runs
 
     compare_runs.run(experiment, uri=uri, metric=metrics, out=out, parent=parent, by=by, every=every, at=at,
                      say=click.echo)
@@ -237,7 +237,7 @@ def compare(experiment: str, metrics: tuple[str, ...], at: str, out: Path | None
 def predict(source: str, inputs: tuple[str, ...], out: Path, batch_size: int, top_k: int, score: float,
             gallery: Path | None, device: str, uri: str | None) -> None:
     """Run SOURCE (a checkpoint, an MLflow run id, runs:/<id> or a models:/ URI) on INPUTS (images, folders, globs)."""
-    from pipeline import predict as predictor
+    from pipeline.use import predict as predictor
 
     predictor.run(source, list(inputs), out, uri=uri, batch_size=batch_size, top_k=top_k, score=score,
                   gallery=gallery, device=device, say=click.echo)
@@ -265,7 +265,7 @@ def verify(source: str, first: Path, second: Path, device: str, uri: str | None)
 @click.option("--uri", default=None, help="Tracking store of a run id or models:/ SOURCE.")
 def export(source: str, fmt: str, out: Path | None, log_to_run: bool, uri: str | None) -> None:
     """Export SOURCE (a checkpoint, an MLflow run id or a models:/ URI) and check it against PyTorch."""
-    from pipeline import export as exporter
+    from pipeline.use import export as exporter
 
     exporter.run(source, fmt, out, uri=uri, log_to_run=log_to_run, say=click.echo)
 
@@ -278,7 +278,7 @@ def export(source: str, fmt: str, out: Path | None, log_to_run: bool, uri: str |
 def register(run: str, name: str, alias: str | None, uri: str | None) -> None:
     """Register RUN's logged model (RUN: a run id or runs:/<id>) as a new version of NAME in the model registry; it then
     starts other runs as model.backbone.weights=models:/NAME/<version>."""
-    from pipeline import register as registry
+    from pipeline.use import register as registry
 
     click.echo(registry.run_model(run, name, uri, alias=alias).line())
 

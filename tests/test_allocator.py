@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pipeline import allocator
+from pipeline.platform import allocator
 
 glibc_only = pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
                                 reason="glibc's malloc")
@@ -17,7 +17,7 @@ glibc_only = pytest.mark.skipif(not (sys.platform.startswith("linux") and platfo
 # 16 MiB trim threshold) and faults all of it back in next step.
 CHILD = """
 import ctypes, json, resource, sys
-from pipeline import allocator
+from pipeline.platform import allocator
 applied = allocator.keep_freed_memory() if sys.argv[1] == "keep" else False
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]

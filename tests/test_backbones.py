@@ -6,8 +6,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from pipeline import backbones, weights
 from pipeline.errors import UserError
+from pipeline.models import backbones, weights
 
 CHANNELS = {
     "resnet18": [64, 64, 128, 256, 512],

@@ -9,9 +9,9 @@ import yaml
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from pipeline import checkpoint
 from pipeline.cli import main
 from pipeline.tasks.registry import TASKS
+from pipeline.train import checkpoint
 
 
 def _unknown_key(tmp_path, path):
@@ -86,7 +86,7 @@ def _expect_clean_failure(result, culprit: str, uri: str, run_opened: bool) -> N
     assert len(errors) == 1 and culprit in errors[0], result.output
     assert "Traceback" not in result.output
     client = MlflowClient(uri)
-    # any experiment: a run on another data.root than the task file's has one of its own (pipeline/placement.py)
+    # any experiment: a run on another data.root than the task file's has one of its own (pipeline/config/placement.py)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     if run_opened:
         assert len(runs) == 1 and runs[0].info.status == "FAILED" and culprit in runs[0].data.tags["error"]

@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline import checks, config
+from pipeline import config
 from pipeline.cli import main
-from pipeline.sections import TrainConfig
+from pipeline.config.sections import TrainConfig
+from pipeline.train import checks
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "tasks" / "quickstart.yaml"
 

@@ -1,4 +1,4 @@
-"""The CIFAR ResNets of the ResNet paper and their plain twins (pipeline/cifar_resnets.py): sizes as the paper,
+"""The CIFAR ResNets of the ResNet paper and their plain twins (pipeline/models/cifar_resnets.py): sizes as the paper,
 named stages for the pipeline, shortcuts that are (or are not) there, and the degradation task files."""
 import json
 import pickle
@@ -12,10 +12,13 @@ import torch
 from mlflow import MlflowClient
 from torch import nn
 
-from pipeline import backbones, config, finetune, stages, sweep
-from pipeline.cifar_resnets import DEPTHS, NAMES, PadShortcut
+from pipeline import config
 from pipeline.errors import UserError
+from pipeline.models import backbones
+from pipeline.models.cifar_resnets import DEPTHS, NAMES, PadShortcut
+from pipeline.study import sweep
 from pipeline.tasks.classification.task import Classifier
+from pipeline.train import finetune, runner
 
 REPO = Path(__file__).resolve().parent.parent
 # Table 6 of the paper, in millions, as printed (two significant figures); the exact counts pin the architecture.
@@ -172,13 +175,13 @@ def test_a_classification_run_with_a_cifar_resnet(task_file, uri: str, tmp_path:
     monkeypatch.chdir(tmp_path)
     path = task_file(model={"backbone": {"name": "cifar_resnet20", "weights": "none"}},
                      train={"epochs": 1, "lr": 0.05, "optimizer": "sgd", "output_dir": str(tmp_path / "out")})
-    result = stages.run(path, ("finetune.freeze=[stem]",), say=lambda *_: None)
+    result = runner.run(path, ("finetune.freeze=[stem]",), say=lambda *_: None)
     run = MlflowClient(uri).get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["backbone"] == "cifar_resnet20" and run.data.tags["depth"] == "20"
     assert run.data.tags["frozen_stages"] == "stem"
     # the run's checkpoint is weights for the next run
-    again = stages.run(path, (f"model.backbone.weights=runs:/{result.run_id}", "train.output_dir=out2"),
+    again = runner.run(path, (f"model.backbone.weights=runs:/{result.run_id}", "train.output_dir=out2"),
                        say=lambda *_: None)
     assert MlflowClient(uri).get_run(again.run_id).data.tags["weights.source_run_id"] == result.run_id
 
@@ -236,16 +239,16 @@ def test_degradation_cifar10_runs_on_cifar_format_data(tmp_path: Path, uri: str,
     common = (f"tracking.uri={uri}", "tracking.log_model=false", "data.num_workers=0", "data.batch_size=4",
               f"train.output_dir={tmp_path / 'out'}")
     with pytest.raises(UserError, match="cifar10 is not at .*data/cifar-10-batches-py; extract") as err:
-        stages.run(path, common, say=lambda *_: None)
+        runner.run(path, common, say=lambda *_: None)
     assert str((tmp_path / "data" / "cifar-10-batches-py").resolve()) in str(err.value)
     write_cifar10(tmp_path / "data" / "cifar-10-batches-py")
-    result = stages.run(path, (*common, "train.epochs=2", "train.step_milestones=[1]"), say=lambda *_: None)
+    result = runner.run(path, (*common, "train.epochs=2", "train.step_milestones=[1]"), say=lambda *_: None)
     assert MlflowClient(uri).get_run(result.run_id).info.status == "FINISHED"
 
 
 def test_degradation_shapes_runs(tmp_path: Path, uri: str, shapes: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = stages.run(REPO / "tasks" / "degradation_shapes.yaml",
+    result = runner.run(REPO / "tasks" / "degradation_shapes.yaml",
                         (f"data.root={shapes}", f"tracking.uri={uri}", "tracking.log_model=false",
                          "data.num_workers=0", "train.epochs=1", "train.step_milestones=[]",
                          f"train.output_dir={tmp_path / 'out'}"), say=lambda *_: None)

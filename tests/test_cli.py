@@ -6,7 +6,7 @@ from importlib.metadata import version
 
 from click.testing import CliRunner
 
-from pipeline import progress
+from pipeline import console
 from pipeline.cli import main
 
 
@@ -36,8 +36,8 @@ class _Terminal(io.StringIO):
 
 def test_progress_bars_only_on_a_terminal(monkeypatch):
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # a redirected log
-    assert progress.bar(range(3), "epoch").disable
+    assert console.bar(range(3), "epoch").disable
     monkeypatch.setattr(sys, "stderr", _Terminal())
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
-    assert not progress.bar(range(3), "epoch").disable
-    assert progress.bar(range(3), "epoch", show=False).disable  # e.g. ranks other than 0
+    assert not console.bar(range(3), "epoch").disable
+    assert console.bar(range(3), "epoch", show=False).disable  # e.g. ranks other than 0

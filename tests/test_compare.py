@@ -9,8 +9,10 @@ import torch
 from click.testing import CliRunner
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from pipeline import backbones, compare, compare_plots, profile, tracking
+from pipeline import tracking
 from pipeline.cli import main
+from pipeline.models import backbones, profile
+from pipeline.study import compare, plots
 from pipeline.tasks.classification.task import Classifier
 
 # torchvision's model cards (ImageNet-1k classifiers, 1000 classes)
@@ -50,8 +52,8 @@ def test_counting_gflops_leaves_the_model_as_it_was():
 def test_pareto_front_keeps_the_points_nothing_beats():
     # (cost, value): the 2nd is beaten by the 1st (cheaper, better); the 4th ties the 3rd's cost with a lower value
     points = [(1.0, 0.70), (2.0, 0.65), (3.0, 0.80), (3.0, 0.75), (8.0, 0.81), (9.0, 0.60)]
-    assert compare_plots.pareto_front(points) == [0, 2, 4]
-    assert compare_plots.pareto_front([]) == []
+    assert plots.pareto_front(points) == [0, 2, 4]
+    assert plots.pareto_front([]) == []
 
 
 def test_metric_is_read_at_the_best_epoch():
@@ -100,7 +102,7 @@ def test_compare_by_a_tag_labels_rows_and_keeps_groups_apart(store: str, tmp_pat
     with (tmp_path / "plots" / "runs.csv").open() as f:
         assert sorted(row["weights.source"] for row in csv.DictReader(f)) == ["none", "runs:/abc"]
     # one line per group in the depth plot: two single-point lines, not one line joining them
-    figure = compare_plots._vs_depth(result.rows, "val/top1")
+    figure = plots._vs_depth(result.rows, "val/top1")
     assert sorted(len(line.get_xdata()) for line in figure.axes[0].get_lines()) == [1, 1]
     result = CliRunner().invoke(main, ["compare", "transfer", "--by", "weights.source", "--uri", store])
     assert result.exit_code == 0 and "runs:/abc" in result.output, result.output
@@ -118,7 +120,7 @@ def _training_run(uri: str, experiment: str, name: str, depth: int, top1: float,
 
 def _sweep(uri: str, experiment: str, epochs: int, top1: dict[str, float]) -> str:
     with tracking.Tracker.start(uri, experiment, run_name=f"sweep-{epochs}", params={},
-                                tags={"pipeline.sweep": "parent", "task": "classification"}) as parent:
+                                tags={"pipeline.study.sweep": "parent", "task": "classification"}) as parent:
         for name, value in top1.items():
             _training_run(uri, experiment, name, int(name.removeprefix("resnet")), value, epochs, parent.run_id)
     return parent.run_id
@@ -181,7 +183,7 @@ def test_compare_never_joins_runs_of_different_sweeps_or_epochs(store: str, swee
     assert header.split()[-3:] == ["sweep", "run", "id"]
     assert sorted(line.split()[-2] for line in body) == sorted([sweeps["first"][:8]] * 2 + [sweeps["latest"][:8]] * 2
                                                                + ["-"])
-    for figure in (compare_plots._vs_depth(result.rows, "val/top1"), compare_plots._time_vs_depth(result.rows)):
+    for figure in (plots._vs_depth(result.rows, "val/top1"), plots._time_vs_depth(result.rows)):
         ax = figure.axes[0]
         joined = {line.get_label(): list(line.get_xdata()) for line in ax.get_lines()}
         assert joined == {f"sweep {sweeps['first'][:8]}, 2 epochs": [18, 34],
@@ -190,7 +192,7 @@ def test_compare_never_joins_runs_of_different_sweeps_or_epochs(store: str, swee
         FigureCanvasAgg(figure).draw()  # the legend sits right of the axes, so it covers no point
         assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
     # fractions on 0..1: 0.40 and 0.55 do not fill the plot's height
-    assert compare_plots._vs_depth(result.rows, "val/top1").axes[0].get_ylim() == pytest.approx((0, 1.04))
+    assert plots._vs_depth(result.rows, "val/top1").axes[0].get_ylim() == pytest.approx((0, 1.04))
 
 
 def test_compare_keeps_repeated_depths_of_one_sweep_apart(store: str):
@@ -199,7 +201,7 @@ def test_compare_keeps_repeated_depths_of_one_sweep_apart(store: str):
         for name, top1 in (("resnet18", 0.5), ("resnet18", 0.7), ("resnet34", 0.6)):
             _training_run(store, "lr", name, int(name[6:]), top1, epochs=2, parent=parent.run_id)
     result = compare.run("lr", uri=store, say=lambda *_: None)
-    (line,) = compare_plots._vs_depth(result.rows, "val/top1").axes[0].get_lines()
+    (line,) = plots._vs_depth(result.rows, "val/top1").axes[0].get_lines()
     assert line.get_linestyle() == "None" and "not joined: repeated depths" in line.get_label()
 
 
@@ -249,7 +251,7 @@ def _degradation_run(uri: str, parent: str, name: str, epochs: int = 3) -> str:
 def degradation(store: str) -> str:
     """The issue's sweep: model.backbone.name=cifar_plain20,cifar_plain56,cifar_resnet20,cifar_resnet56."""
     with tracking.Tracker.start(store, "degradation_shapes", run_name="sweep", params={},
-                                tags={"pipeline.sweep": "parent", "task": "classification"}) as parent:
+                                tags={"pipeline.study.sweep": "parent", "task": "classification"}) as parent:
         for name in DEGRADATION:
             _degradation_run(store, parent.run_id, name)
     return parent.run_id
@@ -272,11 +274,11 @@ def test_plain_and_residual_nets_are_two_lines_and_each_metric_gets_a_column_and
     assert result.metrics == ["train/error", "val/top1"]
     # sorted by depth within each family, the families apart
     assert [r.backbone for r in result.rows] == ["cifar_plain20", "cifar_plain56", "cifar_resnet20", "cifar_resnet56"]
-    joined = {key: [r.backbone for r in members] for key, members in compare_plots.lines(result.rows).items()}
+    joined = {key: [r.backbone for r in members] for key, members in plots.lines(result.rows).items()}
     assert joined == {(degradation, 3, "cifar_plain", ""): ["cifar_plain20", "cifar_plain56"],
                       (degradation, 3, "cifar_resnet", ""): ["cifar_resnet20", "cifar_resnet56"]}
     # the depth plot draws one line per family, labelled with it
-    ax = compare_plots._vs_depth(result.rows, "train/error", "last").axes[0]
+    ax = plots._vs_depth(result.rows, "train/error", "last").axes[0]
     drawn = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
     assert drawn == {f"cifar_plain, sweep {degradation[:8]}, 3 epochs": ([20, 56], pytest.approx([0.10, 0.20])),
                      f"cifar_resnet, sweep {degradation[:8]}, 3 epochs": ([20, 56], pytest.approx([0.08, 0.05]))}
@@ -318,9 +320,9 @@ def test_a_metric_logged_per_optimizer_step_reads_as_its_last_epochs_mean(store:
     assert "grad_norm/stem (mean of last epoch)" in next(line for line in said if line.startswith("backbone"))
     assert {p.name for p in result.files} >= {"metric_vs_depth.png", "curves.png"}
     # gradient norms are no fractions: 0.01 and 0.5 are drawn up to 0.5, not flat on a 0..1 axis
-    assert compare_plots._vs_depth(result.rows, "grad_norm/stem").axes[0].get_ylim() == pytest.approx((0, 0.52))
+    assert plots._vs_depth(result.rows, "grad_norm/stem").axes[0].get_ylim() == pytest.approx((0, 0.52))
     # a curve over optimizer steps says so
-    assert compare_plots._curves(result.rows, "grad_norm/stem").axes[0].get_xlabel() == "optimizer step"
+    assert plots._curves(result.rows, "grad_norm/stem").axes[0].get_xlabel() == "optimizer step"
 
 
 def test_per_step_metrics_are_told_from_epoch_metrics_by_name_or_steps():
@@ -357,7 +359,7 @@ def test_a_metric_only_some_runs_logged_shows_dashes_and_leaves_their_points_out
     header, *body = next(line for line in said if line.startswith("backbone")).splitlines()
     column = header.index("val/loss (best epoch)") + len("val/loss (best epoch)")
     assert [line[:column].split()[-1] for line in body] == ["-", "-", "0.1000", "0.0800"]
-    lines = compare_plots._vs_depth(result.rows, "val/loss").axes[0].get_lines()
+    lines = plots._vs_depth(result.rows, "val/loss").axes[0].get_lines()
     # one family left: its line needs no family in the label
     assert [(line.get_label(), list(line.get_xdata())) for line in lines] == [
         (f"sweep {degradation[:8]}, 3 epochs", [20, 56])]
@@ -397,6 +399,6 @@ def test_compare_metric_and_at_errors_are_one_line(store: str, degradation: str,
 
 def test_pareto_front_of_a_metric_where_lower_is_better():
     points = [(1.0, 0.30), (2.0, 0.35), (3.0, 0.20), (4.0, 0.25)]  # (cost, loss)
-    assert compare_plots.pareto_front(points, higher_is_better=False) == [0, 2]
-    assert (compare_plots.better("val/top1"), compare_plots.better("train/loss_epoch"), compare_plots.better("train/error"),
-            compare_plots.better("grad_norm/stem")) == (1, -1, -1, 0)
+    assert plots.pareto_front(points, higher_is_better=False) == [0, 2]
+    assert (plots.better("val/top1"), plots.better("train/loss_epoch"), plots.better("train/error"),
+            plots.better("grad_norm/stem")) == (1, -1, -1, 0)

@@ -10,10 +10,12 @@ import yaml
 from torch import nn
 from torchvision.ops import MultiScaleRoIAlign as torchvision_pooler
 
-from pipeline import allocator, config, cpu_kernels, engine, small_conv
-from pipeline.dense_adamw import DenseAdamW
+from pipeline import config
 from pipeline.errors import UserError
+from pipeline.platform import allocator, cpu_kernels, small_conv
+from pipeline.platform.dense_adamw import DenseAdamW
 from pipeline.tasks.detection import roi_align
+from pipeline.train import engine
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # CUDA only for the decision: no CUDA tensor is made
 NAMES = ["p2", "p3"]

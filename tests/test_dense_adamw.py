@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import dense_adamw, engine
-from pipeline.dense_adamw import DenseAdamW
+from pipeline.platform import dense_adamw
+from pipeline.platform.dense_adamw import DenseAdamW
+from pipeline.train import engine
 
 
 def _adamw_params():
@@ -122,7 +123,7 @@ def test_another_interface_steps_as_stock_fused_adamw_with_one_note(monkeypatch,
         got = _train(DenseAdamW, {"fused": True})
         second = DenseAdamW(_adamw_params(), fused=True)  # a second optimizer in the process: no second note
     assert not second.dense
-    notes = [r for r in caplog.records if r.name == "pipeline.dense_adamw"]
+    notes = [r for r in caplog.records if r.name == "pipeline.platform.dense_adamw"]
     assert len(notes) == 1 and "\n" not in notes[0].getMessage()
     assert notes[0].getMessage().endswith("using the stock fused AdamW")
     for g, e in zip(got, _train(torch.optim.AdamW, {"fused": True})):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint, engine
 from pipeline.errors import UserError
+from pipeline.train import checkpoint, engine
 
 
 def test_warmup_then_cosine():

@@ -8,8 +8,8 @@ import torch
 from mlflow import MlflowClient
 from torch import nn
 
-from pipeline import engine, stages
 from pipeline.tasks.base import TRAIN_ERROR
+from pipeline.train import engine, runner
 
 
 class SlowLoader:
@@ -88,7 +88,7 @@ def test_a_run_logs_monitoring_metrics(task_file, uri: str, tmp_path: Path, monk
     monkeypatch.chdir(tmp_path)
     path = task_file(train={"epochs": 2, "log_every": 2}, tracking={"uri": uri, "log_model": False})
     lines = []
-    result = stages.run(path, ("finetune.freeze=[stem,layer1]", "train.log_grad_norms=true", "train.threads=1"),
+    result = runner.run(path, ("finetune.freeze=[stem,layer1]", "train.log_grad_norms=true", "train.threads=1"),
                         say=lines.append)
     client = MlflowClient(uri)
     run = client.get_run(result.run_id)
@@ -106,7 +106,7 @@ def test_a_run_logs_monitoring_metrics(task_file, uri: str, tmp_path: Path, monk
 def test_system_metrics_switch(task_file, uri: str, tmp_path: Path, monkeypatch, every):
     monkeypatch.chdir(tmp_path)
     path = task_file(train={"epochs": 1}, tracking={"uri": uri, "log_model": False, "system_metrics_every": every})
-    result = stages.run(path, (), say=lambda *_: None)
+    result = runner.run(path, (), say=lambda *_: None)
     logged = {k for k in MlflowClient(uri).get_run(result.run_id).data.metrics if k.startswith("system/")}
     assert ("system/cpu_utilization_percentage" in logged and "system/system_memory_usage_megabytes" in logged) \
         if every else not logged

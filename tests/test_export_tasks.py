@@ -12,13 +12,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline import checkpoint, export, inference
 from pipeline.cli import main
-from pipeline.export_checks import ExportMismatch
 from pipeline.tasks.base import DataInfo
 from pipeline.tasks.detection.export import quiet_tracing
 from pipeline.tasks.detection.roi_align import MultiScaleRoIAlign
+from pipeline.tasks.export_checks import ExportMismatch
 from pipeline.tasks.registry import TASKS
+from pipeline.train import checkpoint
+from pipeline.use import export, inference
 
 BACKBONE = {"name": "resnet18", "weights": "none"}
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -4,9 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import backbones, engine, finetune
 from pipeline.errors import UserError
+from pipeline.models import backbones
 from pipeline.tasks.classification.task import Classifier
+from pipeline.train import engine, finetune
 
 
 def make_model(name: str = "resnet18", classes: int = 3) -> Classifier:
@@ -178,7 +179,7 @@ def test_run_from_a_state_dict_keeps_frozen_tensors_and_lr_ratios(task_file, uri
     import timm
     from mlflow import MlflowClient
 
-    from pipeline import checkpoint, stages
+    from pipeline.train import checkpoint, runner
 
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(1)
@@ -186,7 +187,7 @@ def test_run_from_a_state_dict_keeps_frozen_tensors_and_lr_ratios(task_file, uri
     torch.save(source, tmp_path / "resnet18.pth")
     path = task_file(model={"backbone": {"name": "resnet18", "weights": str(tmp_path / "resnet18.pth")}},
                      train={"epochs": 2, "lr": 1e-2, "warmup_epochs": 0.5})
-    result = stages.run(path, ("finetune.freeze=[stem,layer1,layer2]", "finetune.bn=frozen",
+    result = runner.run(path, ("finetune.freeze=[stem,layer1,layer2]", "finetune.bn=frozen",
                                "finetune.layer_decay=0.5"), say=lambda *_: None)
     client = MlflowClient(uri)
     local = client.download_artifacts(result.run_id, "checkpoints/best.pt", str(tmp_path / "dl"))
@@ -208,12 +209,12 @@ def test_run_from_a_state_dict_keeps_frozen_tensors_and_lr_ratios(task_file, uri
 def test_gradual_unfreezing_in_a_run(task_file, uri, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from pipeline import stages
+    from pipeline.train import runner
 
     monkeypatch.chdir(tmp_path)
     said = []
     path = task_file(train={"epochs": 2, "log_every": 1})
-    result = stages.run(path, ("finetune.freeze=all", "finetune.unfreeze={layer4: 2}"), say=said.append)
+    result = runner.run(path, ("finetune.freeze=all", "finetune.unfreeze={layer4: 2}"), say=said.append)
     assert any("epoch 2: unfreezing layer4" in line for line in said)
     client = MlflowClient(uri)
     assert [m.step for m in client.get_metric_history(result.run_id, "unfreeze/layer4")] == [2]

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import stages
 from pipeline.data import fingerprint, synth_coco, synth_faces
 from pipeline.tasks.classification.data import build_datasets
+from pipeline.train import runner
 
 
 def splits(root: Path):
@@ -65,9 +65,9 @@ def test_every_task_records_the_files_each_split_reads(task, data, scenes_and_fa
         "task": task, "data": {**data, "root": str(scenes_and_faces[data["root"]]), "num_workers": 0},
         "model": {"backbone": {"name": "resnet18", "weights": "none"}},
         "train": {"output_dir": str(tmp_path / "out")}, "tracking": {"uri": uri}}))
-    setup = stages.prepare(path)
-    built = stages.build_data(setup, say=lambda *_: None)
+    setup = runner.prepare(path)
+    built = runner.build_data(setup, say=lambda *_: None)
     assert all(fingerprint.files(split) for split in (built.train, built.val))  # not the whole tree's fallback
-    train, val = stages.dataset_records(setup, built)
+    train, val = runner.dataset_records(setup, built)
     assert (train.context, val.context) == ("training", "validation") and train.digest != val.digest
     assert (train.rows, val.rows) == (len(built.train), len(built.val))

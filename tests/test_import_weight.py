@@ -13,7 +13,7 @@ def test_config_imports_no_task_implementation(module):
     out = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"], capture_output=True,
                          text=True, check=True).stderr
     loaded = {line.rsplit("|", 1)[-1].strip() for line in out.splitlines() if line.startswith("import time:")}
-    assert "pipeline.sections" in loaded  # the listing is real: the schemas' base was loaded
+    assert "pipeline.config.sections" in loaded  # the listing is real: the schemas' base was loaded
     assert not [m for m in loaded if m.startswith(HEAVY)], sorted(m for m in loaded if m.startswith(HEAVY))
 
 

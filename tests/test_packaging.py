@@ -10,8 +10,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from pipeline import config, shipped
+from pipeline import config
 from pipeline.cli import main
+from pipeline.config import shipped
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = sorted(p.stem for p in (REPO / "tasks").glob("*.yaml"))
@@ -20,9 +21,9 @@ FRAGMENTS = sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "config
 
 def test_package_holds_every_task_file_and_fragment():
     # Through the package, not the checkout: in a checkout the symlinks lead back to the root folders.
-    package = files("pipeline")
+    package = files("pipeline.config")
     for fragment in FRAGMENTS:
-        assert (package / "configs" / fragment).is_file(), fragment
+        assert (package / "fragments" / fragment).is_file(), fragment
     for name in TASKS:
         assert (package / "task_files" / f"{name}.yaml").is_file(), name
     assert shipped.task_names() == TASKS
@@ -128,6 +129,6 @@ def test_wheel_carries_tasks_and_configs(tmp_path: Path):
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
-        assert {f"pipeline/configs/{f}" for f in FRAGMENTS} <= names
-        assert {f"pipeline/task_files/{t}.yaml" for t in TASKS} <= names
-        assert zf.read("pipeline/task_files/quickstart.yaml") == (REPO / "tasks/quickstart.yaml").read_bytes()
+        assert {f"pipeline/config/fragments/{f}" for f in FRAGMENTS} <= names
+        assert {f"pipeline/config/task_files/{t}.yaml" for t in TASKS} <= names
+        assert zf.read("pipeline/config/task_files/quickstart.yaml") == (REPO / "tasks/quickstart.yaml").read_bytes()

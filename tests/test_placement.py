@@ -7,9 +7,9 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from pipeline import checkpoint, stages
 from pipeline.cli import main
 from pipeline.errors import UserError
+from pipeline.train import checkpoint, runner
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ def own_data(shapes: Path, tmp_path: Path) -> Path:
 
 
 def place(path: Path, *overrides: str) -> tuple[str, Path]:
-    setup = stages.prepare(path, overrides, say=lambda *_: None)
+    setup = runner.prepare(path, overrides, say=lambda *_: None)
     return setup.experiment, setup.output_dir
 
 
@@ -38,9 +38,9 @@ def test_a_run_on_your_data_lands_in_its_own_experiment(task_file, own_data: Pat
                                                        monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = task_file(train={"output_dir": None, "epochs": 1})
-    demo = stages.run(path, say=lambda *_: None)
+    demo = runner.run(path, say=lambda *_: None)
     said = []
-    mine = stages.run(path, (f"data.root={own_data}",), say=said.append)
+    mine = runner.run(path, (f"data.root={own_data}",), say=said.append)
     client = MlflowClient(uri)
     experiment_of = {run: client.get_experiment(client.get_run(run).info.experiment_id).name
                      for run in (demo.run_id, mine.run_id)}
@@ -55,10 +55,10 @@ def test_a_folder_of_another_datasets_checkpoints_is_never_replaced(task_file, o
                                                                    monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = task_file(train={"output_dir": None, "epochs": 1})
-    stages.run(path, (f"data.root={own_data}",), say=lambda *_: None)
+    runner.run(path, (f"data.root={own_data}",), say=lambda *_: None)
     namesake = Path(shutil.copytree(own_data, tmp_path / "other" / "my_images"))  # another dataset, the same name
     with pytest.raises(UserError, match="holds checkpoints trained on .*my_images, not .*other/my_images"):
-        stages.prepare(path, (f"data.root={namesake}",), say=lambda *_: None)
+        runner.prepare(path, (f"data.root={namesake}",), say=lambda *_: None)
     result = CliRunner().invoke(main, ["run", str(path), f"data.root={namesake}"])
     assert result.exit_code == 1
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
@@ -69,7 +69,7 @@ def test_a_folder_of_another_datasets_checkpoints_is_never_replaced(task_file, o
 
 def test_a_sweep_on_your_data_keeps_its_runs_together(task_file, own_data: Path, uri: str, tmp_path: Path,
                                                        monkeypatch):
-    from pipeline import sweep
+    from pipeline.study import sweep
 
     monkeypatch.chdir(tmp_path)
     path = task_file(train={"output_dir": None, "epochs": 1})

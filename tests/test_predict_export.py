@@ -15,10 +15,13 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from pipeline import export, export_checks, inference, stages, tracking
+from pipeline import tracking
 from pipeline.cli import main
 from pipeline.data.images import read_rgb
 from pipeline.data.transforms import build_transforms
+from pipeline.tasks import export_checks
+from pipeline.train import runner
+from pipeline.use import export, inference
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,7 +45,7 @@ def trained(module_dir: Path, empty_store: Path, shapes: Path):
         "tracking": {"uri": uri, "log_model": True}}))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
-        result = stages.run(task, say=lambda *_: None)
+        result = runner.run(task, say=lambda *_: None)
         experiment = mlflow.MlflowClient(uri).get_experiment_by_name("tiny").experiment_id
         with tracking.process_tracking_uri(uri):
             (model,) = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")

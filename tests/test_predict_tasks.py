@@ -16,7 +16,6 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline import stages
 from pipeline.cli import main
 from pipeline.data import synth_coco, synth_faces
 from pipeline.errors import UserError
@@ -25,6 +24,7 @@ from pipeline.tasks.detection import predictions as detection_predictions
 from pipeline.tasks.face import identify
 from pipeline.tasks.segmentation import predictions as segmentation_predictions
 from pipeline.tasks.segmentation.report import palette
+from pipeline.train import runner
 
 SHAPE_NAMES = {cid: name for name, cid in synth_coco.CATEGORY_IDS.items()}
 TASKS = ("detection", "segmentation", "face")
@@ -71,7 +71,7 @@ def runs(module_dir: Path, empty_store: Path) -> dict:
         for name, cfg in _configs(scenes, faces, folder / "out", uri).items():
             path = folder / f"{name}_tiny.yaml"
             path.write_text(yaml.safe_dump(cfg))
-            ids[name] = stages.run(path, say=lambda *_: None).run_id
+            ids[name] = runner.run(path, say=lambda *_: None).run_id
         yield {"uri": uri, "ids": ids, "scenes": scenes, "faces": faces, "folder": folder}
 
 

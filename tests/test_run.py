@@ -9,8 +9,9 @@ import yaml
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from pipeline import checkpoint, stages, tracking
+from pipeline import tracking
 from pipeline.cli import main
+from pipeline.train import checkpoint, runner
 
 
 def run_cli(*args: str):
@@ -20,7 +21,7 @@ def run_cli(*args: str):
 def test_run_trains_and_logs_everything(task_file, uri: str, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MLflow artifacts go under ./mlruns
     path = task_file(train={"epochs": 3, "lr": 2e-3}, tracking={"uri": uri, "log_model": True})
-    result = stages.run(path, ("finetune.freeze=[stem]",), say=lambda *_: None)
+    result = runner.run(path, ("finetune.freeze=[stem]",), say=lambda *_: None)
     client = MlflowClient(uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -83,7 +84,7 @@ def test_run_trains_and_logs_everything(task_file, uri: str, tmp_path: Path, mon
 def test_resume_continues_the_same_run(task_file, uri: str, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = task_file(train={"epochs": 3})
-    first = stages.run(path, ("train.epochs=2",), say=lambda *_: None)
+    first = runner.run(path, ("train.epochs=2",), say=lambda *_: None)
     ckpt = checkpoint.load(first.output_dir / checkpoint.LAST)
     assert ckpt["fit"]["epoch"] == 2 and ckpt["run_id"] == first.run_id
     # the run was interrupted before epoch 3: resume finishes it in the same MLflow run
@@ -105,8 +106,8 @@ def test_resume_continues_the_same_run(task_file, uri: str, tmp_path: Path, monk
 def test_seeded_cpu_runs_repeat(task_file, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = task_file(train={"epochs": 1, "precision": "fp32"})
-    a = stages.run(path, ("train.output_dir=" + str(tmp_path / "a"),), say=lambda *_: None)
-    b = stages.run(path, ("train.output_dir=" + str(tmp_path / "b"),), say=lambda *_: None)
+    a = runner.run(path, ("train.output_dir=" + str(tmp_path / "a"),), say=lambda *_: None)
+    b = runner.run(path, ("train.output_dir=" + str(tmp_path / "b"),), say=lambda *_: None)
     wa = checkpoint.load(a.output_dir / checkpoint.LAST)["model"]
     wb = checkpoint.load(b.output_dir / checkpoint.LAST)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -128,11 +129,11 @@ def test_debug_flag_shows_the_traceback(task_file, tmp_path, monkeypatch):
 def test_resume_survives_a_truncated_last_checkpoint(task_file, uri: str, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = task_file(train={"epochs": 3, "keep_checkpoints": "all"})  # all: last.prev.pt too
-    first = stages.run(path, ("train.epochs=2",), say=lambda *_: None)
+    first = runner.run(path, ("train.epochs=2",), say=lambda *_: None)
     last = first.output_dir / checkpoint.LAST
     last.write_bytes(last.read_bytes()[:1000])
     said = []
-    result = stages.run(path, resume=True, say=said.append)
+    result = runner.run(path, resume=True, say=said.append)
     assert result.run_id == first.run_id
     assert any("after epoch 1" in line for line in said)  # epoch 2 is trained again from the previous checkpoint
     assert checkpoint.load(last)["fit"]["epoch"] == 3
@@ -141,7 +142,7 @@ def test_resume_survives_a_truncated_last_checkpoint(task_file, uri: str, tmp_pa
 
 def test_out_of_memory_says_what_to_do_and_marks_the_run_failed(task_file, uri, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    from pipeline import engine
+    from pipeline.train import engine
 
     real = engine.train_one_epoch
     calls = []
@@ -176,15 +177,15 @@ def test_compile_and_small_conv_are_wired_into_the_run(compile_, task_file, uri:
         return original_compile(self, backend="eager")
 
     monkeypatch.setattr(torch.nn.Module, "compile", compile_eager)
-    original_fit = stages.engine.fit
+    original_fit = runner.engine.fit
 
     def fit(f, state):
         seen.append({type(m).__name__ for m in f.model.modules()})
         return original_fit(f, state)
 
-    monkeypatch.setattr(stages.engine, "fit", fit)
+    monkeypatch.setattr(runner.engine, "fit", fit)
     path = task_file(train={"epochs": 1, "compile": compile_}, tracking={"uri": uri, "log_model": True})
-    result = stages.run(path, say=lambda *_: None)
+    result = runner.run(path, say=lambda *_: None)
     assert compiled == (["Classifier"] if compile_ else [])
     (trained,) = seen
     if compile_:

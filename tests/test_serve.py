@@ -25,12 +25,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from loopback import free_port, port_open
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from loopback import free_port, port_open
-from pipeline import checkpoint, stages, tracking
+from pipeline import tracking
 from pipeline.data import synth_coco, synth_faces
+from pipeline.train import checkpoint, runner
 
 TASKS = ("classification", "detection", "segmentation", "face")
 RESNET18 = {"name": "resnet18", "weights": "none"}
@@ -92,7 +93,7 @@ def trained(store: Path, shapes: Path):
         path.write_text(yaml.safe_dump(cfg))
         with pytest.MonkeyPatch.context() as mp:
             mp.chdir(store)  # artifacts go under ./mlruns
-            result = stages.run(path, say=lambda *_: None)
+            result = runner.run(path, say=lambda *_: None)
         experiment = mlflow.MlflowClient(uri).get_experiment_by_name(task).experiment_id
         with tracking.process_tracking_uri(uri):
             (model,) = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")

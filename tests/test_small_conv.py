@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import small_conv
+from pipeline.platform import small_conv
 
 # (in, out, kernel, stride, padding, dilation, input size): resnet 3x3 and 1x1 downsample shapes, a 7x7 stem, dilated
 # (DeepLab output stride 8) and rectangular maps.

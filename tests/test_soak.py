@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-
 from test_tracking_outage import Server, _free_port
 
 RUNS, CLIENTS, EPOCHS = 50, 4, 2

@@ -7,9 +7,9 @@ import yaml
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from pipeline import sweep
 from pipeline.cli import main
 from pipeline.errors import UserError
+from pipeline.study import sweep
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

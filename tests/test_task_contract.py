@@ -11,11 +11,13 @@ import pytest
 import torch
 import yaml
 
-from pipeline import checkpoint, config, engine, export, predict, stages
+from pipeline import config
 from pipeline.data import synth, synth_coco, synth_faces
 from pipeline.tasks.base import DataInfo, PredictOptions, Task
 from pipeline.tasks.registry import TASKS
 from pipeline.tasks.schemas import SCHEMAS
+from pipeline.train import checkpoint, engine, runner
+from pipeline.use import export, predict
 
 SMALL_DETECTOR = {"frozen_bn": False, "min_size": 64, "max_size": 64, "anchor_sizes": [8, 16, 32, 64, 128],
                   "fpn_channels": 32, "representation_size": 64, "box_batch_size_per_image": 32,
@@ -56,13 +58,13 @@ def built(request, datasets, tmp_path, uri):
     path.write_text(yaml.safe_dump({"task": name, **_sections(name, datasets[name]),
                                     "train": {"epochs": 1, "output_dir": str(tmp_path / "out")},
                                     "tracking": {"uri": uri, "log_model": False}}))
-    setup = stages.prepare(path, say=lambda *_: None)
-    data = stages.build_data(setup, say=lambda *_: None)
-    model = stages.build_model(setup, data.info, say=lambda *_: None)
-    plan = stages.plan_finetune(setup, model)
-    model = stages.place_model(setup, model, plan)
-    optimizer = stages.make_optimizer(setup, model, plan, say=lambda *_: None)
-    loaders = stages.make_loaders(setup, data, model, plan)
+    setup = runner.prepare(path, say=lambda *_: None)
+    data = runner.build_data(setup, say=lambda *_: None)
+    model = runner.build_model(setup, data.info, say=lambda *_: None)
+    plan = runner.plan_finetune(setup, model)
+    model = runner.place_model(setup, model, plan)
+    optimizer = runner.make_optimizer(setup, model, plan, say=lambda *_: None)
+    loaders = runner.make_loaders(setup, data, model, plan)
     return setup, data, model, optimizer, loaders, tmp_path
 
 
@@ -82,7 +84,7 @@ def test_train_step_evaluate_predict_export(built):
 
     # train one step: the loss dict sums to a finite scalar and the step moves the weights
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    settings = stages.step_settings(setup)
+    settings = runner.step_settings(setup)
     one_step = [next(iter(train_loader))]
     schedule = engine.Schedule("constant", 1)
     for g in optimizer.param_groups:
@@ -99,7 +101,7 @@ def test_train_step_evaluate_predict_export(built):
     assert isinstance(metrics[task.primary], float)
 
     # the inference module maps the example input to outputs that `records` turns into one JSON-able dict per image
-    stages.inference_ready(model)
+    runner.inference_ready(model)
     model.eval()
     example = task.example_input(setup.cfg.data.image_size)
     with torch.no_grad():

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import threads
-from pipeline.threads import Governor, Sample
+from pipeline.platform import threads
+from pipeline.platform.threads import Governor, Sample
 
 
 @pytest.fixture(autouse=True)

@@ -217,7 +217,7 @@ def tiny_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
 
 
-# A pyfunc as "models from code", like pipeline/served_model.py: its weights are an artifact, read back on load.
+# A pyfunc as "models from code", like pipeline/use/served_model.py: its weights are an artifact, read back on load.
 TINY_PYFUNC = """
 import pandas as pd
 import torch

@@ -13,8 +13,10 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from pipeline import engine, outbox, stages, tracking
+from pipeline import tracking
 from pipeline.cli import main
+from pipeline.tracking import outbox
+from pipeline.train import engine, runner
 
 
 def _free_port() -> int:
@@ -73,7 +75,7 @@ def test_server_lost_mid_run_then_synced(task_file, server, tmp_path, monkeypatc
     path = task_file(train={"epochs": 3}, tracking={"uri": server.uri, "log_model": True})
     said = []
     started = time.monotonic()
-    result = stages.run(path, say=said.append)
+    result = runner.run(path, say=said.append)
     assert time.monotonic() - started < 120  # no minutes of retries per call
     assert any("unreachable; training goes on" in line for line in said)
     assert any("pipeline sync" in line for line in said)

@@ -10,8 +10,8 @@ import urllib.request
 from pathlib import Path
 
 from click.testing import CliRunner
-
 from loopback import free_port, port_open
+
 from pipeline import tracking
 from pipeline.cli import main
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline import checkpoint
 from pipeline.cli import main
+from pipeline.train import checkpoint
 
 
 class Payload:

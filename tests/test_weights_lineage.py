@@ -13,13 +13,15 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from safetensors.torch import save_file
 
-from pipeline import backbones, config, stages, tracked_weights, tracking
-from pipeline import weights as W
+from pipeline import config, tracking
 from pipeline.cli import main
 from pipeline.data import synth_coco
 from pipeline.errors import UserError
+from pipeline.models import backbones, tracked
+from pipeline.models import weights as W
 from pipeline.tasks.base import DataInfo
 from pipeline.tasks.registry import TASKS
+from pipeline.train import runner
 
 NAME = "shapes-cls"  # the registered model
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -60,7 +62,7 @@ def cls_run(store: dict, shapes: Path) -> dict:
     path = store["folder"] / "cls.yaml"
     path.write_text(yaml.safe_dump(task))
     lines: list[str] = []
-    result = stages.run(path, say=lines.append)
+    result = runner.run(path, say=lines.append)
     ckpt = torch.load(store["folder"] / "cls" / "best.pt", map_location="cpu", weights_only=True)
     backbone = {k.removeprefix("backbone.body."): v for k, v in ckpt["model"].items() if k.startswith("backbone.body.")}
     return {"id": result.run_id, "backbone": backbone, "lines": lines,
@@ -73,7 +75,7 @@ def task_config(task: str, weights: str, **model):
 
 def build(task: str, weights: str, uri: str, **model):
     cfg = task_config(task, weights, **model)
-    return tracked_weights.build_model(TASKS[task], cfg.model, INFOS[task], uri, say=lambda *_: None)
+    return tracked.build_model(TASKS[task], cfg.model, INFOS[task], uri, say=lambda *_: None)
 
 
 def assert_same_backbone(model, expected: dict[str, torch.Tensor]) -> None:
@@ -121,7 +123,7 @@ def test_a_detection_run_from_runs_records_its_lineage(store: dict, cls_run: dic
     path.write_text(yaml.safe_dump(task))
     lines: list[str] = []
     source = f"runs:/{cls_run['id']}"
-    result = stages.run(path, (f"model.backbone.weights={source}",), say=lines.append)
+    result = runner.run(path, (f"model.backbone.weights={source}",), say=lines.append)
     tags = MlflowClient(store["uri"]).get_run(result.run_id).data.tags
     assert tags["weights.source"] == tags["weights"] == source
     assert tags["weights.source_run_id"] == cls_run["id"] and tags["weights.source_task"] == "classification"
@@ -226,7 +228,7 @@ def bad_sources(store: dict, cls_run: dict) -> list[tuple[str, str, str, str]]:
 def test_bad_sources_are_one_line_naming_the_field(store: dict, cls_run: dict):
     for weights, backbone, uri, expected in bad_sources(store, cls_run):
         with pytest.raises(UserError) as err:
-            with tracked_weights.fetch(weights, uri, backbone):
+            with tracked.fetch(weights, uri, backbone):
                 pass
         message = str(err.value)
         assert message.startswith("model.backbone.weights: ") and "\n" not in message, message

@@ -17,9 +17,9 @@ from albumentations.core.composition import BaseCompose
 from albumentations.core.transforms_interface import ImageOnlyTransform
 from torch.utils.data import Dataset
 
+from pipeline.config.sections import DataConfig
 from pipeline.data.transforms import transform_class
 from pipeline.errors import UserError
-from pipeline.sections import DataConfig
 
 if TYPE_CHECKING:  # the tasks import this module
     from pipeline.tasks.base import Task, TaskData

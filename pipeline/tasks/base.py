@@ -8,7 +8,7 @@ Training side
   `pipeline.config` without importing task implementations.
 - `build_data(...) -> TaskData`: the train and val datasets plus `DataInfo`, the typed record of what the data says
   (class names, category ids, sizes); it is saved in every checkpoint, so a trained model carries it.
-- `build_model(...)`: an `nn.Module` with `.backbone` (named stages, see pipeline/backbones.py) and `head_parts()`
+- `build_model(...)`: an `nn.Module` with `.backbone` (named stages, see pipeline/models/backbones.py) and `head_parts()`
   (an ordered dict of named head modules, which fine-tuning gives their own learning rates).
 - `loss(model, batch) -> dict[str, Tensor]`: the engine sums the dict, except the entry named `TRAIN_ERROR`: a task that
   can tell puts there the fraction of the batch it got wrong (detached), and the engine logs its epoch mean as
@@ -37,7 +37,7 @@ Optional abilities (declared, never probed)
 - `caches_features`: the model has `features(images)` and an `input_is_features` switch (finetune.cache_features).
 - `merges_evaluators`: evaluators have `merge(other)`, so data-parallel ranks can each score a shard of the val set.
 - `one_class_per_image`: each image has one label (classification), so a val set smaller than the number of classes
-  leaves some class unvalidated (warned at start, pipeline/checks.py).
+  leaves some class unvalidated (warned at start, pipeline/train/checks.py).
 - `collate_fn`: the task batches its own way (detection: lists of images of different sizes).
 - `batch_sampler(dataset, sampler, batch_size)`: may reorder training batches (detection groups by aspect ratio).
 """
@@ -55,9 +55,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipeline import export_checks
+from pipeline.config.sections import DataConfig, ModelConfig, TaskConfig
 from pipeline.data.transforms import build_transforms, is_random
-from pipeline.sections import DataConfig, ModelConfig, TaskConfig
+from pipeline.tasks import export_checks
 
 TRAIN_ERROR = "error"  # the key in `Task.loss`'s dict that is not a loss (see above)
 
@@ -166,7 +166,7 @@ class ExportSpec:
 
     output_names: tuple[str, ...]
     dynamic_size: bool  # whether the graph takes any image size (a ResNet classifier pools globally)
-    # how the exported file's outputs are compared with PyTorch's (pipeline/export_checks.py): what agreement means
+    # how the exported file's outputs are compared with PyTorch's (pipeline/tasks/export_checks.py): what agreement means
     # for these outputs, e.g. the same class per pixel rather than the same logits
     check: Callable[[export_checks.Batches, export_checks.Batches], export_checks.Agreement] = export_checks.allclose
     # the module as TorchScript, for a module that tracing alone cannot export (detection loops over the images of a

@@ -1,4 +1,4 @@
-"""MLflow tracking, the only package of `pipeline` that imports mlflow (besides pipeline/serve.py: the logged model is
+"""MLflow tracking, the only package of `pipeline` that imports mlflow (besides pipeline/use/serve.py: the logged model is
 an MLflow pyfunc). One module per job:
 
     uri.py      where the runs go: `resolve_uri`, `check_reachable`, `server_up`, `process_tracking_uri`

@@ -26,9 +26,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_I
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from pipeline.errors import UserError
-from pipeline.outbox import NAME as OUTBOX
-from pipeline.outbox import Outbox
 from pipeline.tracking import models
+from pipeline.tracking.outbox import NAME as OUTBOX
+from pipeline.tracking.outbox import Outbox
 from pipeline.tracking.query import get_run
 from pipeline.tracking.uri import check_reachable, server_up
 
@@ -276,7 +276,7 @@ class Tracker:
             raise ValueError(f"unknown tracking record {op!r}")
 
     def log_model(self, model: models.Pyfunc, name: str = "model", step: int = 0) -> str | None:
-        """Log `model` (an MLflow pyfunc with its artifacts; pipeline/serve.py makes the runner's) as an MLflow
+        """Log `model` (an MLflow pyfunc with its artifacts; pipeline/use/serve.py makes the runner's) as an MLflow
         LoggedModel of this run and return its URI (`models:/m-...`), or None when the tracking server is unreachable
         (a model is too big to keep for `sync`; the run's best.pt holds it).
 

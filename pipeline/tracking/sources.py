@@ -2,8 +2,8 @@
 model `models:/m-...`, or a registered version `models:/<name>/<version>`, `models:/<name>@<alias>`), resolved to a
 run and the checkpoint file it logged.
 
-`pipeline predict`, `verify` and `export` load trained models this way (pipeline/inference.py), and
-`model.backbone.weights` starts a run from one (pipeline/tracked_weights.py).
+`pipeline predict`, `verify` and `export` load trained models this way (pipeline/use/inference.py), and
+`model.backbone.weights` starts a run from one (pipeline/models/tracked.py).
 """
 from __future__ import annotations
 

@@ -9,14 +9,14 @@ from torchvision.models.detection import faster_rcnn
 from torchvision.ops import MultiScaleRoIAlign as torchvision_pooler
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from pipeline import finetune
-from pipeline import weights as W
 from pipeline.config import validate
 from pipeline.errors import UserError
+from pipeline.models import weights as W
 from pipeline.tasks.base import DataInfo
 from pipeline.tasks.detection.model import COCO_WEIGHTS
 from pipeline.tasks.detection.roi_align import MultiScaleRoIAlign
 from pipeline.tasks.registry import TASKS
+from pipeline.train import finetune
 
 detection = TASKS["detection"]
 INFO = DataInfo(classes=["cat", "dog"], train_size=0, val_size=0, mean=(0.485, 0.456, 0.406),

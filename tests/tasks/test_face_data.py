@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from pipeline import config
-from pipeline.errors import UserError
 from pipeline.data.transforms import build_transforms
+from pipeline.errors import UserError
 from pipeline.tasks.face.data import VerificationDataset, load_verification, read_bin, scan_identities
 
 

@@ -7,9 +7,9 @@ import yaml
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from pipeline import stages
 from pipeline.cli import main
 from pipeline.data import synth_coco
+from pipeline.train import runner
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,7 +42,7 @@ def _task(tmp_path: Path, root: Path, uri: str, **sections) -> Path:
 def test_training_raises_miou_and_logs_metrics_report_and_model(scenes, uri, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MLflow artifacts go under ./mlruns
     path = _task(tmp_path, scenes, uri, tracking={"log_model": True})
-    result = stages.run(path, say=lambda *_: None)
+    result = runner.run(path, say=lambda *_: None)
     client = MlflowClient(uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["task"] == "segmentation"

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.data.images import IMAGE_EXTENSIONS, read_rgb
 from pipeline.data import safe_pickle
+from pipeline.data.images import IMAGE_EXTENSIONS, read_rgb
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)

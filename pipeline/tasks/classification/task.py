@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import backbones
+from pipeline.models import backbones
 from pipeline.tasks.base import TRAIN_ERROR, DataInfo, ExportSpec, PredictOptions, Task, TaskData
 from pipeline.tasks.classification.config import ClassificationData, ClassificationModel, Config
 from pipeline.tasks.classification.data import build_datasets

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torchvision.ops import box_iou
 
-from pipeline.export_checks import Agreement, Batches, ExportMismatch, pairs
+from pipeline.tasks.export_checks import Agreement, Batches, ExportMismatch, pairs
 
 # A matched detection: same category, nearly the same box, nearly the same score. float32 rounding moves box corners by
 # about 1e-4 px and scores by about 1e-6; a wrong graph moves them by far more or loses detections.

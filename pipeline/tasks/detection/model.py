@@ -23,9 +23,9 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from pipeline import backbones
-from pipeline import weights as W
 from pipeline.errors import UserError
+from pipeline.models import backbones
+from pipeline.models import weights as W
 from pipeline.tasks.detection.roi_align import MultiScaleRoIAlign
 
 # torchvision's COCO-trained detectors by head version: v1 (the original), v2 (BN in FPN and heads, 4-conv box head).

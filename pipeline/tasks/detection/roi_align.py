@@ -5,7 +5,7 @@ backward scatters one value at a time. Here each output bin is a "bag" of its sa
 their bilinear weights, so the forward pass is one `embedding_bag` over channel-contiguous rows (parallel, vectorised
 over channels) and the backward pass is PyTorch's sorted, parallel bag backward: about 4x less CPU time on one core
 for the shapes task's RoI batch, with the same numbers as `torchvision.ops.roi_align(..., aligned=False)` up to
-float rounding (tests/tasks/test_detection_model.py checks both directions). It is one of pipeline/cpu_kernels.py's
+float rounding (tests/tasks/test_detection_model.py checks both directions). It is one of pipeline/platform/cpu_kernels.py's
 fast paths: the pooler runs it only on CPU features once `cpu_kernels.apply` turned it on, and torchvision's kernel
 otherwise (CUDA has a fast one; export wants torchvision's op).
 """
@@ -19,7 +19,7 @@ import torchvision
 from torch import nn
 from torchvision.ops import box_area
 
-from pipeline.cpu_kernels import FastPath
+from pipeline.platform.cpu_kernels import FastPath
 
 
 def roi_align(feature: torch.Tensor, rois: torch.Tensor, output_size: int, scale: float,

@@ -7,9 +7,9 @@ import albumentations as A
 import torch
 from torch import nn
 
-from pipeline import backbones
 from pipeline.data.transform_checks import RESIZES
 from pipeline.errors import UserError
+from pipeline.models import backbones
 from pipeline.tasks.base import DataInfo, ExportSpec, Placement, PredictOptions, Task, TaskData
 from pipeline.tasks.common import save_figure
 from pipeline.tasks.detection import export as detection_export

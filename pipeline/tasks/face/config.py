@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.sections import DataConfig, ModelConfig, Section, TaskConfig
+from pipeline.config.sections import DataConfig, ModelConfig, Section, TaskConfig
 
 # arcface_torch's defaults: ArcFace m=0.5, CosFace m=0.35 (0.35-0.4 in the CosFace paper).
 DEFAULT_M = {"arcface": 0.5, "cosface": 0.35}

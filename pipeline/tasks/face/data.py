@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pipeline.data.images import IMAGE_EXTENSIONS, read_rgb, to_rgb_array
 from pipeline.data import safe_pickle
+from pipeline.data.images import IMAGE_EXTENSIONS, read_rgb, to_rgb_array
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)

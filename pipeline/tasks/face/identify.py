@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import inference
 from pipeline.data.images import IMAGE_EXTENSIONS
 from pipeline.errors import UserError
 from pipeline.tasks.base import PredictionWriter
 from pipeline.tasks.common import write_csv
+from pipeline.use import inference
 
 UNKNOWN = "unknown"
 _THRESHOLD_KEY = re.compile(r"^val/.+/threshold$")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import backbones
+from pipeline.models import backbones
 from pipeline.tasks.face.margin import MarginHead
 
 

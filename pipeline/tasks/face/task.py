@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import backbones, export_checks
+from pipeline.models import backbones
+from pipeline.tasks import export_checks
 from pipeline.tasks.base import DataInfo, ExportSpec, PredictOptions, Task, TaskData
 from pipeline.tasks.face import predictions, verification
 from pipeline.tasks.face.config import Config, FaceData, FaceModelConfig

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.sections import DataConfig, ModelConfig, TaskConfig
+from pipeline.config.sections import DataConfig, ModelConfig, TaskConfig
 
 
 class SegmentationData(DataConfig):

@@ -19,9 +19,9 @@ from torchvision.models.segmentation import DeepLabV3_ResNet50_Weights, DeepLabV
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
 
-from pipeline import backbones
-from pipeline import weights as W
 from pipeline.errors import UserError
+from pipeline.models import backbones
+from pipeline.models import weights as W
 
 # The DeepLabV3 paper's ASPP rates: (6, 12, 18) at output stride 16, doubled at 8 (what torchvision's weights use).
 ATROUS_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}

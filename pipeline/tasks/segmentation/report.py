@@ -7,9 +7,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from pipeline.tasks.common import fmt, write_csv  # noqa: E402
 from pipeline.tasks.segmentation.metrics import per_class_iou  # noqa: E402

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import export_checks
 from pipeline.data.transform_checks import RESIZES
 from pipeline.errors import UserError
+from pipeline.tasks import export_checks
 from pipeline.tasks.base import DataInfo, ExportSpec, Placement, PredictOptions, Task, TaskData
 from pipeline.tasks.common import save_figure
 from pipeline.tasks.segmentation import metrics as seg_metrics

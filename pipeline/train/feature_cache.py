@@ -9,11 +9,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline import progress
+from pipeline import console
 from pipeline.data.sampling import EpochSampler
-from pipeline.engine import StepSettings, autocast, to_device
 from pipeline.errors import UserError
 from pipeline.tasks.base import Task
+from pipeline.train.engine import StepSettings, autocast, to_device
 
 
 def check(task: Task, random_train_transforms: bool, views: int) -> None:
@@ -31,7 +31,7 @@ def compute(model: nn.Module, loader: DataLoader, s: StepSettings, desc: str) ->
     """Features and labels of every batch of `loader` (in its order), kept on the training device."""
     model.eval()
     feats, labels = [], []
-    for batch in progress.bar(loader, desc):
+    for batch in console.bar(loader, desc):
         images, target = to_device(batch, s.device, s.channels_last)
         with autocast(s.device, s.precision):
             feats.append(model.features(images).float())

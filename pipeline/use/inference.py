@@ -19,12 +19,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline import backbones, checkpoint, config, engine, progress, stages, tracking
+from pipeline import config, console, tracking
 from pipeline.data.images import read_rgb
 from pipeline.data.transforms import build_transforms
 from pipeline.errors import UserError
+from pipeline.models import backbones
 from pipeline.tasks.base import DataInfo, Placement, Task
 from pipeline.tasks.registry import TASKS
+from pipeline.train import checkpoint, engine, runner
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Sources
@@ -45,7 +47,7 @@ class Loaded:
 def load(source: str, uri: str | None = None) -> Loaded:
     """The model and metadata behind `source`: a checkpoint path, a run id, `runs:/<run id>` or a `models:/` URI.
 
-    A `models:/` URI is rebuilt from its run's best checkpoint: the runner logs the model (pipeline/serve.py) from that
+    A `models:/` URI is rebuilt from its run's best checkpoint: the runner logs the model (pipeline/use/serve.py) from that
     checkpoint, so the weights are the same, and the task's whole model (not only its inference module) comes back.
     """
     path = Path(source)
@@ -123,9 +125,9 @@ class Session:
         or with `skip_unreadable=False` fails with the reader's one-line error."""
         dataset = _Images(paths, self.transform, skip_unreadable)
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=list, pin_memory=self.device.type == "cuda",
-                            num_workers=stages.auto_workers(self.device) if len(paths) > batch_size else 0)
+                            num_workers=runner.auto_workers(self.device) if len(paths) > batch_size else 0)
         with torch.inference_mode():
-            for items in progress.bar(loader, desc, show=len(loader) > 1, unit="batch", leave=True, mininterval=0.1):
+            for items in console.bar(loader, desc, show=len(loader) > 1, unit="batch", leave=True, mininterval=0.1):
                 bad = [paths[i] for i, image, _ in items if image is None]
                 if bad:
                     yield Batch([], None, bad)
@@ -180,7 +182,7 @@ class _Images(Dataset):
 
 def prepare(transform: A.Compose, image: np.ndarray) -> tuple[torch.Tensor, Placement]:
     """An RGB image through a session's transform, and its Placement: where its pixels lie in the model's input
-    (also what the served model, pipeline/serve.py, does with each image of a request)."""
+    (also what the served model, pipeline/use/serve.py, does with each image of a request)."""
     height, width = image.shape[:2]
     kwargs = {"bboxes": [[0, 0, width, height]]} if transform.processors else {}
     out = transform(image=image, **kwargs)

@@ -18,14 +18,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from pipeline import (backbones, checkpoint, checks, config, cpu_kernels, distributed, engine, feature_cache, finetune,
-                      outbox, placement, profile, register, threads, tracked_weights, tracking)
+from pipeline import config, tracking
+from pipeline.config import placement
 from pipeline.data import fingerprint, shapes, transform_checks
 from pipeline.data.sampling import EpochSampler, SeededDataset
 from pipeline.data.transforms import reseed_worker
 from pipeline.errors import UserError
+from pipeline.models import backbones, profile, tracked
+from pipeline.platform import cpu_kernels, threads
 from pipeline.tasks.base import DataInfo, Task, TaskData
 from pipeline.tasks.registry import TASKS
+from pipeline.tracking import outbox
+from pipeline.train import checkpoint, checks, distributed, engine, feature_cache, finetune
+from pipeline.use import register
 
 
 @dataclass
@@ -182,10 +187,10 @@ def build_data(setup: Setup, say=print) -> TaskData:
 
 def build_model(setup: Setup, info: DataInfo, say=print) -> nn.Module:
     """The task's model with its configured weights; a resumed run's weights on top. `runs:/` and `models:/` weights
-    come from the run's own tracking store (pipeline/tracked_weights.py). What the backbone loaded is printed."""
+    come from the run's own tracking store (pipeline/tracked.py). What the backbone loaded is printed."""
     cfg = setup.cfg
     if tracking.is_tracked(cfg.model.backbone.weights):
-        model = tracked_weights.build_model(setup.task, cfg.model, info, tracking.resolve_uri(cfg.tracking.uri), say)
+        model = tracked.build_model(setup.task, cfg.model, info, tracking.resolve_uri(cfg.tracking.uri), say)
     else:
         model = setup.task.build_model(cfg.model, info, say=say)
     lineage = model.backbone.lineage
@@ -338,10 +343,10 @@ def finish(setup: Setup, fit: engine.Fit, state: engine.FitState, info: DataInfo
     if cfg.tracking.log_checkpoint:
         tracker.log_artifact(setup.output_dir / checkpoint.BEST, "checkpoints")
     if cfg.tracking.log_model:
-        from pipeline import serve  # serve -> inference -> this module: imported here, where it is used
+        from pipeline.use import serve  # serve -> inference -> this module: imported here, where it is used
 
         say("logging the model to MLflow ...")
-        # the served pyfunc rebuilds the model from best.pt (pipeline/serve.py): stock modules, any image size
+        # the served pyfunc rebuilds the model from best.pt (pipeline/use/serve.py): stock modules, any image size
         logged = tracker.log_model(serve.pyfunc(setup.output_dir / checkpoint.BEST, cfg.data.image_size))
         if cfg.tracking.register and logged:  # not logged: the tracker has said why (server unreachable)
             say(register.run_model(tracker.run_id, cfg.tracking.register, cfg.tracking.uri,

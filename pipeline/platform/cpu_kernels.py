@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from pipeline import allocator, small_conv
+from pipeline.platform import allocator, small_conv
 
 MODES = ("auto", "off")
 

@@ -4,7 +4,7 @@ classification run's backbone starts a detection, segmentation or face run) and 
 
 They are read from the run's own tracking store (tracking.uri, MLFLOW_TRACKING_URI, sqlite:///mlflow.db), which the
 task's model builder does not know: the checkpoint is fetched and checked here, then handed to the builder as a file,
-which the backbone loads as any checkpoint of this pipeline (pipeline/weights.py keeps its `backbone.body.*` tensors
+which the backbone loads as any checkpoint of this pipeline (pipeline/models/weights.py keeps its `backbone.body.*` tensors
 and names the rest, the other task's head, as skipped). The backbone's lineage then names the URI as given and the
 producing run. A user's own weights never fall back to random init: every problem is one `UserError`.
 """
@@ -17,10 +17,11 @@ from pathlib import Path
 
 from torch import nn
 
-from pipeline import backbones, tracking
-from pipeline import weights as W
+from pipeline import tracking
+from pipeline.config.sections import ModelConfig
 from pipeline.errors import UserError
-from pipeline.sections import ModelConfig
+from pipeline.models import backbones
+from pipeline.models import weights as W
 from pipeline.tasks.base import DataInfo, Task
 
 WHAT = "model.backbone.weights"

@@ -2,7 +2,7 @@
 
 The check runs the exported file (ONNX through onnxruntime, TorchScript through `torch.jit.load`) and the PyTorch model
 on the same seeded random images, at two batch sizes, and at another image size when the graph takes any size (which
-proves the dynamic axes work); it compares the outputs by the task's measure (pipeline/export_checks.py): logits
+proves the dynamic axes work); it compares the outputs by the task's measure (pipeline/tasks/export_checks.py): logits
 number by number, segmentation by the class of each pixel, embeddings by cosine, detections by matched boxes.
 
 What a task exports is its part of the task contract (pipeline/tasks/base.py): `inference_module(model)` takes an
@@ -23,10 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import inference, stages, tracking
+from pipeline import tracking
 from pipeline.errors import UserError
-from pipeline.export_checks import Agreement, ExportMismatch
+from pipeline.tasks.export_checks import Agreement, ExportMismatch
 from pipeline.tasks.registry import TASKS
+from pipeline.train import runner
+from pipeline.use import inference
 
 Format = Literal["onnx", "torchscript"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript")
@@ -57,7 +59,7 @@ def run(source: str, fmt: Format, out: str | Path | None = None, uri: str | None
     task = TASKS[loaded.cfg.task]
     spec = task.export
     # stock operations only (torchvision's RoIAlign, plain convolutions): what ONNX and TorchScript can express
-    module = task.inference_module(stages.inference_ready(loaded.model)).eval()
+    module = task.inference_module(runner.inference_ready(loaded.model)).eval()
     size = loaded.cfg.data.image_size
     path = Path(out) if out else Path(f"{loaded.cfg.model.backbone.name}{SUFFIX[fmt]}")
     path.parent.mkdir(parents=True, exist_ok=True)

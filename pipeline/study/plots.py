@@ -1,4 +1,4 @@
-"""The plots of `pipeline compare` (pipeline/compare.py gathers the rows): a metric against depth, against GFLOPs with
+"""The plots of `pipeline compare` (pipeline/study/compare.py gathers the rows): a metric against depth, against GFLOPs with
 the Pareto front, wall time against depth, and the metric's curve per run.
 
 A line joins only runs of one sweep, one epoch count, one `by` value and one backbone family; legends sit outside the
@@ -13,7 +13,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from pipeline.compare import PER_STEP_PREFIXES, Row, _number, _sweep
+from pipeline.study.compare import PER_STEP_PREFIXES, Row, _number, _sweep
 
 
 def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[int]:

@@ -4,26 +4,30 @@ A task file names its task (`task: classification`) and may list fragments from 
 (`defaults: [backbone/resnet18, optim/adamw]`). Fragments merge in order, the task file last, then the command-line
 overrides. References such as `size: ${data.image_size}` are then resolved (`interpolate`), so an override reaches every
 place that refers to it. The resolved dict is validated strictly against the task's schema (pipeline/tasks/schemas.py,
-built on the shared sections of pipeline/sections.py): an unknown key, a wrong type or an out-of-range value raises
+built on the shared sections of pipeline/config/sections.py): an unknown key, a wrong type or an out-of-range value raises
 `UserError` naming the key path and what is allowed.
 """
 from __future__ import annotations
 
 import copy
-import difflib
-import re
 from pathlib import Path
-from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
-from pydantic_core import to_jsonable_python
 
-from pipeline import shipped
-from pipeline.errors import UserError
-from pipeline.sections import (BackboneConfig, DataConfig, FinetuneConfig, ModelConfig, Section,  # noqa: F401
-                               TaskConfig, TrackingConfig, TrainConfig)
-from pipeline.tasks.schemas import SCHEMAS
+from pipeline.config import shipped
+from pipeline.config.interpolate import interpolate
+from pipeline.config.sections import (  # noqa: F401
+    BackboneConfig,
+    DataConfig,
+    FinetuneConfig,
+    ModelConfig,
+    Section,
+    TaskConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+from pipeline.errors import UserError, did_you_mean
 
 # The fragments inside the installed package (a checkout's configs/ through a symlink): the `defaults:` fallback.
 PACKAGE_CONFIGS = shipped.CONFIGS
@@ -49,9 +53,11 @@ def compose(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> di
 
 
 def validate(raw: dict, source: str = "config") -> TaskConfig:
+    from pipeline.tasks.schemas import SCHEMAS  # the task schemas import this package's sections
+
     task = raw.get("task")
     if task not in SCHEMAS:
-        hint = _closest(str(task), SCHEMAS)
+        hint = did_you_mean(str(task), SCHEMAS)
         raise UserError(f"{source}: task: '{task}' is not a task; valid: {', '.join(SCHEMAS)}{hint}")
     schema = SCHEMAS[task]
     raw = interpolate(raw, schema, source)
@@ -81,100 +87,6 @@ def apply_override(cfg: dict, item: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# References
-
-# `${a.b.c}`: the value at key path a.b.c of the merged config.
-_REFERENCE = re.compile(r"\$\{([^${}]*)\}")
-_MISSING = object()
-
-
-def interpolate(raw: dict, schema: type[BaseModel], source: str = "config") -> dict:
-    """`raw` with every `${key.path}` replaced by the value at that key path.
-
-    A string that is exactly one reference takes the value with its type (`height: ${data.image_size}` is an int); a
-    reference inside longer text is replaced by the value as text. References may point at values that hold
-    references. A key the config does not set resolves to the schema's default (`data.image_size` is 224 unless set),
-    so a fragment can refer to any field. An unknown key, or a reference that leads back to itself, raises `UserError`
-    naming it and where it is used.
-    """
-
-    def lookup(key: str, used_in: str, chain: tuple[str, ...]) -> Any:
-        if key in chain:
-            loop = " -> ".join((*chain[chain.index(key):], key))
-            raise UserError(f"{source}: ${{{key}}} in {used_in} refers back to itself ({loop}); "
-                            "set one of them to a value")
-        value = _get(raw, key)
-        if value is _MISSING:
-            value = _schema_default(schema, key)
-        if value is _MISSING:
-            known = _key_paths(raw) | _key_paths(_schema_tree(schema))
-            hint = _closest(key, known) or "; write ${section.key} with a full key path such as ${data.image_size}"
-            raise UserError(f"{source}: ${{{key}}} in {used_in} names no config key{hint}")
-        return resolve(value, key, (*chain, key))
-
-    def resolve(node: Any, where: str, chain: tuple[str, ...]) -> Any:
-        if isinstance(node, dict):
-            return {k: resolve(v, f"{where}.{k}" if where else str(k), chain) for k, v in node.items()}
-        if isinstance(node, list):
-            return [resolve(v, f"{where}[{i}]", chain) for i, v in enumerate(node)]
-        if not isinstance(node, str) or "${" not in node:
-            return node
-        whole = _REFERENCE.fullmatch(node.strip())
-        if whole:  # the value itself, with its type
-            return lookup(whole.group(1).strip(), where, chain)
-
-        def text(match: re.Match) -> str:
-            value = lookup(match.group(1).strip(), where, chain)
-            if isinstance(value, (dict, list)):
-                raise UserError(f"{source}: ${{{match.group(1)}}} in {where} is a section or list and cannot be "
-                                f"part of the text '{node}'; refer to a single value")
-            return str(value)
-
-        return _REFERENCE.sub(text, node)
-
-    return resolve(raw, "", ())
-
-
-def _get(tree: dict, key: str) -> Any:
-    node: Any = tree
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
-
-
-def _schema_default(schema: type[BaseModel], key: str) -> Any:
-    """The default of the field at `key` (its sections' defaults are model instances), as YAML would give it."""
-    parts = key.split(".")
-    field = schema.model_fields.get(parts[0])
-    if field is None or field.is_required():
-        return _MISSING
-    node: Any = field.get_default(call_default_factory=True)
-    for part in parts[1:]:
-        if not isinstance(node, BaseModel) or part not in type(node).model_fields:
-            return _MISSING
-        node = getattr(node, part)
-    return to_jsonable_python(node)  # sections as dicts, tuples as lists
-
-
-def _schema_tree(schema: type[BaseModel]) -> dict:
-    """The schema's defaults as a nested dict (required fields left out): the key paths a reference may name."""
-    return {name: _schema_default(schema, name) for name, field in schema.model_fields.items()
-            if not field.is_required()}
-
-
-def _key_paths(tree: dict, prefix: str = "") -> set[str]:
-    paths = set()
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        paths.add(path)
-        if isinstance(value, dict):
-            paths |= _key_paths(value, f"{path}.")
-    return paths
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Errors
 
 
@@ -189,7 +101,7 @@ def _format_one(error: dict, schema: type[BaseModel]) -> str:
     path = ".".join(loc)
     if error["type"] == "extra_forbidden":
         valid = _fields_at(schema, loc[:-1])
-        return f"unknown key '{path}'{_closest(loc[-1], valid, prefix='.'.join(loc[:-1]))}"
+        return f"unknown key '{path}'{did_you_mean(loc[-1], valid, prefix='.'.join(loc[:-1]))}"
     value = error.get("input")
     shown = repr(value) if not isinstance(value, dict) else "a section"
     return f"{path or 'config'}: {shown} is not allowed: {error['msg']}"
@@ -203,14 +115,6 @@ def _fields_at(schema: type[BaseModel], loc: list[str]) -> list[str]:
             return []
         model = field.annotation
     return list(getattr(model, "model_fields", {}))
-
-
-def _closest(word: str, choices, prefix: str = "") -> str:
-    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.5)
-    if not close:
-        return ""
-    names = [f"{prefix}.{c}" if prefix else c for c in close]
-    return f"; did you mean {' or '.join(names)}?"
 
 
 def _config_dirs(task_file: Path) -> list[Path]:
@@ -238,7 +142,7 @@ def _find_fragment(name: str, used_in: Path, config_dirs: list[Path]) -> Path:
         if candidate.is_file():
             return candidate
     available = sorted({str(p.relative_to(d).with_suffix("")) for d in config_dirs for p in d.rglob("*.yaml")})
-    raise UserError(f"{used_in}: defaults: fragment '{name}' not found in configs/{_closest(name, available)}")
+    raise UserError(f"{used_in}: defaults: fragment '{name}' not found in configs/{did_you_mean(name, available)}")
 
 
 def read_yaml(path: Path) -> dict:

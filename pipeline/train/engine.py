@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline import checkpoint, distributed, finetune, progress
-from pipeline.dense_adamw import DenseAdamW
+from pipeline import console
 from pipeline.errors import UserError
+from pipeline.platform.dense_adamw import DenseAdamW
+from pipeline.platform.threads import Governor
 from pipeline.tasks.base import TRAIN_ERROR
-from pipeline.threads import Governor
+from pipeline.train import checkpoint, distributed, finetune
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -167,7 +168,7 @@ class StepSettings:
     max_nonfinite: int = 5
     ctx: distributed.Context = distributed.Context()  # data-parallel rank and world size (torchrun)
     grad_norms: bool = False  # log grad_norm/<stage> of the trainable stages every `log_every` steps
-    threads: Governor | None = None  # CPU threads, looked at again between steps (pipeline/threads.py)
+    threads: Governor | None = None  # CPU threads, looked at again between steps (pipeline/platform/threads.py)
 
 
 def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torch.optim.Optimizer,
@@ -182,7 +183,7 @@ def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torc
     window, images, nonfinite, micro = 0, 0, 0, 0
     waited = 0.0  # seconds spent waiting for the loader
     start = time.perf_counter()
-    bar = progress.bar(loader, desc, show=s.ctx.main)  # rank 0 draws, on a terminal only
+    bar = console.bar(loader, desc, show=s.ctx.main)  # rank 0 draws, on a terminal only
     ready = time.perf_counter()
     for micro, batch in enumerate(bar, start=1):
         waited += time.perf_counter() - ready
@@ -289,7 +290,7 @@ def evaluate(model: nn.Module, predict, evaluator, loader: Iterable, s: StepSett
     """The evaluator's metrics over `loader`. With `merge` (a task whose evaluators merge), each data-parallel rank
     saw its shard of the validation set and the evaluators are merged across ranks first."""
     model.eval()
-    for batch in progress.bar(loader, desc, show=s.ctx.main):
+    for batch in console.bar(loader, desc, show=s.ctx.main):
         batch = to_device(batch, s.device, s.channels_last)
         with autocast(s.device, s.precision):
             outputs = predict(model, batch)

@@ -1,7 +1,7 @@
 """`pipeline predict`: run a trained model on image files and write the task's files into a folder.
 
 Loading the source (checkpoint, run id, `runs:/`, `models:/`) and running images through the model in their original
-pixels is pipeline/inference.py, shared with `pipeline verify`. What a task writes is its `writer` in the task
+pixels is pipeline/use/inference.py, shared with `pipeline verify`. What a task writes is its `writer` in the task
 contract (pipeline/tasks/base.py): classification `predictions.csv` (file, rank, class, prob); detection
 `predictions.json` (COCO results) and `boxes/`; segmentation `masks/`, `overlays/` and `classes.json`; face
 `embeddings.npy` and `embeddings.txt`, plus `identities.csv` against a `--gallery` of identity folders.
@@ -13,11 +13,12 @@ import glob
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import allocator, inference
 from pipeline.data.images import IMAGE_EXTENSIONS
 from pipeline.errors import UserError
+from pipeline.platform import allocator
 from pipeline.tasks.base import PredictOptions
 from pipeline.tasks.face import identify
+from pipeline.use import inference
 
 SKIPPED_LIST = "skipped.txt"  # every unreadable file, one per line, when there were any
 

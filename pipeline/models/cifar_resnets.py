@@ -19,7 +19,7 @@ MLflow records: no hidden keyword decides what a run trained. `timm.create_model
 works too, for code that builds models itself.
 
 The taps of `features_only=True` are `act1` (the stem's output, stride 1), `layer1` (1), `layer2` (2) and `layer3`
-(4), which pipeline/backbones.py names stages `stem, layer1, layer2, layer3`. The default normalisation
+(4), which pipeline/models/backbones.py names stages `stem, layer1, layer2, layer3`. The default normalisation
 (`pretrained_cfg` mean / std) is CIFAR-10's per-channel training-set statistics; the paper subtracts the per-pixel
 mean image, which no transform here holds. No pretrained weights exist: `weights: none`, a local file or `runs:/`.
 
@@ -27,7 +27,7 @@ Weights start as the paper's: He init (`kaiming_normal_`, fan_out, as the refere
 convolutions, BatchNorm at weight 1 and bias 0. The last BN of a block is not zero-initialised: the paper does not, and
 in a plain net it would cut the signal.
 
-Importing this module registers the models with timm (pipeline/backbones.py imports it).
+Importing this module registers the models with timm (pipeline/models/backbones.py imports it).
 """
 from __future__ import annotations
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import checkpoint, config
+from pipeline import config
 from pipeline.errors import UserError
+from pipeline.train import checkpoint
 
 
 def experiment(task_file: str | Path, cfg: config.TaskConfig) -> str:

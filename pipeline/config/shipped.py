@@ -1,7 +1,7 @@
 """The task files and `configs/` fragments that ship inside the package, and finding a built-in task by name.
 
-In a checkout, `pipeline/task_files` and `pipeline/configs` are symlinks to the repo's `tasks/` and `configs/`, which
-stay the source of truth; a wheel carries copies of them (pyproject.toml: package-data). Symlinks rather than a
+In a checkout, `pipeline/config/task_files` and `pipeline/config/fragments` are symlinks to the repo's `tasks/` and
+`configs/`, which stay the source of truth; a wheel carries copies of them (pyproject.toml: package-data). Symlinks rather than a
 setuptools `package-dir` mapping because the default (lenient) editable install does not see mapped data packages.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import yaml
 from pipeline.errors import UserError
 
 # Resolved: in a checkout these are the repo's tasks/ and configs/, so both spellings of a path compare equal.
-CONFIGS = Path(str(files("pipeline") / "configs")).resolve()
-TASK_FILES = Path(str(files("pipeline") / "task_files")).resolve()
+CONFIGS = Path(str(files("pipeline.config") / "fragments")).resolve()
+TASK_FILES = Path(str(files("pipeline.config") / "task_files")).resolve()
 
 
 def task_names() -> list[str]:

@@ -12,9 +12,9 @@ import timm
 import torch
 from torch import nn
 
-from pipeline import cifar_resnets  # noqa: F401  registers cifar_resnet*/cifar_plain* with timm
-from pipeline import weights as W
+from pipeline.models import cifar_resnets  # noqa: F401  registers cifar_resnet*/cifar_plain* with timm
 from pipeline.errors import UserError
+from pipeline.models import weights as W
 
 # The variants the original ResNet write-up and its follow-ups discuss; any other timm model name works too.
 RESNET_FAMILY = (
@@ -26,7 +26,7 @@ RESNET_FAMILY = (
 class Backbone(nn.Module):
     """A timm feature extractor whose top-level modules are grouped into named stages.
 
-    Attributes set by `pipeline.finetune` (and nothing else):
+    Attributes set by `pipeline.train.finetune` (and nothing else):
       no_grad_stages: the leading stages run under `torch.no_grad()` (the frozen prefix costs a forward pass only)
       bn_eval_stages: BatchNorm layers of these stages stay in eval mode whatever `train()` is called
     """
@@ -141,7 +141,7 @@ def _inside(name: str, tap: str) -> bool:
 def build(name: str, weights: str = "imagenet", out_indices: tuple[int, ...] | None = None,
           output_stride: int = 32) -> Backbone:
     """Build backbone `name` (any timm model) and load its weights: imagenet | a timm tag | hf-hub:<org>/<repo> | a
-    file path | none. `runs:/` and `models:/` weights are fetched by the stage runner (pipeline/tracked_weights.py).
+    file path | none. `runs:/` and `models:/` weights are fetched by the stage runner (pipeline/models/tracked.py).
 
     `output_stride` 8 or 16 dilates the last stages instead of striding them (timm models that support it, e.g.
     ResNets); the weights are the same, `strides` then reports the dilated reductions.

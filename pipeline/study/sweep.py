@@ -15,15 +15,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from pipeline import backbones, checkpoint, config, placement, stages, tracking
+from pipeline import config, tracking
+from pipeline.config import placement
 from pipeline.errors import UserError
+from pipeline.models import backbones
 from pipeline.tasks.registry import TASKS
+from pipeline.train import checkpoint, runner
 
 # Tags that mark a sweep's parent run and say which sweep it ran, so that --resume finds it again.
-ROLE_TAG = "pipeline.sweep"
+ROLE_TAG = "pipeline.study.sweep"
 SPEC_TAG = "pipeline.sweep_spec"
 # Keys a sweep cannot vary: the children must share the parent's store and experiment (data.root names the
-# experiment of other data, pipeline/placement.py), and each gets its own folder.
+# experiment of other data, pipeline/config/placement.py), and each gets its own folder.
 _FIXED_KEYS = ("tracking.", "train.output_dir", "task", "data.root")
 
 
@@ -174,7 +177,7 @@ def _run_child(task_file, fixed: list[str], combo: dict[str, str], label: str, o
     continue_child = resume and (output_dir / checkpoint.LAST).exists()
     say(f"\n{label} -> {output_dir}" + (" (continuing)" if continue_child else ""))
     try:
-        result = stages.run(task_file, (*fixed, *_overrides(combo), f"train.output_dir={output_dir}"),
+        result = runner.run(task_file, (*fixed, *_overrides(combo), f"train.output_dir={output_dir}"),
                             resume=continue_child, say=say, parent_run_id=parent_id, tags=combo)
     except Exception as err:  # noqa: BLE001 - the runner marked the child FAILED; the sweep goes on
         child.status, child.error = "FAILED", _one_line(err)

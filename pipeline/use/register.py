@@ -3,7 +3,7 @@ registered model in MLflow's model registry, tagged with what tells versions apa
 task's primary metric). The version then starts other runs (`model.backbone.weights=models:/NAME/1` or `@alias`) and
 serves (`mlflow models serve -m models:/NAME/1 --env-manager local`).
 
-What is registered is the run's logged model (the pyfunc of pipeline/serve.py, `models:/m-...`), so a run logged with
+What is registered is the run's logged model (the pyfunc of pipeline/use/serve.py, `models:/m-...`), so a run logged with
 `tracking.log_model: false` is refused: its checkpoint still starts other runs as `runs:/<run id>`.
 """
 from __future__ import annotations

@@ -11,9 +11,9 @@ Errors stay errors elsewhere (a batch size that leaves a process no batch at all
 """
 from __future__ import annotations
 
-from pipeline import engine
-from pipeline.sections import TaskConfig, TrainConfig
+from pipeline.config.sections import TaskConfig, TrainConfig
 from pipeline.tasks.base import Task, TaskData
+from pipeline.train import engine
 
 
 def at_start(cfg: TaskConfig, task: Task, data: TaskData, world: int = 1) -> list[str]:

@@ -5,7 +5,7 @@ the record of what was taken from them (`Lineage`).
 `hf-hub:<org>/<repo>` is any timm-format repo on the Hugging Face hub. Hub files are read from the Hugging Face cache
 first (an offline machine filled by `pipeline weights pull`), then downloaded with short timeouts. Every failure is a
 `UserError` naming the weights and the remedies. Weights kept in MLflow (`runs:/`, `models:/`) are fetched by
-pipeline/tracked_weights.py, which knows the tracking store, and reach the backbone as a checkpoint file.
+pipeline/models/tracked.py, which knows the tracking store, and reach the backbone as a checkpoint file.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from urllib.parse import urlparse
 import timm
 import torch
 
-from pipeline.checkpoint import load_error_reason
 from pipeline.errors import UserError
+from pipeline.train.checkpoint import load_error_reason
 
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 HF_HUB = "hf-hub:"  # timm's prefix for a model repo on the Hugging Face hub
@@ -84,13 +84,13 @@ def resolve_tag(arch: str, weights: str) -> str:
                             "e.g. hf-hub:timm/resnet18.a1_in1k")
         return weights
     if is_tracked(weights):
-        # Only the stage runner knows which tracking store to read (tracking.uri); see pipeline/tracked_weights.py.
+        # Only the stage runner knows which tracking store to read (tracking.uri); see pipeline/models/tracked.py.
         raise UserError(f"model.backbone.weights: {weights} is fetched from MLflow by 'pipeline run'; outside it, "
                         "download the run's checkpoints/best.pt and give its path")
     tags = timm.list_pretrained(f"{arch}.*")
     cfg = timm.models.get_pretrained_cfg(arch)
     if (weights == "imagenet" or not tags) and (cfg is None or not (cfg.hf_hub_id or cfg.url)):
-        # e.g. the CIFAR ResNets (pipeline/cifar_resnets.py): models only ever trained from scratch.
+        # e.g. the CIFAR ResNets (pipeline/models/cifar_resnets.py): models only ever trained from scratch.
         raise UserError(f"model.backbone.weights: '{weights}', but {arch} has no pretrained weights; set "
                         f"model.backbone.weights=none (random init), or to a local file or runs:/<run id>")
     if weights == "imagenet":

@@ -41,9 +41,10 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from packaging.requirements import Requirement
 from PIL import Image
 
-from pipeline import inference, tracking
+from pipeline import tracking
 from pipeline.data.images import NotAnImage, decode_rgb
 from pipeline.tasks.base import Placement, PredictOptions
+from pipeline.use import inference
 
 COLUMN = "image"
 CHECKPOINT = "checkpoint"  # the artifact key of the run's best.pt

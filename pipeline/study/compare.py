@@ -7,7 +7,7 @@ finished run with `every`. An experiment without sweeps shows every finished run
 One row per finished training run (backbone, depth, epochs, parameters, GFLOPs at the task's input size, each
 compared metric, training img/s, wall time), sorted by depth within each family, and plots: each metric against depth,
 the first metric against GFLOPs with the Pareto front marked, wall time against depth, and the first metric's curve per
-run (drawn by pipeline/compare_plots.py).
+run (drawn by pipeline/plots.py).
 
 Which value of a metric (`at`): `best`, the value at the best checkpoint's epoch (what the model kept scores), or
 `last`, the last logged value (the end of training, as the degradation experiment compares training error). Metrics the
@@ -132,9 +132,9 @@ def run(experiment: str, uri: str | None = None, metric: str | Sequence[str] | N
     say(table(rows, readings, by))
     if out is None:
         return CompareResult(metrics[0], rows, [], None, metrics)
-    from pipeline import compare_plots  # matplotlib only when there is something to draw
+    from pipeline.study import plots  # matplotlib only when there is something to draw
 
-    files = [*compare_plots.plot(rows, readings, Path(out)), write_csv(rows, readings, Path(out) / "runs.csv", by)]
+    files = [*plots.plot(rows, readings, Path(out)), write_csv(rows, readings, Path(out) / "runs.csv", by)]
     say(f"wrote {', '.join(str(f) for f in files)}")
     logged_to = parent or _common_parent(rows)
     if logged_to:
