@@ -17,9 +17,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would interleave wit
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from pipeline.train import runner  # noqa: E402
 from pipeline.tasks.base import TRAIN_ERROR  # noqa: E402
-from pipeline.train import distributed, engine
+from pipeline.train import (
+    distributed,
+    engine,
+    runner,  # noqa: E402
+)
 
 
 def load_task(task_file: str, overrides: tuple[str, ...] = ()):

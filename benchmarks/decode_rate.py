@@ -25,7 +25,7 @@ from PIL import Image  # noqa: E402
 
 from pipeline import config  # noqa: E402
 from pipeline.data.images import read_rgb  # noqa: E402
-from pipeline.tasks.registry import TASKS  # noqa: E402
+from pipeline.tasks import registry  # noqa: E402
 
 TASK = """task: classification
 defaults: [data/imagenet_224]
@@ -66,7 +66,7 @@ def main() -> None:
         task_file = root / "decode.yaml"
         task_file.write_text(TASK.format(root=root))
         cfg = config.load(task_file, ())
-        task = TASKS[cfg.task]
+        task = registry.get(cfg.task)
         data = task.build_data(cfg.data, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), seed=0)
         files = sorted((root / "train").rglob("*.jpg"))
         read_rgb(files[0])

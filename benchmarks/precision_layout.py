@@ -19,8 +19,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # before torch, which imports tqdm: 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pipeline.platform import small_conv  # noqa: E402
 from pipeline.models import backbones
+from pipeline.platform import small_conv  # noqa: E402
 from pipeline.tasks.classification.task import Classifier  # noqa: E402
 from pipeline.train import engine
 

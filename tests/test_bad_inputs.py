@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from pipeline.cli import main
-from pipeline.tasks.registry import TASKS
+from pipeline.tasks import registry
 from pipeline.train import checkpoint
 
 
@@ -114,7 +114,7 @@ def test_skip_bad_images_counts_and_names_them(task_file, shapes, tmp_path, monk
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(task_file, uri, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    task = TASKS["classification"]
+    task = registry.get("classification")
     loss, calls = task.loss, []
 
     def diverging(model, batch):  # 3 good steps (epoch 1), then NaN

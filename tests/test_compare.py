@@ -13,6 +13,7 @@ from pipeline import tracking
 from pipeline.cli import main
 from pipeline.models import backbones, profile
 from pipeline.study import compare, plots
+from pipeline.study.rows import family
 from pipeline.tasks.classification.task import Classifier
 
 # torchvision's model cards (ImageNet-1k classifiers, 1000 classes)
@@ -228,7 +229,7 @@ DEGRADATION = {"cifar_plain20": (0.10, 0.88, 0.05), "cifar_plain56": (0.20, 0.80
 
 def _degradation_run(uri: str, parent: str, name: str, epochs: int = 3) -> str:
     error, top1, grad = DEGRADATION[name]
-    depth = int(name.removeprefix(compare.family(name)))
+    depth = int(name.removeprefix(family(name)))
     tags = {"task": "classification", "backbone": name, "depth": str(depth), "gflops": str(depth / 100),
             "num_params": str(depth * 1000)}
     with tracking.Tracker.start(uri, "degradation_shapes", run_name=name, params={"train.epochs": str(epochs)},
@@ -263,7 +264,7 @@ def degradation(store: str) -> str:
     ("tinynet", "tinynet"),
 ])
 def test_family_is_the_name_without_its_depth(backbone: str, expected: str):
-    assert compare.family(backbone) == expected
+    assert family(backbone) == expected
 
 
 def test_plain_and_residual_nets_are_two_lines_and_each_metric_gets_a_column_and_a_plot(

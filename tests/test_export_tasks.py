@@ -13,11 +13,11 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from pipeline.tasks import registry
 from pipeline.tasks.base import DataInfo
 from pipeline.tasks.detection.export import quiet_tracing
 from pipeline.tasks.detection.roi_align import MultiScaleRoIAlign
 from pipeline.tasks.export_checks import ExportMismatch
-from pipeline.tasks.registry import TASKS
 from pipeline.train import checkpoint
 from pipeline.use import export, inference
 
@@ -48,7 +48,7 @@ def checkpoints(module_dir: Path) -> dict[str, Path]:
     folder = module_dir
     paths = {}
     for name, (sections, data, _) in CASES.items():
-        task = TASKS[name]
+        task = registry.get(name)
         cfg = task.schema.model_validate({"task": name, **sections})
         info = DataInfo(train_size=10, val_size=4, mean=MEAN, std=STD, image_size=cfg.data.image_size, **data)
         torch.manual_seed(0)
@@ -68,7 +68,7 @@ def cli(*args):
 
 def torch_outputs(source: Path, images: torch.Tensor) -> list[np.ndarray]:
     loaded = inference.load(str(source))
-    module = TASKS[loaded.cfg.task].inference_module(loaded.model).eval()
+    module = registry.get(loaded.cfg.task).inference_module(loaded.model).eval()
     with torch.no_grad():
         return [module(images).numpy()]
 
@@ -80,7 +80,7 @@ def test_onnx_export_checks_and_runs_at_any_batch_size(name, checkpoints, tmp_pa
     assert result.exit_code == 0, result.output
     assert f"wrote {out} (onnx, dynamic batch" in result.output and "on (2, 3, " in result.output
     assert name != "detection" or " matched (same category" in result.output  # boxes compared, not only emptiness
-    spec = TASKS[name].export
+    spec = registry.get(name).export
     size = CASES[name][0]["data"]["image_size"]
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == list(spec.output_names)
@@ -105,7 +105,7 @@ def test_torchscript_export_checks_and_loads(name, checkpoints, tmp_path: Path):
     images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         actual = [export.load_torchscript(out)(images).numpy()]
-    TASKS[name].export.check([torch_outputs(checkpoints[name], images)], [actual])
+    registry.get(name).export.check([torch_outputs(checkpoints[name], images)], [actual])
 
 
 def test_the_sizes_each_task_takes(checkpoints, tmp_path: Path):
@@ -126,7 +126,7 @@ def test_each_check_rejects_outputs_that_are_off(name, checkpoints):
     size = CASES[name][0]["data"]["image_size"]
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
     expected = torch_outputs(checkpoints[name], images)
-    check = TASKS[name].export.check
+    check = registry.get(name).export.check
     check([expected], [[expected[0].copy()]])  # identical outputs pass
     off = expected[0].copy()
     if name == "detection":
@@ -148,7 +148,7 @@ def test_detection_check_tolerates_a_swap_at_the_score_cut_only():
         return [out[None]]
 
     a, b, c = [0, 0, 10, 10, 0.9, 3], [20, 20, 30, 30, 0.5, 7], [5, 5, 25, 25, 0.5002, 3]
-    check = TASKS["detection"].export.check
+    check = registry.get("detection").export.check
     # two near-equal scores at the bottom: rounding may keep either one
     assert "at the score cut" in check([rows(a, b)], [rows(a, c)]).summary
     with pytest.raises(ExportMismatch, match="score 0.9000 has no match"):

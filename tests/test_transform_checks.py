@@ -15,8 +15,8 @@ from pipeline.cli import main
 from pipeline.data import transform_checks
 from pipeline.errors import UserError
 from pipeline.models import backbones
+from pipeline.tasks import registry
 from pipeline.tasks.detection.config import DetectionData
-from pipeline.tasks.registry import TASKS
 from pipeline.tasks.segmentation.config import SegmentationData
 from pipeline.tasks.segmentation.metrics import Evaluator
 from pipeline.train import runner
@@ -81,7 +81,7 @@ def test_the_probe_leaves_augmentation_as_a_run_without_it_would_see(tmp_path):
     checked = quickstart_data(tmp_path, [f"data.root={root}"]).train  # item 0 went through the random shift
     setup = runner.prepare(QUICKSTART, [f"data.root={root}"], say=lambda *_: None)
     mean, std = backbones.pretrained_mean_std(setup.cfg.model.backbone.name)
-    unchecked = TASKS["classification"].build_data(setup.cfg.data, mean=mean, std=std, seed=setup.cfg.seed).train
+    unchecked = registry.get("classification").build_data(setup.cfg.data, mean=mean, std=std, seed=setup.cfg.seed).train
     assert torch.equal(checked[1][0], unchecked[1][0])  # (feature caching reads views this way, without reseeding)
 
 
@@ -154,7 +154,7 @@ def test_detection_shapes_with_a_flip_in_validation_is_refused(uri, tmp_path, mo
 def test_detection_refuses_geometric_validation_transforms(spec):
     with pytest.raises(UserError, match=r"^data.val_transforms\[\d\](.transforms\[0\])?: \w+ moves pixels, and "
                                         r"detection validation maps predictions back only through") as err:
-        transform_checks.check_val_spec(TASKS["detection"], DetectionData(val_transforms=spec))
+        transform_checks.check_val_spec(registry.get("detection"), DetectionData(val_transforms=spec))
     assert "\n" not in str(err.value)
 
 
@@ -166,11 +166,11 @@ def test_detection_refuses_geometric_validation_transforms(spec):
     [{"name": "SmallestMaxSize", "max_size": 96}],
 ])
 def test_detection_accepts_resizes_and_pixel_level_validation_transforms(spec):
-    transform_checks.check_val_spec(TASKS["detection"], DetectionData(val_transforms=spec))
+    transform_checks.check_val_spec(registry.get("detection"), DetectionData(val_transforms=spec))
 
 
 def test_segmentation_accepts_its_default_and_refuses_flips_and_pads_that_count():
-    task = TASKS["segmentation"]
+    task = registry.get("segmentation")
     transform_checks.check_val_spec(task, SegmentationData())  # longest side to image_size, padded with ignore
     with pytest.raises(UserError, match=r"data.val_transforms\[0\]: HorizontalFlip moves pixels"):
         transform_checks.check_val_spec(task, SegmentationData(val_transforms=[{"name": "HorizontalFlip"}]))
@@ -184,7 +184,7 @@ def test_segmentation_padding_leaves_the_metric_exactly_as_without_it():
     """Why segmentation validation may pad: the default validation transform pads masks with ignore_index, so the
     scores of a padded image equal those of the image alone, whatever is predicted on the padding."""
     data = SegmentationData(image_size=32, ignore_index=255)
-    _, val_tf, _ = TASKS["segmentation"].transforms(data, mean=MEAN, std=STD, seed=0)
+    _, val_tf, _ = registry.get("segmentation").transforms(data, mean=MEAN, std=STD, seed=0)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (20, 32, 3), dtype=np.uint8)  # landscape: padded above and below
     mask = rng.integers(0, 3, (20, 32)).astype(np.uint8)

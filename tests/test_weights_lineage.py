@@ -19,8 +19,8 @@ from pipeline.data import synth_coco
 from pipeline.errors import UserError
 from pipeline.models import backbones, tracked
 from pipeline.models import weights as W
+from pipeline.tasks import registry
 from pipeline.tasks.base import DataInfo
-from pipeline.tasks.registry import TASKS
 from pipeline.train import runner
 
 NAME = "shapes-cls"  # the registered model
@@ -75,7 +75,7 @@ def task_config(task: str, weights: str, **model):
 
 def build(task: str, weights: str, uri: str, **model):
     cfg = task_config(task, weights, **model)
-    return tracked.build_model(TASKS[task], cfg.model, INFOS[task], uri, say=lambda *_: None)
+    return tracked.build_model(registry.get(task), cfg.model, INFOS[task], uri, say=lambda *_: None)
 
 
 def assert_same_backbone(model, expected: dict[str, torch.Tensor]) -> None:
@@ -136,7 +136,7 @@ def test_a_detection_run_from_runs_records_its_lineage(store: dict, cls_run: dic
 
 def test_hub_and_file_weights_record_their_lineage_too(store: dict, cls_run: dict):
     """Any weights: the checkpoint file a run wrote names that run."""
-    built = TASKS["face"].build_model(task_config("face", str(store["folder"] / "cls" / "best.pt")).model,
+    built = registry.get("face").build_model(task_config("face", str(store["folder"] / "cls" / "best.pt")).model,
                                       INFOS["face"], say=lambda *_: None)
     lineage = built.backbone.lineage
     assert (lineage.run_id, lineage.task, lineage.loaded) == (cls_run["id"], "classification",

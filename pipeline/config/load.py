@@ -3,7 +3,7 @@
 A task file names its task (`task: classification`) and may list fragments from `configs/`
 (`defaults: [backbone/resnet18, optim/adamw]`). Fragments merge in order, the task file last, then the command-line
 overrides. References such as `size: ${data.image_size}` are then resolved (`interpolate`), so an override reaches every
-place that refers to it. The resolved dict is validated strictly against the task's schema (pipeline/tasks/schemas.py,
+place that refers to it. The resolved dict is validated strictly against the task's schema (pipeline/tasks/registry.py,
 built on the shared sections of pipeline/config/sections.py): an unknown key, a wrong type or an out-of-range value raises
 `UserError` naming the key path and what is allowed.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -53,13 +54,11 @@ def compose(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> di
 
 
 def validate(raw: dict, source: str = "config") -> TaskConfig:
-    from pipeline.tasks.schemas import SCHEMAS  # the task schemas import this package's sections
+    # The task registry holds each task's schema; it imports the tasks' light config modules, which import this
+    # package's sections, so it is looked up here rather than at import.
+    from pipeline.tasks import registry
 
-    task = raw.get("task")
-    if task not in SCHEMAS:
-        hint = did_you_mean(str(task), SCHEMAS)
-        raise UserError(f"{source}: task: '{task}' is not a task; valid: {', '.join(SCHEMAS)}{hint}")
-    schema = SCHEMAS[task]
+    schema = registry.entry(str(raw.get("task")), where=f"{source}: task").schema
     raw = interpolate(raw, schema, source)
     try:
         return schema.model_validate(raw)

@@ -12,8 +12,8 @@ import timm
 import torch
 from torch import nn
 
-from pipeline.models import cifar_resnets  # noqa: F401  registers cifar_resnet*/cifar_plain* with timm
 from pipeline.errors import UserError
+from pipeline.models import cifar_resnets  # noqa: F401  registers cifar_resnet*/cifar_plain* with timm
 from pipeline.models import weights as W
 
 # The variants the original ResNet write-up and its follow-ups discuss; any other timm model name works too.

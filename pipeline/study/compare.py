@@ -23,9 +23,6 @@ values from 0, so two close runs look close; an axis fit to the points says so i
 """
 from __future__ import annotations
 
-import csv
-import math
-import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,55 +30,14 @@ from pathlib import Path
 
 from pipeline import tracking
 from pipeline.errors import UserError
-from pipeline.tasks.registry import TASKS
+from pipeline.study.rows import NOT_COMPARED, PER_STEP_NAMES, PER_STEP_PREFIXES, Row, table, write_csv
+from pipeline.tasks import registry
+from pipeline.tasks.metric import Metric
 
 # With one metric; with several, each gets <metric>_vs_depth.png (slashes as "_") in place of metric_vs_depth.png, and
 # the other three plots show the first.
 PLOTS = ("metric_vs_depth.png", "metric_vs_gflops.png", "time_vs_depth.png", "curves.png")
 AT = ("best", "last")
-# What the engine logs per optimizer step (MLflow step = optimizer step): read as the mean of the last epoch's values.
-PER_STEP_PREFIXES = ("grad_norm/", "lr/")
-PER_STEP_NAMES = ("train/loss",)
-# Logged, but no quantity to compare against depth: run constants (already columns) and unfreezing markers.
-NOT_COMPARED = ("model/", "unfreeze/")
-
-
-@dataclass
-class Row:
-    run_id: str
-    backbone: str
-    depth: int | None
-    num_params: int | None
-    gflops: float | None
-    values: dict[str, float | None]  # each compared metric, read as `at` says; None: the run did not log it
-    throughput: float | None  # median training img/s over epochs
-    wall_time: float | None
-    parent_run_id: str | None
-    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> (step, value)
-    per_step: dict[str, bool] = field(default_factory=dict)  # metric -> its steps are optimizer steps, not epochs
-    group: str | None = None  # the run's value of the `by` tag or param
-    epochs: int | None = None  # train.epochs as configured
-
-    @property
-    def value(self) -> float | None:
-        """The first compared metric."""
-        return next(iter(self.values.values()), None)
-
-    @property
-    def curve(self) -> list[tuple[int, float]]:
-        return next(iter(self.curves.values()), [])
-
-    @property
-    def family(self) -> str:
-        return family(self.backbone)
-
-    @property
-    def line(self) -> tuple[str, int, str, str]:
-        """What a plot line holds in common: sweep, epochs, backbone family and `by` value (sortable text and
-        numbers)."""
-        return self.parent_run_id or "", self.epochs or 0, self.family, self.group or ""
-
-
 @dataclass
 class CompareResult:
     metric: str  # the first compared metric
@@ -124,7 +80,12 @@ def run(experiment: str, uri: str | None = None, metric: str | Sequence[str] | N
     if not runs:
         where = f"under parent run {parent}" if parent else f"in experiment '{experiment}'"
         raise UserError(f"no finished training runs {where} in {uri}; run 'pipeline sweep' or 'pipeline run' first")
-    metrics = metrics or [_primary(runs)]
+    primary = _primary(runs)  # the task's, with its direction: what compare shows unless told otherwise
+    if not metrics and primary is None:
+        tasks = sorted({str(r.tags.get("task")) for r in runs})
+        raise UserError(f"the runs are of tasks {tasks}, so the metric to compare is unclear; give one with --metric "
+                        "(e.g. --metric val/top1)")
+    metrics = metrics or [primary.name]
     newest = _newest_start(runs)
     rows = sorted((_row(uri, r, metrics, by, at) for r in runs), key=lambda row: _order(row, newest))
     _check_logged(rows, runs, metrics, experiment, say)
@@ -134,7 +95,8 @@ def run(experiment: str, uri: str | None = None, metric: str | Sequence[str] | N
         return CompareResult(metrics[0], rows, [], None, metrics)
     from pipeline.study import plots  # matplotlib only when there is something to draw
 
-    files = [*plots.plot(rows, readings, Path(out)), write_csv(rows, readings, Path(out) / "runs.csv", by)]
+    goals = {primary.name: 1 if primary.goal == "max" else -1} if primary else {}  # where the task declares it
+    files = [*plots.plot(rows, readings, Path(out), goals), write_csv(rows, readings, Path(out) / "runs.csv", by)]
     say(f"wrote {', '.join(str(f) for f in files)}")
     logged_to = parent or _common_parent(rows)
     if logged_to:
@@ -154,13 +116,6 @@ def parse_metrics(given: str | Sequence[str] | None) -> list[str]:
     if any(not name for name in names):
         raise UserError(f"--metric {','.join(texts)}: an empty name; give names such as train/error,val/top1")
     return list(dict.fromkeys(names))
-
-
-def family(backbone: str) -> str:
-    """The backbone's name without its depth and what follows: cifar_plain56 -> cifar_plain, cifar_resnet20 ->
-    cifar_resnet, resnext50_32x4d -> resnext, wide_resnet50_2 -> wide_resnet, densenet121 -> densenet; a name without
-    digits is its own family."""
-    return re.match(r"\D*", backbone).group().rstrip("_-.") or backbone
 
 
 def _check_logged(rows: list[Row], runs: list[tracking.RunRecord], metrics: list[str], experiment: str, say) -> None:
@@ -221,13 +176,11 @@ def _name(runs: list[tracking.RunRecord], run_id: str) -> str:
     return next((r.name for r in runs if r.run_id == run_id), "") or "unnamed"
 
 
-def _primary(runs: list[tracking.RunRecord]) -> str:
+def _primary(runs: list[tracking.RunRecord]) -> Metric | None:
+    """The primary metric of the runs' task; None when they are of several tasks or of one this pipeline lacks."""
     tasks = {r.tags.get("task") for r in runs}
-    known = [t for t in tasks if t in TASKS]
-    if len(known) != 1 or len(tasks) != 1:
-        raise UserError(f"the runs are of tasks {sorted(map(str, tasks))}, so the metric to compare is unclear; "
-                        "give one with --metric (e.g. --metric val/top1)")
-    return TASKS[known[0]].primary
+    (task,) = tasks if len(tasks) == 1 else (None,)
+    return registry.TASKS[task].primary if task in registry.TASKS else None
 
 
 def _row(uri: str, run: tracking.RunRecord, metrics: list[str], by: str | None = None, at: str = "best") -> Row:
@@ -309,63 +262,3 @@ def _float(text: str | None) -> float | None:
 def _common_parent(rows: list[Row]) -> str | None:
     parents = {r.parent_run_id for r in rows}
     return parents.pop() if len(parents) == 1 else None
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Table and CSV
-
-
-def table(rows: list[Row], readings: dict[str, str], by: str | None = None) -> str:
-    """Names left-aligned, numbers right-aligned; one column per metric, headed by which value it holds (`val/top1
-    (best epoch)`); a `sweep` column only when the rows come from several sweeps (or from single runs and sweeps), so
-    that two rows of one backbone are told apart."""
-    columns = [("backbone", [r.backbone for r in rows], True)]
-    if by:
-        columns.append((by, [r.group or "-" for r in rows], True))
-    columns += [("depth", [_fmt(r.depth) for r in rows], False),
-                ("epochs", [_fmt(r.epochs) for r in rows], False),
-                ("params", [_fmt(r.num_params, "{:,}") for r in rows], False),
-                ("GFLOPs", [_fmt(r.gflops, "{:.2f}") for r in rows], False)]
-    columns += [(f"{m} ({how})", [_number(r.values.get(m), 4) for r in rows], False) for m, how in readings.items()]
-    columns += [("train img/s", [_fmt(r.throughput, "{:.0f}") for r in rows], False),
-                ("wall time", [_fmt(r.wall_time, "{:.0f}s") for r in rows], False)]
-    if len({r.parent_run_id for r in rows}) > 1:
-        columns.append(("sweep", [_sweep(r.parent_run_id) for r in rows], True))
-    columns.append(("run id", [r.run_id for r in rows], True))
-    widths = [max(len(head), *(len(v) for v in values)) for head, values, _ in columns]
-    lines = []
-    for i in range(len(rows) + 1):
-        cells = [(head if i == 0 else values[i - 1], left) for head, values, left in columns]
-        lines.append("  ".join(c.ljust(w) if left else c.rjust(w) for (c, left), w in zip(cells, widths)).rstrip())
-    return "\n".join(lines)
-
-
-def _fmt(value, pattern: str = "{}") -> str:
-    return "-" if value is None else pattern.format(value)
-
-
-def _number(value: float | None, digits: int) -> str:
-    """Fixed decimals for the usual range (0.9512); significant digits for tiny or huge values (a vanishing gradient
-    norm of 3.2e-05 would print as 0.0000)."""
-    if value is None:
-        return "-"
-    fixed = value == 0 or not math.isfinite(value) or 10 ** -(digits - 1) <= abs(value) < 10 ** (digits + 1)
-    return f"{value:.{digits}f}" if fixed else f"{value:.{digits}g}"
-
-
-def _sweep(parent_run_id: str | None) -> str:
-    return parent_run_id[:8] if parent_run_id else "-"
-
-
-def write_csv(rows: list[Row], readings: dict[str, str], path: Path, by: str | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["run_id", "backbone", *([by] if by else []), "depth", "epochs", "num_params", "gflops",
-                         *(f"{m} ({how})" for m, how in readings.items()), "train_img_s", "wall_time_s",
-                         "parent_run_id"])
-        for r in rows:
-            writer.writerow([r.run_id, r.backbone, *([r.group] if by else []), r.depth, r.epochs, r.num_params,
-                             r.gflops, *(r.values.get(m) for m in readings), r.throughput, r.wall_time,
-                             r.parent_run_id or ""])
-    return path

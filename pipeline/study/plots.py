@@ -13,7 +13,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from pipeline.study.compare import PER_STEP_PREFIXES, Row, _number, _sweep
+from pipeline.study.rows import PER_STEP_PREFIXES, Row, number, sweep_label
 
 
 def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[int]:
@@ -45,9 +45,10 @@ def file_stem(metric: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", metric).strip("_") or "metric"
 
 
-def plot(rows: list[Row], readings: dict[str, str], out: Path) -> list[Path]:
+def plot(rows: list[Row], readings: dict[str, str], out: Path, goals: dict[str, int] | None = None) -> list[Path]:
     """metric_vs_depth.png for one metric, <metric>_vs_depth.png for each of several; the GFLOPs plot and the curves
-    show the first metric."""
+    show the first metric. `goals`: which way is better for a metric (1 higher, -1 lower), where the task declares it
+    (its primary metric); other metrics go by `better`."""
     out.mkdir(parents=True, exist_ok=True)
     metrics = list(readings)
     first = metrics[0]
@@ -57,7 +58,7 @@ def plot(rows: list[Row], readings: dict[str, str], out: Path) -> list[Path]:
     else:
         for m in metrics:
             figures[f"{file_stem(m)}_vs_depth.png"] = _vs_depth(rows, m, readings[m])
-    figures["metric_vs_gflops.png"] = _vs_gflops(rows, first, readings[first])
+    figures["metric_vs_gflops.png"] = _vs_gflops(rows, first, readings[first], (goals or {}).get(first))
     figures["time_vs_depth.png"] = _time_vs_depth(rows)
     figures["curves.png"] = _curves(rows, first)
     paths = []
@@ -81,7 +82,7 @@ def _label(members: list[Row], with_family: bool = False) -> str:
     r = members[0]
     parts = [r.family] if with_family else []
     parts += [r.group] if r.group is not None else []
-    parts.append(f"sweep {_sweep(r.parent_run_id)}" if r.parent_run_id else f"run {r.run_id[:8]}")
+    parts.append(f"sweep {sweep_label(r.parent_run_id)}" if r.parent_run_id else f"run {r.run_id[:8]}")
     parts.append(f"{r.epochs} epochs" if r.epochs is not None else "epochs unknown")
     return ", ".join(parts)
 
@@ -105,7 +106,7 @@ def _vs_depth(rows: list[Row], metric: str, how: str = "best epoch") -> Figure:
     fig = _by_depth(rows, lambda r: r.values.get(metric))
     ax = fig.axes[0]
     shown = [(r, r.values[metric]) for r in rows if r.depth is not None and r.values.get(metric) is not None]
-    _annotate(ax, [(r.depth, v, f"{r.backbone} {_number(v, 3)}") for r, v in shown])
+    _annotate(ax, [(r.depth, v, f"{r.backbone} {number(v, 3)}") for r, v in shown])
     _y_axis(ax, [v for _, v in shown], f"{metric} ({how})", fractions=not any(r.per_step.get(metric) for r in rows))
     ax.set(xlabel="depth (layers)", title=f"{metric} vs depth")
     _finish(ax)
@@ -123,7 +124,7 @@ def _time_vs_depth(rows: list[Row]) -> Figure:
     return fig
 
 
-def _vs_gflops(rows: list[Row], metric: str, how: str = "best epoch") -> Figure:
+def _vs_gflops(rows: list[Row], metric: str, how: str = "best epoch", direction: int | None = None) -> Figure:
     """The metric against compute, with a Pareto front per sweep, epoch count and `by` value: the families of one sweep
     compete (which buys most per GFLOP), runs of other budgets do not. A metric with no better direction (a gradient
     norm) gets no front."""
@@ -131,7 +132,7 @@ def _vs_gflops(rows: list[Row], metric: str, how: str = "best epoch") -> Figure:
     ax = fig.add_subplot()
     shown = [r for r in rows if r.gflops is not None and r.values.get(metric) is not None]
     ax.scatter([r.gflops for r in shown], [r.values[metric] for r in shown], color="tab:gray", label="runs")
-    direction = better(metric)
+    direction = better(metric) if direction is None else direction
     budgets: dict[tuple, list[Row]] = {}
     for r in shown:
         if r.parent_run_id and direction:
@@ -143,7 +144,7 @@ def _vs_gflops(rows: list[Row], metric: str, how: str = "best epoch") -> Figure:
             front = [members[i] for i in pareto_front(points, higher_is_better=direction > 0)]
             ax.plot([r.gflops for r in front], [r.values[metric] for r in front], "o-",
                     label=f"Pareto front, {_label(front)}")
-    _annotate(ax, [(r.gflops, r.values[metric], f"{r.backbone} {_number(r.values[metric], 3)}") for r in shown])
+    _annotate(ax, [(r.gflops, r.values[metric], f"{r.backbone} {number(r.values[metric], 3)}") for r in shown])
     _y_axis(ax, [r.values[metric] for r in shown], f"{metric} ({how})",
             fractions=not any(r.per_step.get(metric) for r in rows))
     ax.set(xlabel="GFLOPs per image (multiply-accumulates)", title=f"{metric} vs compute")

@@ -19,7 +19,8 @@ from pipeline import config, tracking
 from pipeline.config import placement
 from pipeline.errors import UserError
 from pipeline.models import backbones
-from pipeline.tasks.registry import TASKS
+from pipeline.tasks import registry
+from pipeline.tasks.metric import Metric
 from pipeline.train import checkpoint, runner
 
 # Tags that mark a sweep's parent run and say which sweep it ran, so that --resume finds it again.
@@ -43,7 +44,7 @@ class Child:
 @dataclass
 class SweepResult:
     parent_run_id: str
-    primary: str
+    primary: Metric
     children: list[Child]
 
     @property
@@ -65,7 +66,7 @@ def run(task_file: str | Path, args: tuple[str, ...], resume: bool = False, say=
     say(f"sweep of {len(combos)} runs under parent run {parent.run_id} in experiment '{experiment}'")
     # one folder per sweep, so that no sweep overwrites or resumes another one's checkpoints
     base_dir = Path(cfg.train.output_dir or f"outputs/{experiment}") / f"sweep-{parent.run_id[:8]}"
-    primary = TASKS[cfg.task].primary
+    primary = registry.entry(cfg.task).primary
     with parent:  # FAILED when a child failed (the UserError below), KILLED on Ctrl-C
         done = _finished_children(uri, experiment, parent.run_id) if resume else []
         children = []
@@ -193,9 +194,8 @@ def child_dir_name(combo: dict[str, str]) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "-", name)
 
 
-def _from_record(combo: dict[str, str], record: tracking.RunRecord, primary: str) -> Child:
-    # the runner logs the best checkpoint's primary metric as best/<name> (val/top1 -> best/top1)
-    best = record.metrics.get(f"best/{primary.split('/', 1)[-1]}")
+def _from_record(combo: dict[str, str], record: tracking.RunRecord, primary: Metric) -> Child:
+    best = record.metrics.get(primary.best_key)  # the runner logs the best checkpoint's score there
     return Child(values=combo, status="SKIPPED", run_id=record.run_id, best=best, wall_time=record.wall_time)
 
 

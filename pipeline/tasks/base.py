@@ -58,6 +58,7 @@ from torch.utils.data import Dataset
 from pipeline.config.sections import DataConfig, ModelConfig, TaskConfig
 from pipeline.data.transforms import build_transforms, is_random
 from pipeline.tasks import export_checks
+from pipeline.tasks.metric import Metric
 
 TRAIN_ERROR = "error"  # the key in `Task.loss`'s dict that is not a loss (see above)
 
@@ -111,10 +112,8 @@ class TaskData:
 
 
 class Evaluator(Protocol):
-    """Accumulates eval outputs batch by batch; `compute` returns metrics (floats under `val/...`, plus whatever the
-    report needs). Tasks with `merges_evaluators` also implement `merge(other)`."""
-
-    primary: str
+    """Accumulates eval outputs batch by batch; `compute` returns metrics (floats under `val/...`, the task's primary
+    metric among them, plus whatever the report needs). Tasks with `merges_evaluators` also implement `merge(other)`."""
 
     def update(self, outputs: Any, batch: Any) -> None: ...
 
@@ -176,8 +175,6 @@ class ExportSpec:
 
 class Task(ABC):
     name: ClassVar[str]
-    schema: ClassVar[type[TaskConfig]]
-    primary: ClassVar[str]  # e.g. val/top1: picks the best checkpoint, drives early stopping
     synth: ClassVar[str]  # the synthetic dataset kind for data.synth_if_missing (pipeline/data/shapes.py)
     export: ClassVar[ExportSpec]
     # transform rules
@@ -188,6 +185,13 @@ class Task(ABC):
     merges_evaluators: ClassVar[bool] = False
     one_class_per_image: ClassVar[bool] = False
     collate_fn: ClassVar[Callable | None] = None
+
+    @property
+    def primary(self) -> Metric:
+        """The metric that picks the best checkpoint and stops early, as the task's registry entry declares it."""
+        from pipeline.tasks.registry import entry  # the registry imports tasks' light config modules, not this one
+
+        return entry(self.name).primary
 
     # -- training side -------------------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from pipeline.errors import UserError
 from pipeline.platform.dense_adamw import DenseAdamW
 from pipeline.platform.threads import Governor
 from pipeline.tasks.base import TRAIN_ERROR
+from pipeline.tasks.metric import Metric
 from pipeline.train import checkpoint, distributed, finetune
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -312,6 +313,7 @@ class Fit:
     loss: Callable
     predict: Callable
     make_evaluator: Callable[[], object]
+    primary: Metric  # the task's: which metric picks the best checkpoint, and whether higher or lower is better
     merge_evaluators: bool  # the task's evaluators merge: each rank evaluates a shard (see evaluate)
     train_loader: Iterable
     val_loader: Iterable
@@ -350,8 +352,8 @@ def fit(f: Fit, state: FitState) -> FitState:
         val_metrics = evaluate(f.model, f.predict, evaluator, f.val_loader, f.settings, desc=f"{desc} eval",
                                merge=f.merge_evaluators)
         metrics = {**train_metrics, **val_metrics}
-        primary = val_metrics[evaluator.primary]
-        improved = state.best is None or primary > state.best
+        primary = val_metrics[f.primary.name]
+        improved = f.primary.better(primary, state.best)
         state.epoch = epoch
         state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if improved:
@@ -362,14 +364,14 @@ def fit(f: Fit, state: FitState) -> FitState:
         _save(f, state, best=improved)
         f.log(epoch_metrics(state.history[-1]), epoch)
         f.on_epoch_end(epoch, metrics)
-        f.say(f"{desc}  loss {train_metrics['train/loss_epoch']:.4f}  {evaluator.primary} {primary:.4f}"
+        f.say(f"{desc}  loss {train_metrics['train/loss_epoch']:.4f}  {f.primary} {primary:.4f}"
               f"{' (best)' if improved else ''}  {train_metrics['train/throughput']:.0f} img/s  "
               f"{train_metrics['epoch_time']:.1f}s  ~{_eta(state, f.epochs)} left")
         if not noted and train_metrics["train/data_wait"] > DATA_WAIT_NOTE:
             noted = True
             f.say(data_wait_note(train_metrics["train/data_wait"], getattr(f.train_loader, "num_workers", 0)))
         if f.patience is not None and state.bad_epochs >= f.patience:
-            f.say(f"early stop: {evaluator.primary} has not improved for {state.bad_epochs} epochs "
+            f.say(f"early stop: {f.primary} has not improved for {state.bad_epochs} epochs "
                   f"(best {state.best:.4f} at epoch {state.best_epoch})")
             break
     return state

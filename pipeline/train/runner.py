@@ -26,8 +26,8 @@ from pipeline.data.transforms import reseed_worker
 from pipeline.errors import UserError
 from pipeline.models import backbones, profile, tracked
 from pipeline.platform import cpu_kernels, threads
+from pipeline.tasks import registry
 from pipeline.tasks.base import DataInfo, Task, TaskData
-from pipeline.tasks.registry import TASKS
 from pipeline.tracking import outbox
 from pipeline.train import checkpoint, checks, distributed, engine, feature_cache, finetune
 from pipeline.use import register
@@ -121,7 +121,7 @@ def prepare(task_file: str | Path, overrides=(), resume: bool = False, ctx: dist
     device = distributed.device_for(ctx, engine.resolve_device(cfg.train.device))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
-    return Setup(cfg, TASKS[cfg.task], str(task_file), experiment, output_dir, last, device,
+    return Setup(cfg, registry.get(cfg.task), str(task_file), experiment, output_dir, last, device,
                  engine.resolve_precision(cfg.train.precision, device), ctx, threads.Governor(cfg.train.threads))
 
 
@@ -149,7 +149,7 @@ def open_run(setup: Setup, parent_run_id: str | None = None, tags: dict[str, str
         tracker.log_system_metrics(cfg.tracking.system_metrics_every)
     # what the printed link opens: each run's best score and model cost, by depth (pipeline/tracking/ui.py)
     tracker.set_experiment_tags(tracking.view_tags(cfg.tracking.ui_metrics or [
-        best_key(setup.task.primary), "model/depth", "model/gflops", "model/num_params", "train/wall_time_s"],
+        setup.task.primary.best_key, "model/depth", "model/gflops", "model/num_params", "train/wall_time_s"],
         order_by="model/depth"))
     if setup.last is None and (setup.output_dir / checkpoint.LAST).exists():
         say(f"note: {setup.output_dir} holds an earlier run's checkpoints; this run replaces them "
@@ -291,7 +291,8 @@ def make_fit(setup: Setup, model: nn.Module, info: DataInfo, plan: finetune.Plan
         f" for {t.epochs} epochs, {steps_per_epoch} steps each")
     return engine.Fit(
         model=distributed.wrap(setup.ctx, model, setup.device), loss=task.loss, predict=task.predict,
-        make_evaluator=lambda: task.make_evaluator(info), merge_evaluators=task.merges_evaluators,
+        make_evaluator=lambda: task.make_evaluator(info), primary=task.primary,
+        merge_evaluators=task.merges_evaluators,
         train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, schedule=schedule, plan=plan,
         base_lr=t.lr, weight_decay=t.weight_decay, settings=step_settings(setup), epochs=t.epochs,
         output_dir=setup.output_dir, patience=t.patience, keep_checkpoints=t.keep_checkpoints,
@@ -331,12 +332,13 @@ def finish(setup: Setup, fit: engine.Fit, state: engine.FitState, info: DataInfo
     metrics = engine.evaluate(model, task.predict, task.make_evaluator(info), fit.val_loader, fit.settings,
                               desc="best", merge=task.merges_evaluators)
     primary = task.primary
-    result = RunResult(run_id=tracker.run_id, output_dir=setup.output_dir, best=metrics[primary], primary=primary,
+    result = RunResult(run_id=tracker.run_id, output_dir=setup.output_dir, best=metrics[primary.name],
+                       primary=primary.name,
                        metrics={k: v for k, v in metrics.items() if isinstance(v, float)}, wall_time=0.0)
     if not setup.ctx.main:
         return result
     # train/wall_time_s: the training passes of every epoch, a resumed run's earlier ones too (not validation)
-    tracker.log_metrics({best_key(primary): metrics[primary], "best/epoch": state.best_epoch,
+    tracker.log_metrics({primary.best_key: metrics[primary.name], "best/epoch": state.best_epoch,
                          "train/wall_time_s": sum(h.get("epoch_time", 0.0) for h in state.history)}, state.epoch)
     for path in task.report(metrics, info, setup.output_dir / "report"):
         tracker.log_artifact(path, "report")
@@ -351,7 +353,7 @@ def finish(setup: Setup, fit: engine.Fit, state: engine.FitState, info: DataInfo
         if cfg.tracking.register and logged:  # not logged: the tracker has said why (server unreachable)
             say(register.run_model(tracker.run_id, cfg.tracking.register, cfg.tracking.uri,
                                    what="tracking.register").line())
-    say(_summary(state, metrics, primary))
+    say(_summary(state, metrics, primary.name))
     return result
 
 
@@ -413,11 +415,6 @@ def model_tags(model: nn.Module, info: DataInfo, setup: Setup, plan: finetune.Pl
             "trainable_params": str(finetune.trainable_params(model)), "frozen_stages": ",".join(frozen) or "none",
             "num_classes": str(info.num_classes), "weights": model.backbone.weights, "device": str(setup.device),
             "precision": setup.precision}
-
-
-def best_key(primary: str) -> str:
-    """The metric that holds the best checkpoint's primary score: val/top1 -> best/top1."""
-    return f"best/{primary.split('/', 1)[1]}"
 
 
 def model_metrics(setup: Setup, described: dict[str, str]) -> dict[str, float]:

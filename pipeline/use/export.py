@@ -25,8 +25,8 @@ from torch import nn
 
 from pipeline import tracking
 from pipeline.errors import UserError
+from pipeline.tasks import registry
 from pipeline.tasks.export_checks import Agreement, ExportMismatch
-from pipeline.tasks.registry import TASKS
 from pipeline.train import runner
 from pipeline.use import inference
 
@@ -56,7 +56,7 @@ def run(source: str, fmt: Format, out: str | Path | None = None, uri: str | None
         _require_onnx()
     # a models:/ source is rebuilt from its run's checkpoint: the logged model's weights, as a plain torch module
     loaded = inference.load(source, uri)
-    task = TASKS[loaded.cfg.task]
+    task = registry.get(loaded.cfg.task)
     spec = task.export
     # stock operations only (torchvision's RoIAlign, plain convolutions): what ONNX and TorchScript can express
     module = task.inference_module(runner.inference_ready(loaded.model)).eval()

@@ -24,8 +24,8 @@ from pipeline.data.images import read_rgb
 from pipeline.data.transforms import build_transforms
 from pipeline.errors import UserError
 from pipeline.models import backbones
+from pipeline.tasks import registry
 from pipeline.tasks.base import DataInfo, Placement, Task
-from pipeline.tasks.registry import TASKS
 from pipeline.train import checkpoint, engine, runner
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def _rebuild(ckpt: dict, cfg: config.TaskConfig) -> nn.Module:
     """The task's model with random init (no weight download), then the checkpoint's weights."""
     backbone = cfg.model.backbone.model_copy(update={"weights": "none", "fallback_to_random": False})
     model_cfg = cfg.model.model_copy(update={"backbone": backbone})
-    model = TASKS[cfg.task].build_model(model_cfg, DataInfo.from_dict(ckpt["info"]), say=lambda *_: None)
+    model = registry.get(cfg.task).build_model(model_cfg, DataInfo.from_dict(ckpt["info"]), say=lambda *_: None)
     model.load_state_dict(ckpt["model"])
     return model.eval()
 
@@ -144,7 +144,7 @@ def open_session(source: str, uri: str | None = None, device: str = "auto") -> S
     A `models:/` source is rebuilt from its run's best checkpoint (see `load`).
     """
     loaded = load(source, uri)
-    task = TASKS[loaded.cfg.task]
+    task = registry.get(loaded.cfg.task)
     cfg = loaded.cfg
     default_mean, default_std = backbones.pretrained_mean_std(cfg.model.backbone.name)
     spec = task.inference_transforms(cfg)

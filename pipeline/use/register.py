@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline import tracking
-from pipeline.tasks.registry import TASKS
+from pipeline.tasks import registry
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,11 @@ def run_model(run: str, name: str, uri: str | None = None, alias: str | None = N
 def version_tags(record: tracking.RunRecord) -> dict[str, str]:
     """task, backbone, depth, and the primary metric's name and best value, from the run's own record."""
     tags = {k: record.tags[k] for k in ("task", "backbone", "depth") if k in record.tags}
-    task = TASKS.get(record.tags.get("task", ""))
-    if task is not None:
-        primary = task.primary  # e.g. val/top1; the runner logs its best value as best/top1
-        tags["primary_metric"] = primary
-        best = record.metrics.get(f"best/{primary.split('/', 1)[1]}")
+    entry = registry.TASKS.get(record.tags.get("task", ""))
+    if entry is not None:
+        primary = entry.primary  # e.g. val/top1; the runner logs its best value as best/top1
+        tags["primary_metric"] = primary.name
+        best = record.metrics.get(primary.best_key)
         if best is not None:
-            tags[primary] = f"{best:.4f}"
+            tags[primary.name] = f"{best:.4f}"
     return tags

@@ -13,10 +13,10 @@ from torch.utils.data import DataLoader
 from pipeline.config import validate
 from pipeline.data.sampling import EpochSampler, SeededDataset
 from pipeline.errors import UserError
+from pipeline.tasks import registry
 from pipeline.tasks.detection.data import CocoDetection, read_coco, select_images
-from pipeline.tasks.registry import TASKS
 
-detection = TASKS["detection"]
+detection = registry.get("detection")
 
 MEAN, STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # identity normalisation: tensors are the 0..1 pixels
 

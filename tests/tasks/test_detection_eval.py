@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.tasks import registry
 from pipeline.tasks.base import DataInfo
 from pipeline.tasks.detection.evaluate import Evaluator, coco_box_stats
-from pipeline.tasks.registry import TASKS
 
-detection = TASKS["detection"]
+detection = registry.get("detection")
 CLASSES, IDS = ["cat", "dog"], [3, 17]
 
 

@@ -12,13 +12,13 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from pipeline.config import validate
 from pipeline.errors import UserError
 from pipeline.models import weights as W
+from pipeline.tasks import registry
 from pipeline.tasks.base import DataInfo
 from pipeline.tasks.detection.model import COCO_WEIGHTS
 from pipeline.tasks.detection.roi_align import MultiScaleRoIAlign
-from pipeline.tasks.registry import TASKS
 from pipeline.train import finetune
 
-detection = TASKS["detection"]
+detection = registry.get("detection")
 INFO = DataInfo(classes=["cat", "dog"], train_size=0, val_size=0, mean=(0.485, 0.456, 0.406),
                 std=(0.229, 0.224, 0.225), image_size=64, category_ids=[3, 17])
 SMALL = {"min_size": 64, "max_size": 64, "anchor_sizes": [8, 16, 32, 64, 128], "fpn_channels": 32,

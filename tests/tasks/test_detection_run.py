@@ -12,10 +12,10 @@ from torch.utils.data import ConcatDataset, DataLoader
 from pipeline import config, tracking
 from pipeline.data import synth_coco
 from pipeline.errors import UserError
-from pipeline.tasks.registry import TASKS
+from pipeline.tasks import registry
 from pipeline.train import engine, runner
 
-detection = TASKS["detection"]
+detection = registry.get("detection")
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE_IDS = set(synth_coco.CATEGORY_IDS.values())

@@ -12,10 +12,10 @@ from mlflow import MlflowClient
 from pipeline import config, tracking
 from pipeline.data import synth_faces
 from pipeline.errors import UserError
-from pipeline.tasks.registry import TASKS
+from pipeline.tasks import registry
 from pipeline.train import checkpoint, engine, runner
 
-face = TASKS["face"]
+face = registry.get("face")
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 64  # at 32 px a ResNet-18 barely tells these shapes apart in a test's budget
@@ -58,7 +58,7 @@ def _untrained_accuracy(path: Path) -> float:
     model, val_ds, info = _initial_model(path)
     loader = torch.utils.data.DataLoader(val_ds, batch_size=64)
     settings = engine.StepSettings(device=torch.device("cpu"), precision="fp32")
-    return engine.evaluate(model, face.predict, face.make_evaluator(info), loader, settings)[face.primary]
+    return engine.evaluate(model, face.predict, face.make_evaluator(info), loader, settings)[face.primary.name]
 
 
 def test_training_raises_verification_accuracy_and_logs_roc_and_embedding_model(faces, uri, tmp_path, monkeypatch):

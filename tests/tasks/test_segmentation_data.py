@@ -9,7 +9,7 @@ from pycocotools import mask as mask_utils
 
 from pipeline.data.transforms import build_transforms
 from pipeline.errors import UserError
-from pipeline.tasks.registry import TASKS
+from pipeline.tasks import registry
 from pipeline.tasks.segmentation.config import SegmentationData
 from pipeline.tasks.segmentation.data import VOC_CLASSES, build_datasets, coco_class_mask, read_mask
 
@@ -246,7 +246,7 @@ def test_default_transforms_pad_masks_with_ignore_and_keep_labels_nearest(tmp_pa
     indices = np.zeros((6, 8), dtype=np.uint8)
     indices[:, 4:] = 7
     root = _voc(tmp_path / "VOC2012", masks={"a": indices})
-    train_spec, val_spec = TASKS["segmentation"].default_transforms(SegmentationData(image_size=16, ignore_index=255))
+    train_spec, val_spec = registry.get("segmentation").default_transforms(SegmentationData(image_size=16, ignore_index=255))
     kw = dict(mean=(0.5,) * 3, std=(0.5,) * 3, seed=0)
     train, val, _ = _build(root, "voc", train_transform=build_transforms(train_spec, field="t", **kw),
                            val_transform=build_transforms(val_spec, field="v", **kw))

@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.tasks import registry
 from pipeline.tasks.base import DataInfo
-from pipeline.tasks.registry import TASKS
 from pipeline.tasks.segmentation.metrics import Evaluator, per_class_iou, scores
 
-seg = TASKS["segmentation"]
+seg = registry.get("segmentation")
 
 CLASSES = ["background", "a", "b"]
 

@@ -6,13 +6,13 @@ from torchvision.models.segmentation import deeplabv3_resnet50
 from pipeline.config import validate
 from pipeline.errors import UserError
 from pipeline.models import weights as W
+from pipeline.tasks import registry
 from pipeline.tasks.base import DataInfo
-from pipeline.tasks.registry import TASKS
 from pipeline.tasks.segmentation.data import VOC_CLASSES
 from pipeline.tasks.segmentation.model import COCO_VOC, upsample
 from pipeline.train import finetune
 
-seg = TASKS["segmentation"]
+seg = registry.get("segmentation")
 
 SHAPES = ["background", "circle", "square"]
 

@@ -6,6 +6,9 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.config.sections import DataConfig, ModelConfig, TaskConfig
+from pipeline.tasks.metric import Metric
+
+PRIMARY = Metric("val/top1")  # top-1 accuracy on the validation set: picks the best checkpoint (pipeline/tasks/metric.py)
 
 
 class ClassificationData(DataConfig):

@@ -4,14 +4,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pipeline.tasks.classification import config as classification_config
 from pipeline.tasks.common import metric_key
 
-PRIMARY = "val/top1"
+PRIMARY = classification_config.PRIMARY.name  # the key this evaluator reports the primary metric under
 MAX_PER_CLASS_METRICS = 50  # beyond that, the per-class CSV artifact is more readable than metric keys
 
 
 class Evaluator:
-    primary = PRIMARY
 
     def __init__(self, classes: list[str]):
         self.num_classes = len(classes)

@@ -11,9 +11,9 @@ from torch import nn
 
 from pipeline.models import backbones
 from pipeline.tasks.base import TRAIN_ERROR, DataInfo, ExportSpec, PredictOptions, Task, TaskData
-from pipeline.tasks.classification.config import ClassificationData, ClassificationModel, Config
+from pipeline.tasks.classification.config import ClassificationData, ClassificationModel
 from pipeline.tasks.classification.data import build_datasets
-from pipeline.tasks.classification.evaluate import PRIMARY, Evaluator
+from pipeline.tasks.classification.evaluate import Evaluator
 from pipeline.tasks.classification.report import confusion_figure, per_class_table
 from pipeline.tasks.common import save_figure, write_csv
 
@@ -58,8 +58,6 @@ class TopK:
 
 class Classification(Task):
     name = "classification"
-    schema = Config
-    primary = PRIMARY
     synth = "classification"
     export = ExportSpec(output_names=("logits",), dynamic_size=True)
     caches_features = True

@@ -16,8 +16,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from pipeline.tasks.common import metric_key
+from pipeline.tasks.detection import config as detection_config
 
-PRIMARY = "val/mAP"
+PRIMARY = detection_config.PRIMARY.name  # the key this evaluator reports the primary metric under
 # COCOeval.stats positions of the logged numbers (AP at IoU .5:.95 / .5 / .75, by object size, recall at 100).
 STATS = {PRIMARY: 0, "val/AP50": 1, "val/AP75": 2, "val/APs": 3, "val/APm": 4, "val/APl": 5, "val/AR100": 8}
 MAX_PER_CLASS_METRICS = 50
@@ -25,7 +26,6 @@ SAMPLES = 8  # validation images kept for the picture of predicted and true boxe
 
 
 class Evaluator:
-    primary = PRIMARY
 
     def __init__(self, classes: list[str], category_ids: list[int], mean: tuple[float, ...],
                  std: tuple[float, ...]) -> None:

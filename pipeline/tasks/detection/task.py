@@ -14,9 +14,9 @@ from pipeline.tasks.base import DataInfo, ExportSpec, Placement, PredictOptions,
 from pipeline.tasks.common import save_figure
 from pipeline.tasks.detection import export as detection_export
 from pipeline.tasks.detection import predictions
-from pipeline.tasks.detection.config import Config, DetectionData, DetectionModel
+from pipeline.tasks.detection.config import DetectionData, DetectionModel
 from pipeline.tasks.detection.data import CocoDetection, drop_unreadable, read_coco, select_images
-from pipeline.tasks.detection.evaluate import PRIMARY, Evaluator
+from pipeline.tasks.detection.evaluate import Evaluator
 from pipeline.tasks.detection.model import Detector, build_detector, frozen_bn, load_coco
 from pipeline.tasks.detection.report import boxes_figure, per_class_table, write_results
 
@@ -46,8 +46,6 @@ class BoxesOut(nn.Module):
 
 class Detection(Task):
     name = "detection"
-    schema = Config
-    primary = PRIMARY
     synth = "coco"  # the synthetic shapes scenes
     # traced per image inside a scripted batch loop (export.py there), checked by matching boxes
     export = ExportSpec(output_names=("detections",), dynamic_size=True, check=detection_export.match_detections,

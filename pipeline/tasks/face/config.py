@@ -6,11 +6,14 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.config.sections import DataConfig, ModelConfig, Section, TaskConfig
+from pipeline.tasks.metric import Metric
 
 # arcface_torch's defaults: ArcFace m=0.5, CosFace m=0.35 (0.35-0.4 in the CosFace paper).
 DEFAULT_M = {"arcface": 0.5, "cosface": 0.35}
 # insightface's combined margin (m1, m2, m3).
 DEFAULT_COMBINED = (1.0, 0.3, 0.2)
+
+PRIMARY = Metric("val/verif_acc")  # mean 10-fold verification accuracy over the verification sets: picks the best checkpoint (pipeline/tasks/metric.py)
 
 
 class FaceData(DataConfig):

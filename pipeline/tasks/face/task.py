@@ -11,7 +11,7 @@ from pipeline.models import backbones
 from pipeline.tasks import export_checks
 from pipeline.tasks.base import DataInfo, ExportSpec, PredictOptions, Task, TaskData
 from pipeline.tasks.face import predictions, verification
-from pipeline.tasks.face.config import Config, FaceData, FaceModelConfig
+from pipeline.tasks.face.config import FaceData, FaceModelConfig
 from pipeline.tasks.face.data import IdentityDataset, VerificationDataset, load_verification, scan_identities
 from pipeline.tasks.face.margin import MarginHead
 from pipeline.tasks.face.model import Embedder, FaceModel
@@ -20,8 +20,6 @@ from pipeline.tasks.face.report import write_roc
 
 class Face(Task):
     name = "face"
-    schema = Config
-    primary = verification.PRIMARY  # mean accuracy over the verification sets
     synth = "faces"  # the synthetic identities
     # the neck flattens a fixed-size map; an embedding is checked by its direction (cosine), as faces are compared
     export = ExportSpec(output_names=("embeddings",), dynamic_size=False, check=export_checks.cosine)

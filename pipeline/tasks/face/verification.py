@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.tasks.common import metric_key
+from pipeline.tasks.face import config as face_config
 from pipeline.tasks.face.data import FOLDS
 
-PRIMARY = "val/verif_acc"
+PRIMARY = face_config.PRIMARY.name  # the key this evaluator reports the primary metric under
 FAR_TARGET = 1e-3
 
 
@@ -69,7 +70,6 @@ class Evaluator:
     """Sums the normalised embeddings of each image and its flip (dataset items 2i, 2i + 1), then scores each
     verification set's pairs with the k-fold protocol."""
 
-    primary = PRIMARY
 
     def __init__(self, sets: list[dict]):
         self.sets = sets

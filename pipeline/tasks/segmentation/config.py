@@ -6,6 +6,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.config.sections import DataConfig, ModelConfig, TaskConfig
+from pipeline.tasks.metric import Metric
+
+PRIMARY = Metric("val/mIoU")  # mean IoU over the classes present: picks the best checkpoint (pipeline/tasks/metric.py)
 
 
 class SegmentationData(DataConfig):

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.tasks.common import metric_key
+from pipeline.tasks.segmentation import config as segmentation_config
 
-PRIMARY = "val/mIoU"
+PRIMARY = segmentation_config.PRIMARY.name  # the key this evaluator reports the primary metric under
 MAX_PER_CLASS_METRICS = 50
 SAMPLES_KEPT = 8  # validation images kept for the overlay grid
 
@@ -45,7 +46,6 @@ class Evaluator:
     `update` takes logits already at the mask's resolution (see `predict`), so scores are at label resolution.
     """
 
-    primary = PRIMARY
 
     def __init__(self, classes: list[str], ignore_index: int, samples: int = SAMPLES_KEPT):
         self.classes = classes

@@ -18,7 +18,7 @@ from pipeline.tasks.common import save_figure
 from pipeline.tasks.segmentation import metrics as seg_metrics
 from pipeline.tasks.segmentation import model as M
 from pipeline.tasks.segmentation import predictions
-from pipeline.tasks.segmentation.config import Config, SegmentationData, SegmentationModel
+from pipeline.tasks.segmentation.config import SegmentationData, SegmentationModel
 from pipeline.tasks.segmentation.data import VOC_CLASSES, build_datasets
 from pipeline.tasks.segmentation.report import iou_bars, overlay_grid, per_class_table
 
@@ -36,8 +36,6 @@ def _cross_entropy(model: M.DeepLabV3, logits: torch.Tensor, masks: torch.Tensor
 
 class Segmentation(Task):
     name = "segmentation"
-    schema = Config
-    primary = seg_metrics.PRIMARY
     synth = "coco"  # the synthetic shapes scenes (COCO json + class masks)
     # checked by the class each pixel gets: near-tied logits may swap through rounding alone
     export = ExportSpec(output_names=("logits",), dynamic_size=True, check=export_checks.argmax)
