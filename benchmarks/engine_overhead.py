@@ -15,7 +15,8 @@ import argparse
 import _common as C
 
 from pipeline.platform import small_conv
-from pipeline.train import engine, runner
+from pipeline.data import loading
+from pipeline.train import engine
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
     model, optimizer = C.build_model(cfg, task, info, None, device, cfg.train.channels_last)
     batch = cfg.data.batch_size
     tensors = C.first_batches(train_ds, batch, 4, task)
-    workers = runner.auto_workers(device) if cfg.data.num_workers == "auto" else cfg.data.num_workers
+    workers = loading.auto_workers(device) if cfg.data.num_workers == "auto" else cfg.data.num_workers
     real = C.loader(train_ds, batch, workers, task=task)
     def plain_bare() -> float:
         small_conv.restore(model)

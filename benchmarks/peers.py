@@ -95,12 +95,13 @@ def main() -> None:
     import torch
     import torchvision
 
-    from pipeline.train import engine, runner
+    from pipeline.data import loading
+    from pipeline.train import engine
 
     python = ensure_venv(args.venv, torch.__version__, torchvision.__version__, args.fastai_version)
     ensure_data(args.data)
     device = engine.resolve_device("auto")
-    workers = runner.auto_workers(device)
+    workers = loading.auto_workers(device)
     print(f"CPU: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads"
           f"{'' if 'OMP_NUM_THREADS' not in os.environ else ' (OMP_NUM_THREADS=' + os.environ['OMP_NUM_THREADS'] + ')'}"
           f"; device {device}; pipeline precision auto = {engine.resolve_precision('auto', device)}; "

@@ -49,8 +49,9 @@ def checkpoints(module_dir: Path) -> dict[str, Path]:
     paths = {}
     for name, (sections, data, _) in CASES.items():
         task = registry.get(name)
-        cfg = task.schema.model_validate({"task": name, **sections})
-        info = DataInfo(train_size=10, val_size=4, mean=MEAN, std=STD, image_size=cfg.data.image_size, **data)
+        cfg = registry.entry(name).schema.model_validate({"task": name, **sections})
+        info = DataInfo(classes=data["classes"], train_size=10, val_size=4, mean=MEAN, std=STD,
+                        image_size=cfg.data.image_size, facts=task.facts.from_dict(data) if task.facts else None)
         torch.manual_seed(0)
         model = task.build_model(cfg.model, info, say=lambda *_: None)
         if name == "detection":  # untrained class scores are all near 1/3: spread them as training would

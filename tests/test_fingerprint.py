@@ -18,12 +18,12 @@ def splits(root: Path):
 
 
 def digests(root: Path) -> tuple[str, str]:
-    return tuple(fingerprint.digest(fingerprint.files(ds), root, len(ds)) for ds in splits(root))
+    return tuple(fingerprint.digest(ds.files(), root, len(ds)) for ds in splits(root))
 
 
 def test_digest_follows_the_files_not_the_folder(shapes: Path, tmp_path: Path):
     train, val = splits(shapes)
-    assert fingerprint.files(train) == [path for path, _ in train.samples]  # what the split reads, nothing else
+    assert train.files() == [path for path, _ in train.samples]  # what the split reads, nothing else
     original = digests(shapes)
     assert original[0] != original[1]
     copy = tmp_path / "copy"
@@ -34,16 +34,18 @@ def test_digest_follows_the_files_not_the_folder(shapes: Path, tmp_path: Path):
     resized = digests(copy)
     assert resized[0] == original[0] and resized[1] != original[1]
     shutil.copy(image, image.with_name("extra.png"))  # one val file added
-    assert len(fingerprint.files(splits(copy)[1])) == len(val) + 1 and digests(copy)[1] not in resized
+    assert len(splits(copy)[1].files()) == len(val) + 1 and digests(copy)[1] not in resized
 
 
-def test_in_memory_pixels_are_not_files(tmp_path: Path):
-    class Cifar:  # CIFAR keeps its images as one array: the dataset lists no files, the caller hashes the tree
-        images = np.zeros((4, 32, 32, 3), dtype=np.uint8)
+def test_cifar_in_memory_lists_the_batches_it_was_read_from(tmp_path: Path):
+    from pipeline.tasks.classification.data import CifarDataset, cifar_files
 
-    assert fingerprint.files(Cifar()) == []
-    (tmp_path / "data_batch_1").write_bytes(b"x")
-    assert fingerprint.tree(tmp_path) == [tmp_path / "data_batch_1"]
+    folder = tmp_path / "cifar-10-batches-py"
+    train, test = cifar_files(folder, "cifar10", train=True), cifar_files(folder, "cifar10", train=False)
+    assert [p.name for p in train] == ["batches.meta", *(f"data_batch_{i}" for i in range(1, 6))]
+    assert [p.name for p in test] == ["batches.meta", "test_batch"]
+    dataset = CifarDataset(np.zeros((4, 32, 32, 3), dtype=np.uint8), np.zeros(4, dtype=np.int64), ["a"], None, test)
+    assert dataset.files() == test
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,7 @@ def test_every_task_records_the_files_each_split_reads(task, data, scenes_and_fa
         "train": {"output_dir": str(tmp_path / "out")}, "tracking": {"uri": uri}}))
     setup = runner.prepare(path)
     built = runner.build_data(setup, say=lambda *_: None)
-    assert all(fingerprint.files(split) for split in (built.train, built.val))  # not the whole tree's fallback
+    assert all(split.files() for split in (built.train, built.val))
     train, val = runner.dataset_records(setup, built)
     assert (train.context, val.context) == ("training", "validation") and train.digest != val.digest
     assert (train.rows, val.rows) == (len(built.train), len(built.val))

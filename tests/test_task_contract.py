@@ -13,7 +13,7 @@ import yaml
 
 from pipeline import config
 from pipeline.data import synth, synth_coco, synth_faces
-from pipeline.tasks import registry
+from pipeline.tasks import registry, saved
 from pipeline.tasks.base import DataInfo, PredictOptions, Task
 from pipeline.train import checkpoint, engine, runner
 from pipeline.use import export, predict
@@ -79,7 +79,7 @@ def test_train_step_evaluate_predict_export(built):
     task, name = setup.task, setup.task.name
     info = data.info
     assert isinstance(info, DataInfo) and info.num_classes >= 2
-    assert DataInfo.from_dict(json.loads(json.dumps(info.to_dict()))) == info  # what checkpoints carry survives
+    assert task.read_info(json.loads(json.dumps(info.to_dict()))) == info  # what checkpoints carry survives
 
     # train one step: the loss dict sums to a finite scalar and the step moves the weights
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
@@ -100,7 +100,7 @@ def test_train_step_evaluate_predict_export(built):
     assert isinstance(metrics[task.primary.name], float)
 
     # the inference module maps the example input to outputs that `records` turns into one JSON-able dict per image
-    runner.inference_ready(model)
+    saved.inference_ready(model)
     model.eval()
     example = task.example_input(setup.cfg.data.image_size)
     with torch.no_grad():

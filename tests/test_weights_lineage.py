@@ -21,17 +21,20 @@ from pipeline.models import backbones, tracked
 from pipeline.models import weights as W
 from pipeline.tasks import registry
 from pipeline.tasks.base import DataInfo
+from pipeline.tasks.detection.task import DetectionFacts
+from pipeline.tasks.face.task import FaceFacts
+from pipeline.tasks.segmentation.task import SegmentationFacts
 from pipeline.train import runner
 
 NAME = "shapes-cls"  # the registered model
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INFOS = {  # what each task's data would say; building a model needs no images
     "detection": DataInfo(classes=["circle", "square"], train_size=4, val_size=2, mean=MEAN, std=STD, image_size=64,
-                          category_ids=[1, 2]),
+                          facts=DetectionFacts([1, 2])),
     "segmentation": DataInfo(classes=["background", "circle", "square"], train_size=4, val_size=2, mean=MEAN,
-                             std=STD, image_size=64, ignore_index=255),
+                             std=STD, image_size=64, facts=SegmentationFacts(255)),
     "face": DataInfo(classes=[f"id{i}" for i in range(5)], train_size=20, val_size=4, mean=MEAN, std=STD,
-                     image_size=32),
+                     image_size=32, facts=FaceFacts()),
 }
 SMALL_DETECTOR = {"min_size": 64, "max_size": 64, "anchor_sizes": [8, 16, 32, 64, 128], "fpn_channels": 32,
                   "representation_size": 128, "box_batch_size_per_image": 32, "rpn_pre_nms_top_n_train": 300,

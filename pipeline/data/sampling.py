@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 
-import albumentations as A
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from pipeline.data.dataset import TaskDataset
 
 
 class EpochSampler(Sampler):
@@ -48,10 +49,10 @@ class EpochSampler(Sampler):
 
 
 class SeededDataset(Dataset):
-    """Wraps a dataset whose albumentations pipeline is its `transform` attribute: item `(index, seed)` reseeds the
-    pipeline before loading. A plain index loads without reseeding (validation, feature caching)."""
+    """Wraps a task's dataset (pipeline/data/dataset.py): item `(index, seed)` reseeds its augmentation before loading.
+    A plain index loads without reseeding (validation, feature caching)."""
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: TaskDataset) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:
@@ -60,17 +61,9 @@ class SeededDataset(Dataset):
     def __getitem__(self, item):
         if isinstance(item, tuple):
             index, seed = item
-            transform = getattr(self.dataset, "transform", None)
-            if isinstance(transform, A.Compose):
-                transform.set_random_seed(seed)
+            self.dataset.reseed(seed)
             return self.dataset[index]
         return self.dataset[item]
-
-    def __getattr__(self, name: str):
-        # collate functions, class lists and other dataset attributes stay reachable through the wrapper
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
 
 def _mix(*values: int) -> int:

@@ -11,13 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import albumentations as A
 import torch
 from albumentations.core.composition import BaseCompose
 from albumentations.core.transforms_interface import ImageOnlyTransform
-from torch.utils.data import Dataset
 
 from pipeline.config.sections import DataConfig
+from pipeline.data.dataset import TaskDataset
 from pipeline.data.transforms import transform_class
 from pipeline.errors import UserError
 
@@ -66,16 +65,14 @@ def check_sizes(task: Task, data: TaskData, config: DataConfig, seed: int) -> No
                     "produce data.image_size (write ${data.image_size} in the specs instead of pixel numbers)")
 
 
-def _first_image_size(dataset: Dataset, seed: int) -> tuple[int, int] | None:
+def _first_image_size(dataset: TaskDataset, seed: int) -> tuple[int, int] | None:
     """(height, width) of item 0's image after its transforms; None where the item holds no image tensor.
 
     The probe draws from the transform's random state, so it is reseeded afterwards with the seed it was built with
     (Task.transforms): augmentations read with plain indices (feature caching) stay those of a run without the probe.
     """
     item = dataset[0]
-    transform = getattr(dataset, "transform", None)
-    if isinstance(transform, A.Compose):
-        transform.set_random_seed(seed)
+    dataset.reseed(seed)
     image = item[0] if isinstance(item, (tuple, list)) else item
     return tuple(image.shape[-2:]) if isinstance(image, torch.Tensor) and image.dim() >= 2 else None
 

@@ -47,7 +47,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -63,10 +63,21 @@ from pipeline.tasks.metric import Metric
 TRAIN_ERROR = "error"  # the key in `Task.loss`'s dict that is not a loss (see above)
 
 
+class Facts:
+    """A task's own record of what its data says (detection: the dataset's category ids), beside what every task's
+    data says (`DataInfo`). Subclasses are dataclasses of JSON-able fields: they travel in checkpoints with DataInfo."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Facts:
+        """The fields `d` holds (other keys ignored); a field it lacks takes its default."""
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
 @dataclass
 class DataInfo:
-    """What the data says about itself. Saved in every checkpoint (`to_dict`), read back by predict, export and the
-    logged model (`from_dict`), so names and ids travel with the weights."""
+    """What the data says about itself: what every task's data says, and the task's own `facts`. Saved in every
+    checkpoint (`to_dict`), read back by predict, export and the logged model (`Task.read_info`), so names and ids
+    travel with the weights."""
 
     classes: list[str]  # label names in label order; face: the training identities
     train_size: int
@@ -75,33 +86,31 @@ class DataInfo:
     std: tuple[float, float, float]
     image_size: int  # data.image_size (detection resizes by model.min_size / max_size instead)
     random_train_transforms: bool = False  # feature caching refuses random augmentation without cached views
-    # detection: the dataset's category id of label k + 1 (label 0 is background)
-    category_ids: list[int] = field(default_factory=list)
-    ignore_index: int | None = None  # segmentation: the mask value that counts nowhere
-    # face: each verification set's name, image count, pairs (flattened) and same/different flags
-    verification: list[dict] = field(default_factory=list)
-    batches_per_epoch: int = 1  # face: the margin warm-up counts steps
+    facts: Facts | None = None  # the task's own record (`Task.facts`), e.g. detection's category ids
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self)  # facts as a dict of their fields
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DataInfo:
-        """Also reads the untyped `info` dicts of checkpoints written before this class: their extra keys (such as
-        `num_classes`) are dropped, and face checkpoints without identity names get numbered ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in d.items() if k in known}
+    def from_dict(cls, d: dict[str, Any], facts: type[Facts] | None = None) -> DataInfo:
+        """`d` as `to_dict` wrote it, the task's facts read as `facts`. Also reads the `info` dicts of older
+        checkpoints: those kept the task's facts among the shared fields (category_ids, ignore_index, verification,
+        batches_per_epoch), the oldest were untyped (extra keys such as `num_classes` are dropped, and face
+        checkpoints without identity names get numbered ones)."""
+        shared = {f.name for f in dataclasses.fields(cls)} - {"facts"}
+        values = {k: v for k, v in d.items() if k in shared}
         if "classes" not in values:
             values["classes"] = [str(i) for i in range(int(d.get("num_classes", 0)))]
         values.setdefault("mean", (0.485, 0.456, 0.406))
         values.setdefault("std", (0.229, 0.224, 0.225))
         values.setdefault("image_size", 0)
         values["mean"], values["std"] = tuple(values["mean"]), tuple(values["std"])
-        return cls(**values)
+        own = d.get("facts") if isinstance(d.get("facts"), dict) else d  # before facts: at the top level
+        return cls(**values, facts=facts.from_dict(own) if facts is not None else None)
 
 
 @dataclass
@@ -177,6 +186,7 @@ class Task(ABC):
     name: ClassVar[str]
     synth: ClassVar[str]  # the synthetic dataset kind for data.synth_if_missing (pipeline/data/shapes.py)
     export: ClassVar[ExportSpec]
+    facts: ClassVar[type[Facts] | None] = None  # the task's own record in DataInfo.facts, if it keeps one
     # transform rules
     fixed_input_size: ClassVar[bool] = True
     val_geometry: ClassVar[frozenset[str] | None] = None
@@ -185,6 +195,10 @@ class Task(ABC):
     merges_evaluators: ClassVar[bool] = False
     one_class_per_image: ClassVar[bool] = False
     collate_fn: ClassVar[Callable | None] = None
+
+    def read_info(self, d: dict[str, Any]) -> DataInfo:
+        """The DataInfo a checkpoint saved (`DataInfo.to_dict`), with this task's facts."""
+        return DataInfo.from_dict(d, self.facts)
 
     @property
     def primary(self) -> Metric:

@@ -76,6 +76,13 @@ def entry(name: str, where: str = "task") -> Entry:
     return TASKS[name]
 
 
+_built: dict[str, tuple[Entry, Task]] = {}  # each entry's task, built once
+
+
 def get(name: str) -> Task:
-    """Task `name`, its implementation imported."""
-    return entry(name).load()
+    """Task `name`, its implementation imported; the same object on every call while its entry stays."""
+    found = entry(name)
+    built = _built.get(name)
+    if built is None or built[0] is not found:
+        built = _built[name] = (found, found.load())
+    return built[1]

@@ -7,20 +7,18 @@ marks it FAILED (Ctrl-C: KILLED) with the reason as a tag; checkpoints written s
 from __future__ import annotations
 
 import os
-import random
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from pipeline import config, tracking
 from pipeline.config import placement
-from pipeline.data import fingerprint, shapes, transform_checks
+from pipeline.data import fingerprint, loading, shapes, transform_checks
 from pipeline.data.sampling import EpochSampler, SeededDataset
 from pipeline.data.transforms import reseed_worker
 from pipeline.errors import UserError
@@ -176,7 +174,7 @@ def build_data(setup: Setup, say=print) -> TaskData:
     if cfg.data.synth_if_missing and root.name == task.synth and setup.ctx.main:
         shapes.ensure(root.parent, task.synth, seed=0)
     distributed.barrier(setup.ctx)
-    seed_everything(cfg.seed)
+    loading.seed_everything(cfg.seed)
     default_mean, default_std = backbones.pretrained_mean_std(cfg.model.backbone.name)
     data = task.build_data(cfg.data, mean=cfg.data.mean or default_mean, std=cfg.data.std or default_std,
                            seed=cfg.seed)
@@ -357,20 +355,6 @@ def finish(setup: Setup, fit: engine.Fit, state: engine.FitState, info: DataInfo
     return result
 
 
-def inference_ready(model: nn.Module) -> nn.Module:
-    """The trained model as inference and export want it: stock operations (cpu_kernels.restore) and no grad switching
-    of frozen stages (an exporter would record it)."""
-    model.backbone.no_grad_stages = 0
-    cpu_kernels.restore(model)
-    return model
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def _check_data_parallel(plan: finetune.Plan) -> None:
     if plan.cache_features:
         raise UserError("finetune.cache_features runs in one process; drop torchrun or set "
@@ -382,7 +366,7 @@ def _check_data_parallel(plan: finetune.Plan) -> None:
 
 def loaders(task: Task, train_ds, val_ds, batch_size: int, num_workers, device: torch.device, seed: int,
             ctx: distributed.Context = distributed.Context()) -> tuple[DataLoader, DataLoader]:
-    workers = auto_workers(device) if num_workers == "auto" else num_workers
+    workers = loading.auto_workers(device) if num_workers == "auto" else num_workers
     common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
               "worker_init_fn": reseed_worker, "collate_fn": task.collate_fn}
     # Order and augmentation are functions of (seed, epoch, index): see pipeline/data/sampling.py.
@@ -395,14 +379,6 @@ def loaders(task: Task, train_ds, val_ds, batch_size: int, num_workers, device: 
     val = DataLoader(Subset(val_ds, range(ctx.rank, len(val_ds), ctx.world)) if shard else val_ds,
                      batch_size=batch_size, shuffle=False, **common)
     return train, val
-
-
-def auto_workers(device: torch.device) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    # On CPU the model needs every core; a worker pays off only with cores to spare.
-    if device.type == "cpu":
-        return 0 if cores <= 4 else min(4, cores // 4)
-    return min(8, max(1, cores - 1))
 
 
 def model_tags(model: nn.Module, info: DataInfo, setup: Setup, plan: finetune.Plan) -> dict[str, str]:
@@ -430,12 +406,8 @@ def dataset_records(setup: Setup, data: TaskData) -> list[tracking.DatasetRecord
     root = Path(os.path.abspath(setup.cfg.data.root))  # as the datasets' own paths are joined: no symlinks resolved
     records = []
     for split, context, dataset in (("train", "training", data.train), ("val", "validation", data.val)):
-        paths = fingerprint.files(dataset) or fingerprint.tree(root)
-        annotations = getattr(setup.cfg.data, f"{split}_ann", None)  # detection: the split's labels, in one json
-        if annotations:
-            paths.append(root / annotations)
         records.append(tracking.DatasetRecord(
-            name=f"{'/'.join(root.parts[-2:])} {split}", digest=fingerprint.digest(paths, root, len(dataset)),
+            name=f"{'/'.join(root.parts[-2:])} {split}", digest=fingerprint.digest(dataset.files(), root, len(dataset)),
             source=str(root), context=context, rows=len(dataset)))
     return records
 

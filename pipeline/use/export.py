@@ -25,9 +25,8 @@ from torch import nn
 
 from pipeline import tracking
 from pipeline.errors import UserError
-from pipeline.tasks import registry
+from pipeline.tasks import saved
 from pipeline.tasks.export_checks import Agreement, ExportMismatch
-from pipeline.train import runner
 from pipeline.use import inference
 
 Format = Literal["onnx", "torchscript"]
@@ -56,10 +55,10 @@ def run(source: str, fmt: Format, out: str | Path | None = None, uri: str | None
         _require_onnx()
     # a models:/ source is rebuilt from its run's checkpoint: the logged model's weights, as a plain torch module
     loaded = inference.load(source, uri)
-    task = registry.get(loaded.cfg.task)
+    task = loaded.saved.task
     spec = task.export
     # stock operations only (torchvision's RoIAlign, plain convolutions): what ONNX and TorchScript can express
-    module = task.inference_module(runner.inference_ready(loaded.model)).eval()
+    module = task.inference_module(saved.inference_ready(loaded.model)).eval()
     size = loaded.cfg.data.image_size
     path = Path(out) if out else Path(f"{loaded.cfg.model.backbone.name}{SUFFIX[fmt]}")
     path.parent.mkdir(parents=True, exist_ok=True)

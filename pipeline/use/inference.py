@@ -10,7 +10,7 @@ image's `Placement`; nothing here asks which task it runs.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import albumentations as A
@@ -20,13 +20,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline import config, console, tracking
+from pipeline.data import loading
 from pipeline.data.images import read_rgb
 from pipeline.data.transforms import build_transforms
 from pipeline.errors import UserError
 from pipeline.models import backbones
-from pipeline.tasks import registry
+from pipeline.tasks import saved
 from pipeline.tasks.base import DataInfo, Placement, Task
-from pipeline.train import checkpoint, engine, runner
+from pipeline.tasks.saved import Saved
+from pipeline.train import checkpoint, engine
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Sources
@@ -34,30 +36,44 @@ from pipeline.train import checkpoint, engine, runner
 
 @dataclass
 class Loaded:
-    """A trained model in eval mode on the CPU, with what it was trained with."""
+    """A trained model (pipeline/tasks/saved.py) and the tracking store its run lives in."""
 
-    model: nn.Module
-    cfg: config.TaskConfig
-    info: DataInfo  # what the data said, saved in the checkpoint (classes, category ids, ...)
-    run_id: str | None  # the MLflow run that trained it, when known
-    uri: str  # the tracking store that run lives in
-    fit: dict = field(default_factory=dict)  # the checkpoint's training state: per-epoch `history`, `best_epoch`
+    saved: Saved
+    uri: str  # the tracking store of the run that trained it
+
+    @property
+    def model(self) -> nn.Module:
+        return self.saved.model
+
+    @property
+    def cfg(self) -> config.TaskConfig:
+        return self.saved.cfg
+
+    @property
+    def info(self) -> DataInfo:
+        return self.saved.info
+
+    @property
+    def run_id(self) -> str | None:
+        return self.saved.run_id
+
+    @property
+    def fit(self) -> dict:
+        return self.saved.fit
 
 
 def load(source: str, uri: str | None = None) -> Loaded:
     """The model and metadata behind `source`: a checkpoint path, a run id, `runs:/<run id>` or a `models:/` URI.
 
-    A `models:/` URI is rebuilt from its run's best checkpoint: the runner logs the model (pipeline/use/serve.py) from that
-    checkpoint, so the weights are the same, and the task's whole model (not only its inference module) comes back.
+    A `models:/` URI is rebuilt from its run's best checkpoint: the runner logs the model (pipeline/use/serve.py) from
+    that checkpoint, so the weights are the same, and the task's whole model (not only its inference module) comes
+    back.
     """
     path = Path(source)
     if not tracking.is_tracked(source):
         if path.is_file():
-            ckpt = checkpoint.load(path)
-            cfg = _config(ckpt, source)
-            store = tracking.resolve_uri(uri or cfg.tracking.uri)
-            return Loaded(_rebuild(ckpt, cfg), cfg, DataInfo.from_dict(ckpt["info"]), ckpt.get("run_id"), store,
-                          ckpt.get("fit", {}))
+            found = saved.read(checkpoint.load(path), source)
+            return Loaded(found, tracking.resolve_uri(uri or found.cfg.tracking.uri))
         if path.suffix in (".pt", ".pth") or "/" in source or path.exists():
             raise UserError(f"checkpoint '{source}' not found (or not a file); give a best.pt / last.pt written by "
                             "'pipeline run', an MLflow run id or a models:/ URI")
@@ -65,25 +81,9 @@ def load(source: str, uri: str | None = None) -> Loaded:
     store = tracking.resolve_uri(uri)
     ref = tracking.resolve_source(source, store)
     with tracking.downloaded(store, ref) as file:
-        ckpt = checkpoint.load(file)
-    cfg = _config(ckpt, source)
-    return Loaded(_rebuild(ckpt, cfg), cfg, DataInfo.from_dict(ckpt["info"]), ref.run_id, store, ckpt.get("fit", {}))
-
-
-def _config(ckpt: dict, source: str) -> config.TaskConfig:
-    if not isinstance(ckpt, dict) or not {"model", "config", "info"} <= set(ckpt):
-        raise UserError(f"'{source}' is not a checkpoint of this pipeline (no model, config and info inside); "
-                        "give a best.pt / last.pt written by 'pipeline run'")
-    return config.validate(ckpt["config"], source=f"config saved in {source}")
-
-
-def _rebuild(ckpt: dict, cfg: config.TaskConfig) -> nn.Module:
-    """The task's model with random init (no weight download), then the checkpoint's weights."""
-    backbone = cfg.model.backbone.model_copy(update={"weights": "none", "fallback_to_random": False})
-    model_cfg = cfg.model.model_copy(update={"backbone": backbone})
-    model = registry.get(cfg.task).build_model(model_cfg, DataInfo.from_dict(ckpt["info"]), say=lambda *_: None)
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
+        found = saved.read(checkpoint.load(file), source)
+    found.run_id = ref.run_id  # the run it was asked for (a checkpoint copied between runs names its first)
+    return Loaded(found, store)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ class Session:
         or with `skip_unreadable=False` fails with the reader's one-line error."""
         dataset = _Images(paths, self.transform, skip_unreadable)
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=list, pin_memory=self.device.type == "cuda",
-                            num_workers=runner.auto_workers(self.device) if len(paths) > batch_size else 0)
+                            num_workers=loading.auto_workers(self.device) if len(paths) > batch_size else 0)
         with torch.inference_mode():
             for items in console.bar(loader, desc, show=len(loader) > 1, unit="batch", leave=True, mininterval=0.1):
                 bad = [paths[i] for i, image, _ in items if image is None]
@@ -144,7 +144,7 @@ def open_session(source: str, uri: str | None = None, device: str = "auto") -> S
     A `models:/` source is rebuilt from its run's best checkpoint (see `load`).
     """
     loaded = load(source, uri)
-    task = registry.get(loaded.cfg.task)
+    task = loaded.saved.task
     cfg = loaded.cfg
     default_mean, default_std = backbones.pretrained_mean_std(cfg.model.backbone.name)
     spec = task.inference_transforms(cfg)

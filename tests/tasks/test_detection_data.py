@@ -100,7 +100,7 @@ def test_build_data_info_and_targets(coco: Path):
     data = detection.build_data(cfg.data, mean=MEAN, std=STD, seed=0)
     train, val, info = data.train, data.val, data.info
     assert (len(train), len(val)) == (2, 4)  # validation keeps every image
-    assert info.category_ids == [3, 7, 90] and info.num_classes == 3
+    assert info.facts.category_ids == [3, 7, 90] and info.num_classes == 3
     images, targets = CocoDetection.collate_fn([val[0], val[3]])
     assert [tuple(i.shape) for i in images] == [(3, 48, 64), (3, 60, 40)]
     assert targets[1]["image_id"].item() == 4 and targets[1]["orig_size"].tolist() == [60, 40]

@@ -10,6 +10,7 @@ import torch
 from pipeline.tasks import registry
 from pipeline.tasks.base import DataInfo
 from pipeline.tasks.detection.evaluate import Evaluator, coco_box_stats
+from pipeline.tasks.detection.task import DetectionFacts
 
 detection = registry.get("detection")
 CLASSES, IDS = ["cat", "dog"], [3, 17]
@@ -90,7 +91,7 @@ def test_nothing_detected_is_zero_not_an_error():
 def test_report_files(tmp_path: Path):
     metrics = _evaluate(_targets(), shift=1.0)
     info = DataInfo(classes=CLASSES, train_size=0, val_size=3, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                    image_size=0, category_ids=IDS)
+                    image_size=0, facts=DetectionFacts(IDS))
     paths = detection.report(metrics, info, tmp_path)
     assert [p.name for p in paths] == ["val_predictions.json", "per_class_ap.csv", "val_boxes.png"]
     results = json.loads(paths[0].read_text())

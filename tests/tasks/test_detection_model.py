@@ -16,11 +16,12 @@ from pipeline.tasks import registry
 from pipeline.tasks.base import DataInfo
 from pipeline.tasks.detection.model import COCO_WEIGHTS
 from pipeline.tasks.detection.roi_align import MultiScaleRoIAlign
+from pipeline.tasks.detection.task import DetectionFacts
 from pipeline.train import finetune
 
 detection = registry.get("detection")
 INFO = DataInfo(classes=["cat", "dog"], train_size=0, val_size=0, mean=(0.485, 0.456, 0.406),
-                std=(0.229, 0.224, 0.225), image_size=64, category_ids=[3, 17])
+                std=(0.229, 0.224, 0.225), image_size=64, facts=DetectionFacts([3, 17]))
 SMALL = {"min_size": 64, "max_size": 64, "anchor_sizes": [8, 16, 32, 64, 128], "fpn_channels": 32,
          "representation_size": 64, "box_batch_size_per_image": 16, "rpn_pre_nms_top_n_train": 100,
          "rpn_post_nms_top_n_train": 50, "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50}

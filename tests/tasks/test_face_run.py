@@ -10,7 +10,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline import config, tracking
-from pipeline.data import synth_faces
+from pipeline.data import loading, synth_faces
 from pipeline.errors import UserError
 from pipeline.tasks import registry
 from pipeline.train import checkpoint, engine, runner
@@ -49,7 +49,7 @@ def _task(tmp_path: Path, faces: Path, uri: str, **sections) -> Path:
 def _initial_model(path: Path):
     """The model `runner.run` starts from (same seed, same init), with its val set and info."""
     cfg = config.load(path)
-    runner.seed_everything(cfg.seed)
+    loading.seed_everything(cfg.seed)
     data = face.build_data(cfg.data, mean=cfg.data.mean, std=cfg.data.std, seed=cfg.seed)
     return face.build_model(cfg.model, data.info, say=lambda *_: None), data.val, data.info
 

@@ -9,6 +9,7 @@ from PIL import Image
 from pipeline.tasks import registry
 from pipeline.tasks.base import DataInfo
 from pipeline.tasks.segmentation.metrics import Evaluator, per_class_iou, scores
+from pipeline.tasks.segmentation.task import SegmentationFacts
 
 seg = registry.get("segmentation")
 
@@ -100,7 +101,7 @@ def test_report_writes_overlays_bars_and_table(tmp_path):
     metrics = evaluator.compute()
     assert len(metrics["samples"]) == 2
     info = DataInfo(classes=CLASSES, train_size=0, val_size=3, mean=(0.5,) * 3, std=(0.25,) * 3, image_size=8,
-                    ignore_index=255)
+                    facts=SegmentationFacts(255))
     paths = seg.report(metrics, info, tmp_path / "report")
     assert [p.name for p in paths] == ["overlays.png", "per_class_iou.png", "per_class_iou.csv"]
     for path in paths[:2]:

@@ -10,6 +10,7 @@ from pipeline.tasks import registry
 from pipeline.tasks.base import DataInfo
 from pipeline.tasks.segmentation.data import VOC_CLASSES
 from pipeline.tasks.segmentation.model import COCO_VOC, upsample
+from pipeline.tasks.segmentation.task import SegmentationFacts
 from pipeline.train import finetune
 
 seg = registry.get("segmentation")
@@ -22,7 +23,7 @@ def _model(name="resnet18", output_stride=16, aux=False, classes=SHAPES, **model
                     "model": {"backbone": {"name": name, "weights": "none"}, "output_stride": output_stride,
                               "aux_loss": aux, **model}})
     info = DataInfo(classes=list(classes), train_size=0, val_size=0, mean=(0.485, 0.456, 0.406),
-                    std=(0.229, 0.224, 0.225), image_size=32, ignore_index=255)
+                    std=(0.229, 0.224, 0.225), image_size=32, facts=SegmentationFacts(255))
     return seg.build_model(cfg.model, info, say=lambda *_: None)
 
 

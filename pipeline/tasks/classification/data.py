@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.data import safe_pickle
+from pipeline.data.dataset import TaskDataset
 from pipeline.data.images import IMAGE_EXTENSIONS, read_rgb
 from pipeline.errors import UserError
 
@@ -36,7 +37,7 @@ Sample = tuple[Path, int]
 _NAMES_SHOWN = 5
 
 
-class ImageFolderDataset(Dataset):
+class ImageFolderDataset(TaskDataset):
     """Images listed as (path, label) pairs, decoded with read_rgb and passed through an albumentations transform.
 
     With `cache_bytes`, decoded images are kept in memory until they fill that many bytes, so later epochs skip
@@ -85,17 +86,20 @@ class ImageFolderDataset(Dataset):
             image = cached.copy()
         return _apply(self.transform, image), label
 
+    def files(self) -> list[Path]:
+        return [path for path, _ in self.samples]
 
-class CifarDataset(Dataset):
+
+class CifarDataset(TaskDataset):
     """CIFAR images held in memory as an (N, 32, 32, 3) uint8 array."""
 
-    def __init__(
-        self, images: np.ndarray, labels: np.ndarray, classes: list[str], transform: Transform | None = None
-    ) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str], transform: Transform | None = None,
+                 paths: list[Path] | None = None) -> None:
         self.images = images
         self.labels = labels
         self.classes = classes
         self.transform = transform
+        self.paths = paths or []  # the pickled batches (and class list) the arrays came from
 
     @classmethod
     def from_files(
@@ -104,7 +108,7 @@ class CifarDataset(Dataset):
         """The train (or test) split of CIFAR-10 (`fmt="cifar10"`) or CIFAR-100 (`fmt="cifar100"`) under `root`."""
         folder = find_cifar_folder(Path(root), fmt, download=download)
         images, labels, classes = load_cifar(folder, fmt, train=train)
-        return cls(images, labels, classes, transform)
+        return cls(images, labels, classes, transform, cifar_files(folder, fmt, train=train))
 
     @property
     def targets(self) -> list[int]:
@@ -115,6 +119,9 @@ class CifarDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return _apply(self.transform, self.images[index]), int(self.labels[index])
+
+    def files(self) -> list[Path]:
+        return list(self.paths)
 
 
 def build_datasets(
@@ -336,6 +343,12 @@ def load_cifar(folder: Path, fmt: str, *, train: bool) -> tuple[np.ndarray, np.n
         images.append(batch_images)
         labels.append(batch_labels)
     return np.concatenate(images), np.concatenate(labels), classes
+
+
+def cifar_files(folder: Path, fmt: str, *, train: bool) -> list[Path]:
+    """The files `load_cifar` reads for one split: the class list, then the batches."""
+    _, train_files, test_files, meta_file, _, _ = _CIFAR_LAYOUT[fmt]
+    return [folder / name for name in (meta_file, *(train_files if train else test_files))]
 
 
 def find_cifar_folder(root: Path, fmt: str, *, download: bool) -> Path:

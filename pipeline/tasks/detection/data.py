@@ -17,8 +17,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Sampler
 
+from pipeline.data.dataset import TaskDataset
 from pipeline.data.images import inside, read_rgb
 from pipeline.errors import UserError
 from pipeline.tasks.classification.data import find_bad_images
@@ -181,7 +182,7 @@ def _few(values: list) -> str:
 # Dataset
 
 
-class CocoDetection(Dataset):
+class CocoDetection(TaskDataset):
     """(image CHW float tensor, target dict) per image, through an albumentations pipeline with bbox support.
 
     The target holds what torchvision's detector trains on (`boxes` xyxy in the transformed image, `labels`) and what
@@ -191,10 +192,14 @@ class CocoDetection(Dataset):
     """
 
     def __init__(self, records: list[ImageRecord], transform: Callable[..., dict] | None,
-                 group_aspect_ratio: bool = False) -> None:
+                 group_aspect_ratio: bool = False, ann_file: Path | None = None) -> None:
         self.records = records
         self.transform = transform
         self.group_aspect_ratio = group_aspect_ratio
+        self.ann_file = ann_file  # the annotation file the records were read from
+
+    def files(self) -> list[Path]:
+        return [rec.path for rec in self.records] + ([self.ann_file] if self.ann_file is not None else [])
 
     def __len__(self) -> int:
         return len(self.records)

@@ -36,7 +36,7 @@ def to_original(outputs: torch.Tensor, placements: list[Placement]) -> torch.Ten
 def records(outputs: torch.Tensor, info: DataInfo, options: PredictOptions) -> list[dict]:
     """{"detections": [{"bbox": [x1, y1, x2, y2], "score", "category_id", "category"}, ...]} per image, best first,
     scoring at least `options.score`; ids and names are the annotation file's."""
-    names = dict(zip(info.category_ids, info.classes))
+    names = dict(zip(info.facts.category_ids, info.classes))
     out = []
     for rows in outputs.float().tolist():
         detections = [{"bbox": [round(v, 2) for v in (x1, y1, x2, y2)], "score": round(score, 5),
@@ -74,7 +74,7 @@ class CocoResults:
             self.images += 1
             shown = [d for d in record["detections"] if d["score"] >= self.score]
             suffix = ".jpg" if path.suffix.lower() in JPEG_SUFFIXES else ".png"
-            draw_boxes(path, shown, self.info.category_ids, self.boxes / self.names(path, suffix))
+            draw_boxes(path, shown, self.info.facts.category_ids, self.boxes / self.names(path, suffix))
 
     def finish(self) -> list[Path]:
         self.path.write_text(json.dumps(self.results))

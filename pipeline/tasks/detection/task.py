@@ -1,6 +1,7 @@
 """The detection task: the contract of pipeline/tasks/base.py for Faster R-CNN with an FPN on the backbone."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import albumentations as A
@@ -10,7 +11,7 @@ from torch import nn
 from pipeline.data.transform_checks import RESIZES
 from pipeline.errors import UserError
 from pipeline.models import backbones
-from pipeline.tasks.base import DataInfo, ExportSpec, Placement, PredictOptions, Task, TaskData
+from pipeline.tasks.base import DataInfo, ExportSpec, Facts, Placement, PredictOptions, Task, TaskData
 from pipeline.tasks.common import save_figure
 from pipeline.tasks.detection import export as detection_export
 from pipeline.tasks.detection import predictions
@@ -19,6 +20,11 @@ from pipeline.tasks.detection.data import CocoDetection, drop_unreadable, read_c
 from pipeline.tasks.detection.evaluate import Evaluator
 from pipeline.tasks.detection.model import Detector, build_detector, frozen_bn, load_coco
 from pipeline.tasks.detection.report import boxes_figure, per_class_table, write_results
+
+
+@dataclass
+class DetectionFacts(Facts):
+    category_ids: list[int] = field(default_factory=list)  # the dataset's category id of label k + 1 (0: background)
 
 
 class BoxesOut(nn.Module):
@@ -47,6 +53,7 @@ class BoxesOut(nn.Module):
 class Detection(Task):
     name = "detection"
     synth = "coco"  # the synthetic shapes scenes
+    facts = DetectionFacts
     # traced per image inside a scripted batch loop (export.py there), checked by matching boxes
     export = ExportSpec(output_names=("detections",), dynamic_size=True, check=detection_export.match_detections,
                         script=detection_export.script)
@@ -78,11 +85,11 @@ class Detection(Task):
             raise UserError(f"data.val_ann: '{root / data.val_ann}' has no usable box, so mAP is undefined; "
                             "annotate the validation images")
         train_ds = CocoDetection(select_images(train_records, data.keep_empty, "data.train_ann"), train_tf,
-                                 group_aspect_ratio=data.group_aspect_ratio)
-        val_ds = CocoDetection(val_records, val_tf)
+                                 group_aspect_ratio=data.group_aspect_ratio, ann_file=root / data.train_ann)
+        val_ds = CocoDetection(val_records, val_tf, ann_file=root / data.val_ann)
         info = DataInfo(classes=train.classes, train_size=len(train_ds), val_size=len(val_ds), mean=tuple(mean),
                         std=tuple(std), image_size=data.image_size, random_train_transforms=random,
-                        category_ids=train.category_ids)
+                        facts=DetectionFacts(train.category_ids))
         return TaskData(train_ds, val_ds, info)
 
     def batch_sampler(self, dataset: CocoDetection, sampler, batch_size: int):
@@ -104,7 +111,7 @@ class Detection(Task):
         if model.frozen_bn:
             backbone = frozen_bn(backbone)
         knobs = model.model_dump(exclude={"backbone", "init", "frozen_bn"})
-        detector = build_detector(backbone, info.category_ids, **knobs)
+        detector = build_detector(backbone, info.facts.category_ids, **knobs)
         if model.init == "coco":
             load_coco(detector, model.version)
             version = "_v2" if model.version == "v2" else ""
@@ -119,14 +126,14 @@ class Detection(Task):
         return model(batch[0])
 
     def make_evaluator(self, info: DataInfo) -> Evaluator:
-        return Evaluator(info.classes, info.category_ids, info.mean, info.std)
+        return Evaluator(info.classes, info.facts.category_ids, info.mean, info.std)
 
     def report(self, metrics: dict, info: DataInfo, out_dir: Path) -> list[Path]:
         """The validation predictions (COCO results json), per-class AP table and a picture of predicted and true
         boxes."""
         out_dir.mkdir(parents=True, exist_ok=True)
         return [write_results(metrics["results"], out_dir / "val_predictions.json"),
-                per_class_table(metrics["per_class"], info.category_ids, out_dir / "per_class_ap.csv"),
+                per_class_table(metrics["per_class"], info.facts.category_ids, out_dir / "per_class_ap.csv"),
                 save_figure(boxes_figure(metrics["samples"], info.classes), out_dir / "val_boxes.png")]
 
     def inference_module(self, model: Detector) -> nn.Module:

@@ -22,9 +22,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from pipeline.data import safe_pickle
+from pipeline.data.dataset import TaskDataset
 from pipeline.data.images import IMAGE_EXTENSIONS, read_rgb, to_rgb_array
 from pipeline.errors import UserError
 
@@ -65,7 +65,7 @@ def scan_identities(root: Path, min_images: int) -> tuple[list[tuple[Path, int]]
     return samples, [name for name, _ in kept]
 
 
-class IdentityDataset(Dataset):
+class IdentityDataset(TaskDataset):
     """Training images as (CHW float tensor, identity label)."""
 
     def __init__(self, samples: list[tuple[Path, int]], transform: Transform) -> None:
@@ -78,6 +78,9 @@ class IdentityDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         return self.transform(image=read_rgb(path))["image"], label
+
+    def files(self) -> list[Path]:
+        return [path for path, _ in self.samples]
 
 
 # -------------------------------------------------------------------------------------------------- verification
@@ -164,13 +167,14 @@ def read_bin(path: Path, name: str) -> PairSet:
     return PairSet(name, path, [bytes(b) for b in images], pairs, np.array(flags, dtype=bool))
 
 
-class VerificationDataset(Dataset):
+class VerificationDataset(TaskDataset):
     """Every image of the verification sets and its horizontal flip, as (CHW float tensor, item index).
 
     Item 2i is image i and item 2i + 1 its flip, counting images across the sets in order.
     """
 
     def __init__(self, sets: list[PairSet], transform: Transform) -> None:
+        self.sets = sets
         self.images = [(s, i) for s in sets for i in range(len(s.images))]
         self.transform = transform
 
@@ -181,6 +185,10 @@ class VerificationDataset(Dataset):
         pair_set, i = self.images[index // 2]
         image = self.transform(image=_decode(pair_set, i))["image"]
         return (image.flip(-1) if index % 2 else image), index
+
+    def files(self) -> list[Path]:
+        """Each set's pairs file (or .bin, which holds its images too) and image files."""
+        return [path for s in self.sets for path in (s.source, *(p for p in s.images if isinstance(p, Path)))]
 
 
 def _decode(pair_set: PairSet, i: int) -> np.ndarray:

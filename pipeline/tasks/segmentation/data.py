@@ -15,7 +15,7 @@ Masks hold class indices; `ignore_index` (VOC's 255 border) marks pixels that co
 from __future__ import annotations
 
 import json
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
-from torch.utils.data import Dataset
 
+from pipeline.data.dataset import TaskDataset
 from pipeline.data.images import IMAGE_EXTENSIONS, inside, read_rgb
 from pipeline.errors import UserError
 
@@ -39,7 +39,7 @@ Transform = Callable[..., dict[str, Any]]
 _INDEX_MODES = ("P", "L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
-class MaskDataset(Dataset, ABC):
+class MaskDataset(TaskDataset):
     """Images with their class-index masks, checked against each other and transformed together.
 
     Subclasses say where a mask comes from (`load_mask`); this class decodes, checks and transforms.
@@ -82,6 +82,9 @@ class MaskFileDataset(MaskDataset):
     def load_mask(self, index: int) -> tuple[np.ndarray, str]:
         return read_mask(self.masks[index]), f"'{self.masks[index]}'"
 
+    def files(self) -> list[Path]:
+        return [*self.images, *self.masks]
+
 
 class CocoMaskDataset(MaskDataset):
     """Masks rasterised on the fly from COCO annotations (polygons, RLE) of each image."""
@@ -99,6 +102,9 @@ class CocoMaskDataset(MaskDataset):
         height, width = self.sizes[index]
         source = f"of '{self.images[index].name}' in '{self.json_path}'"
         return coco_class_mask(self.annotations[index], height, width, self.labels, source), source
+
+    def files(self) -> list[Path]:
+        return [*self.images, self.json_path]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ class Masks:
             name = self.names(path, ".png")
             (self.masks / name).write_bytes(png)
             image = read_rgb(path).astype(np.float64) / 255.0
-            ignore = -1 if self.info.ignore_index is None else self.info.ignore_index
+            ignore = self.info.facts.ignore_index
             tinted = overlay(image, decode_mask(png), self.colors, ignore)
             Image.fromarray((tinted * 255).round().astype(np.uint8)).save(self.overlays / name)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 
 import albumentations as A
@@ -13,7 +14,7 @@ from torch import nn
 from pipeline.data.transform_checks import RESIZES
 from pipeline.errors import UserError
 from pipeline.tasks import export_checks
-from pipeline.tasks.base import DataInfo, ExportSpec, Placement, PredictOptions, Task, TaskData
+from pipeline.tasks.base import DataInfo, ExportSpec, Facts, Placement, PredictOptions, Task, TaskData
 from pipeline.tasks.common import save_figure
 from pipeline.tasks.segmentation import metrics as seg_metrics
 from pipeline.tasks.segmentation import model as M
@@ -21,6 +22,11 @@ from pipeline.tasks.segmentation import predictions
 from pipeline.tasks.segmentation.config import SegmentationData, SegmentationModel
 from pipeline.tasks.segmentation.data import VOC_CLASSES, build_datasets
 from pipeline.tasks.segmentation.report import iou_bars, overlay_grid, per_class_table
+
+
+@dataclass
+class SegmentationFacts(Facts):
+    ignore_index: int = 255  # the mask value that counts nowhere (data.ignore_index)
 
 
 def _cross_entropy(model: M.DeepLabV3, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -37,6 +43,7 @@ def _cross_entropy(model: M.DeepLabV3, logits: torch.Tensor, masks: torch.Tensor
 class Segmentation(Task):
     name = "segmentation"
     synth = "coco"  # the synthetic shapes scenes (COCO json + class masks)
+    facts = SegmentationFacts
     # checked by the class each pixel gets: near-tied logits may swap through rounding alone
     export = ExportSpec(output_names=("logits",), dynamic_size=True, check=export_checks.argmax)
     # Masks go through the same transforms and are scored as they come out: a resize rescales both, and padding counts
@@ -83,7 +90,7 @@ class Segmentation(Task):
             classes=data.classes, ignore_index=data.ignore_index, train_transform=train_tf, val_transform=val_tf)
         info = DataInfo(classes=list(classes), train_size=len(train), val_size=len(val), mean=tuple(mean),
                         std=tuple(std), image_size=data.image_size, random_train_transforms=random,
-                        ignore_index=data.ignore_index)
+                        facts=SegmentationFacts(data.ignore_index))
         return TaskData(train, val, info)
 
     def build_model(self, model: SegmentationModel, info: DataInfo, say=print) -> M.DeepLabV3:
@@ -91,7 +98,7 @@ class Segmentation(Task):
         voc = [c.lower() for c in info.classes[1:]] == list(VOC_CLASSES[1:])
         return M.build(b.name, b.weights, b.fallback_to_random, num_classes=info.num_classes,
                        output_stride=model.output_stride, atrous_rates=model.atrous_rates, aux=model.aux_loss,
-                       aux_weight=model.aux_weight, ignore_index=info.ignore_index,
+                       aux_weight=model.aux_weight, ignore_index=info.facts.ignore_index,
                        class_weights=model.class_weights, init=model.init, keep_classifier=voc, say=say)
 
     def loss(self, model: M.DeepLabV3, batch) -> dict[str, torch.Tensor]:
@@ -108,12 +115,12 @@ class Segmentation(Task):
         return M.upsample(model(images)["out"], masks.shape[-2:])
 
     def make_evaluator(self, info: DataInfo) -> seg_metrics.Evaluator:
-        return seg_metrics.Evaluator(info.classes, info.ignore_index)
+        return seg_metrics.Evaluator(info.classes, info.facts.ignore_index)
 
     def report(self, metrics: dict, info: DataInfo, out_dir: Path) -> list[Path]:
         """The overlay grid of validation images, the per-class IoU bar chart and the per-class table."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        grid = overlay_grid(metrics["samples"], info.classes, info.mean, info.std, info.ignore_index)
+        grid = overlay_grid(metrics["samples"], info.classes, info.mean, info.std, info.facts.ignore_index)
         return [save_figure(grid, out_dir / "overlays.png", dpi=100),
                 save_figure(iou_bars(metrics["iou"]), out_dir / "per_class_iou.png", dpi=100),
                 per_class_table(metrics["confusion"], info.classes, out_dir / "per_class_iou.csv")]
