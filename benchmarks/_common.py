@@ -17,12 +17,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would interleave wit
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from pipeline.platform import devices  # noqa: E402
 from pipeline.tasks.base import TRAIN_ERROR  # noqa: E402
-from pipeline.train import (
-    distributed,
-    engine,
-    runner,  # noqa: E402
-)
+from pipeline.train import distributed, engine, optim, runner  # noqa: E402
 
 
 def load_task(task_file: str, overrides: tuple[str, ...] = ()):
@@ -50,7 +47,7 @@ def build_model(cfg, task, info, backbone: str | None, device: torch.device, cha
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"backbone": b}),
                                  "train": cfg.train.model_copy(update={"channels_last": channels_last})})
     setup = runner.Setup(cfg, task, task_file="", experiment="", output_dir=Path("."), last=None, device=device,
-                         precision=engine.resolve_precision(cfg.train.precision, device), ctx=distributed.Context())
+                         precision=devices.resolve_precision(cfg.train.precision, device), ctx=distributed.Context())
     model = runner.build_model(setup, info, say=_quiet)
     plan = runner.plan_finetune(setup, model)
     model = runner.place_model(setup, model, plan, say=_quiet)
@@ -65,7 +62,7 @@ def _quiet(*_) -> None:
 
 # Benchmarks step at the first lr of a long warmup: speed does not depend on the lr, and a random-init detector at its
 # task file's full lr without warmup can diverge within a benchmark's few dozen steps (seen on an H100).
-BENCH_SCHEDULE = engine.Schedule("constant", 1, warmup_steps=1000)
+BENCH_SCHEDULE = optim.Schedule("constant", 1, warmup_steps=1000)
 
 
 class Sized:
@@ -101,13 +98,13 @@ def bare_rate(model, loss, optimizer, source, steps: int, s: engine.StepSettings
     sync(s.device)
     start = time.perf_counter()
     for batch in Sized(source, steps):
-        batch = engine.to_device(batch, s.device, s.channels_last)
-        with engine.autocast(s.device, s.precision):
+        batch = devices.to_device(batch, s.device, s.channels_last)
+        with devices.autocast(s.device, s.precision):
             total = sum(v for k, v in loss(model, batch).items() if k != TRAIN_ERROR)
         total.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        images += engine.batch_len(batch)
+        images += devices.batch_len(batch)
     sync(s.device)
     return images / (time.perf_counter() - start)
 
@@ -119,10 +116,10 @@ def inference_rate(model, predict, batches: list, steps: int, s: engine.StepSett
     sync(s.device)
     start = time.perf_counter()
     for batch in Sized(batches, steps):
-        batch = engine.to_device(batch, s.device, s.channels_last)
-        with engine.autocast(s.device, s.precision):
+        batch = devices.to_device(batch, s.device, s.channels_last)
+        with devices.autocast(s.device, s.precision):
             predict(model, batch)
-        images += engine.batch_len(batch)
+        images += devices.batch_len(batch)
     sync(s.device)
     return images / (time.perf_counter() - start)
 

@@ -59,14 +59,14 @@ def child(task_file: str, steps: int) -> dict:
 
     import _common as C  # keeps freed memory on import, unless a MALLOC_* variable is set
 
-    from pipeline.platform import allocator
+    from pipeline.platform import allocator, devices
     from pipeline.train import engine
 
     cfg, task, train_ds, _, info = C.load_task(task_file)
-    device = engine.resolve_device(cfg.train.device)
+    device = devices.resolve_device(cfg.train.device)
     tensors = C.first_batches(train_ds, cfg.data.batch_size, 4, task)
     rates, faults, kernel = {}, {}, {}
-    for precision in dict.fromkeys(["fp32", engine.resolve_precision("auto", device)]):
+    for precision in dict.fromkeys(["fp32", devices.resolve_precision("auto", device)]):
         s = engine.StepSettings(device=device, precision=precision, channels_last=cfg.train.channels_last)
         model, optimizer = C.build_model(cfg, task, info, None, device, cfg.train.channels_last)
         C.bare_rate(model, task.loss, optimizer, tensors, 3, s)  # warm-up: first steps allocate for good

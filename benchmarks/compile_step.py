@@ -21,14 +21,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pipeline.models import backbones
-from pipeline.platform import small_conv  # noqa: E402
+from pipeline.platform import cpu_kernels, devices, small_conv  # noqa: E402
 from pipeline.tasks.classification.task import Classifier  # noqa: E402
-from pipeline.train import engine
+from pipeline.train import engine, optim
 
 
 def run_steps(model, opt, batch, steps: int, s: engine.StepSettings) -> float:
     loss = lambda m, b: {"ce": F.cross_entropy(m(b[0]).float(), b[1])}  # noqa: E731
-    state, schedule = engine.FitState(), engine.Schedule("constant", steps)
+    state, schedule = engine.FitState(), optim.Schedule("constant", steps)
     start = time.perf_counter()
     engine.train_one_epoch(model, loss, [batch] * steps, opt, schedule, None, state, s, log=lambda *a: None)
     return time.perf_counter() - start
@@ -42,8 +42,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    device = engine.resolve_device("auto")
-    precision = engine.resolve_precision("auto", device)
+    device = devices.resolve_device("auto")
+    precision = devices.resolve_precision("auto", device)
     s = engine.StepSettings(device=device, precision=precision, channels_last=True, log_every=10**9)
     print(f"{args.backbone}, batch {args.batch}, {device} {precision} + channels_last "
           f"({torch.get_num_threads()} threads)")
@@ -58,8 +58,9 @@ def main() -> None:
         compiled.compile()
         batch = (torch.randn(args.batch, 3, size, size, device=device),
                  torch.randint(0, 10, (args.batch,), device=device))
-        opts = {m: engine.build_optimizer([{"params": list(m.parameters()), "base_lr": 1e-4}], "adamw", 1e-4, 0.9,
-                                          True, (0.9, 0.999)) for m in (eager, compiled)}
+        opts = {m: optim.build_optimizer([{"params": list(m.parameters()), "base_lr": 1e-4}], "adamw", 1e-4, 0.9,
+                                          True, (0.9, 0.999), dense_adamw=cpu_kernels.enabled("auto", s.device))
+                for m in (eager, compiled)}
         first = run_steps(compiled, opts[compiled], batch, 1, s)
         run_steps(eager, opts[eager], batch, 1, s)
         times = {"eager": [], "compiled": []}

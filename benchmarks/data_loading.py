@@ -14,6 +14,7 @@ import time
 
 import _common as C
 
+from pipeline.platform import devices
 from pipeline.train import engine
 
 
@@ -23,7 +24,7 @@ def loader_rate(dataset, batch: int, workers: int, batches: int, task=None) -> f
     next(it)  # worker start-up is paid once per run, not per batch
     images, start = 0, time.perf_counter()
     for _, b in zip(range(batches), it):
-        images += engine.batch_len(b)
+        images += devices.batch_len(b)
     return images / (time.perf_counter() - start)
 
 
@@ -39,8 +40,8 @@ def main() -> None:
     summary = []
     for path in files:
         cfg, task, train_ds, _, info = C.load_task(path)
-        device = engine.resolve_device(cfg.train.device)
-        s = engine.StepSettings(device=device, precision=engine.resolve_precision(cfg.train.precision, device),
+        device = devices.resolve_device(cfg.train.device)
+        s = engine.StepSettings(device=device, precision=devices.resolve_precision(cfg.train.precision, device),
                                 channels_last=cfg.train.channels_last, log_every=10**9)
         batch = cfg.data.batch_size
         loads = {w: loader_rate(train_ds, batch, w, args.batches, task) for w in args.workers}

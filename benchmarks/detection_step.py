@@ -16,6 +16,7 @@ import _common as C
 from torch.profiler import ProfilerActivity, profile
 from torchvision.ops import MultiScaleRoIAlign
 
+from pipeline.platform import devices
 from pipeline.train import engine
 
 PARTS = ("backbone", "fpn", "rpn", "roi_heads")
@@ -30,8 +31,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
     cfg, task, train_ds, _, info = C.load_task(args.task_file, tuple(args.set))
-    device = engine.resolve_device(cfg.train.device)
-    s = engine.StepSettings(device=device, precision=engine.resolve_precision(cfg.train.precision, device),
+    device = devices.resolve_device(cfg.train.device)
+    s = engine.StepSettings(device=device, precision=devices.resolve_precision(cfg.train.precision, device),
                             channels_last=cfg.train.channels_last)
     model, optimizer = C.build_model(cfg, task, info, None, device, cfg.train.channels_last)
     batches = C.first_batches(train_ds, cfg.data.batch_size, 2, task)
@@ -53,14 +54,14 @@ def main() -> None:
     split = step_split(model, task.loss, optimizer, batches, args.rounds, s)
     total = sum(split.values())
     print("one step: " + ", ".join(f"{k} {v:.3f}s ({v / total:.0%})" for k, v in split.items()))
-    batch = engine.to_device(batches[0], device, s.channels_last)
+    batch = devices.to_device(batches[0], device, s.channels_last)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         one_step(model, task.loss, optimizer, batch, s)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=48))
 
 
 def one_step(model, loss, optimizer, batch, s: engine.StepSettings) -> None:
-    with engine.autocast(s.device, s.precision):
+    with devices.autocast(s.device, s.precision):
         total = sum(loss(model, batch).values())
     total.backward()
     optimizer.step()
@@ -79,9 +80,9 @@ def step_split(model, loss, optimizer, batches: list, rounds: int, s: engine.Ste
     taken: dict[str, list[float]] = {}
     model.train()
     for i in range(rounds + 1):
-        batch = engine.to_device(batches[i % len(batches)], s.device, s.channels_last)
+        batch = devices.to_device(batches[i % len(batches)], s.device, s.channels_last)
         start = _now(s)
-        with engine.autocast(s.device, s.precision):
+        with devices.autocast(s.device, s.precision):
             total = sum(loss(model, batch).values())
         forward_end = _now(s)
         total.backward()

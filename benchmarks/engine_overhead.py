@@ -14,8 +14,8 @@ import argparse
 
 import _common as C
 
-from pipeline.platform import small_conv
 from pipeline.data import loading
+from pipeline.platform import devices, small_conv
 from pipeline.train import engine
 
 
@@ -27,8 +27,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     cfg, task, train_ds, _, info = C.load_task(args.task_file, tuple(args.overrides))
-    device = engine.resolve_device(cfg.train.device)
-    precision = engine.resolve_precision(cfg.train.precision, device)
+    device = devices.resolve_device(cfg.train.device)
+    precision = devices.resolve_precision(cfg.train.precision, device)
     s = engine.StepSettings(device=device, precision=precision, channels_last=cfg.train.channels_last,
                             log_every=cfg.train.log_every)
     model, optimizer = C.build_model(cfg, task, info, None, device, cfg.train.channels_last)

@@ -15,8 +15,9 @@ import time
 import torch
 
 from pipeline.models import backbones
+from pipeline.platform import cpu_kernels, devices
 from pipeline.tasks.classification.task import Classifier
-from pipeline.train import engine, finetune
+from pipeline.train import engine, finetune, optim
 
 STRATEGIES = {
     "full": [],
@@ -30,8 +31,8 @@ def measure(model: Classifier, freeze, cached: bool, args, settings: engine.Step
     plan = finetune.make_plan(model, freeze=freeze, bn="frozen", lr_mult={}, layer_decay=None, unfreeze={},
                               no_decay_norm_bias=True, epochs=1)
     finetune.apply(model, plan, 0)
-    opt = engine.build_optimizer(finetune.param_groups(model, plan, 1e-3, 0.05), "adamw", 1e-3, 0.9, True,
-                                 (0.9, 0.999))
+    opt = optim.build_optimizer(finetune.param_groups(model, plan, 1e-3, 0.05), "adamw", 1e-3, 0.9, True,
+                                 (0.9, 0.999), dense_adamw=cpu_kernels.enabled("auto", settings.device))
     model.input_is_features = cached
     shape = (args.batch, model.backbone.num_features) if cached else (args.batch, 3, args.size, args.size)
     batches = [(torch.randn(shape), torch.randint(0, 10, (args.batch,))) for _ in range(4)]
@@ -39,7 +40,7 @@ def measure(model: Classifier, freeze, cached: bool, args, settings: engine.Step
     loader = [batches[i % 4] for i in range(steps)]
     loss = lambda m, b: {"ce": torch.nn.functional.cross_entropy(m(b[0]).float(), b[1])}  # noqa: E731
     state = engine.FitState()
-    schedule = engine.Schedule("constant", steps)
+    schedule = optim.Schedule("constant", steps)
     engine.train_one_epoch(model, loss, loader[:3], opt, schedule, None, state, settings, log=lambda *a: None)  # warm
     start = time.perf_counter()
     engine.train_one_epoch(model, loss, loader, opt, schedule, None, state, settings, log=lambda *a: None)
@@ -54,8 +55,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--precision", default="auto")
     args = parser.parse_args()
-    device = engine.resolve_device("auto")
-    precision = engine.resolve_precision(args.precision, device)
+    device = devices.resolve_device("auto")
+    precision = devices.resolve_precision(args.precision, device)
     settings = engine.StepSettings(device=device, precision=precision, channels_last=True, log_every=10**9)
     torch.manual_seed(0)
     model = Classifier(backbones.build(args.backbone, "none"), 10).to(device, memory_format=torch.channels_last)

@@ -96,15 +96,15 @@ def main() -> None:
     import torchvision
 
     from pipeline.data import loading
-    from pipeline.train import engine
+    from pipeline.platform import devices
 
     python = ensure_venv(args.venv, torch.__version__, torchvision.__version__, args.fastai_version)
     ensure_data(args.data)
-    device = engine.resolve_device("auto")
+    device = devices.resolve_device("auto")
     workers = loading.auto_workers(device)
     print(f"CPU: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads"
           f"{'' if 'OMP_NUM_THREADS' not in os.environ else ' (OMP_NUM_THREADS=' + os.environ['OMP_NUM_THREADS'] + ')'}"
-          f"; device {device}; pipeline precision auto = {engine.resolve_precision('auto', device)}; "
+          f"; device {device}; pipeline precision auto = {devices.resolve_precision('auto', device)}; "
           f"loader workers {workers} (both); batch {args.batch_size}; fastai {args.fastai_version}", flush=True)
 
     epochs = {"full64": args.epochs_64, "full224": args.epochs_224, "frozen64": args.epochs_frozen}

@@ -20,9 +20,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pipeline.models import backbones
-from pipeline.platform import small_conv  # noqa: E402
+from pipeline.platform import cpu_kernels, devices, small_conv  # noqa: E402
 from pipeline.tasks.classification.task import Classifier  # noqa: E402
-from pipeline.train import engine
+from pipeline.train import engine, optim
 
 
 def settings_for(device: torch.device) -> list[tuple[str, str, bool]]:
@@ -33,11 +33,11 @@ def settings_for(device: torch.device) -> list[tuple[str, str, bool]]:
 
 
 def step_rate(model, batch, steps: int, settings: engine.StepSettings) -> float:
-    opt = engine.build_optimizer([{"params": list(model.parameters()), "base_lr": 1e-3}], "adamw", 1e-3, 0.9, True,
-                                 (0.9, 0.999))
+    opt = optim.build_optimizer([{"params": list(model.parameters()), "base_lr": 1e-3}], "adamw", 1e-3, 0.9, True,
+                                 (0.9, 0.999), dense_adamw=cpu_kernels.enabled("auto", settings.device))
     scaler = torch.amp.GradScaler(settings.device.type) if settings.precision == "fp16" else None
     loss = lambda m, b: {"ce": F.cross_entropy(m(b[0]).float(), b[1])}  # noqa: E731
-    state, schedule = engine.FitState(), engine.Schedule("constant", steps)
+    state, schedule = engine.FitState(), optim.Schedule("constant", steps)
     model.to(memory_format=torch.channels_last if settings.channels_last else torch.contiguous_format)
     engine.train_one_epoch(model, loss, [batch] * 2, opt, schedule, scaler, state, settings, log=lambda *a: None)
     sync(settings.device)
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    device = engine.resolve_device("auto")
+    device = devices.resolve_device("auto")
     rows = settings_for(device)
     print(f"{device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), batch {args.batch}, "
           f"{torch.get_num_threads()} threads; img/s (x fp32 NCHW)")

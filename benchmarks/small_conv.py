@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pipeline.platform import small_conv  # noqa: E402
-from pipeline.train import engine
+from pipeline.train import optim
 
 # (in, out, kernel, stride, input side): resnet18's stages at 64 and 128 px inputs and the stage-4 downsample.
 CONVS = [(512, 512, 3, 1, 2), (512, 512, 3, 1, 4), (256, 512, 3, 2, 8), (256, 512, 1, 2, 8), (256, 256, 3, 1, 4),
@@ -69,7 +69,7 @@ def per_conv(batch: int, rounds: int) -> list[float]:
 
 
 def step_rate(model, x, y, precision: str, steps: int) -> float:
-    opt = engine.build_optimizer([{"params": list(model.parameters())}], "adamw", 1e-4, 0.9, False, (0.9, 0.999))
+    opt = optim.build_optimizer([{"params": list(model.parameters())}], "adamw", 1e-4, 0.9, False, (0.9, 0.999))
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):

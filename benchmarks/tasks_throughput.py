@@ -13,6 +13,7 @@ import glob
 
 import _common as C
 
+from pipeline.platform import devices
 from pipeline.train import engine
 
 
@@ -25,8 +26,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="Override the task files' batch size.")
     args = parser.parse_args()
     files = args.task_files or ["tasks/quickstart.yaml", *sorted(glob.glob("tasks/*shapes*.yaml"))]
-    device = engine.resolve_device("auto")
-    print(f"{C.device_line(device, engine.resolve_precision('auto', device))} (precision auto); img/s")
+    device = devices.resolve_device("auto")
+    print(f"{C.device_line(device, devices.resolve_precision('auto', device))} (precision auto); img/s")
     print(f"{'task file':<30}{'backbone':<11}{'size':>5}{'batch':>6}{'train':>9}{'bare':>9}{'x bare':>8}{'infer':>9}")
     ratios: list[float] = []
     for path in files:
@@ -40,8 +41,8 @@ def main() -> None:
 
 def measure_task(path: str, args) -> list[float]:
     cfg, task, train_ds, val_ds, info = C.load_task(path)
-    device = engine.resolve_device(cfg.train.device)
-    s = engine.StepSettings(device=device, precision=engine.resolve_precision(cfg.train.precision, device),
+    device = devices.resolve_device(cfg.train.device)
+    s = engine.StepSettings(device=device, precision=devices.resolve_precision(cfg.train.precision, device),
                             channels_last=cfg.train.channels_last, log_every=cfg.train.log_every)
     batch = args.batch or cfg.data.batch_size
     train_batches = C.first_batches(train_ds, batch, 3, task)

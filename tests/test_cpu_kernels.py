@@ -7,15 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 from torch import nn
 from torchvision.ops import MultiScaleRoIAlign as torchvision_pooler
 
 from pipeline import config
 from pipeline.errors import UserError
+from pipeline.models import backbones
 from pipeline.platform import allocator, cpu_kernels, small_conv
 from pipeline.platform.dense_adamw import DenseAdamW
 from pipeline.tasks.detection import roi_align
-from pipeline.train import engine
+from pipeline.train import optim
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # CUDA only for the decision: no CUDA tensor is made
 NAMES = ["p2", "p3"]
@@ -69,9 +71,49 @@ def test_off_or_another_device_leaves_every_stock_operation(mode, device):
     ("auto", CPU, DenseAdamW), ("off", CPU, torch.optim.AdamW), ("auto", CUDA, torch.optim.AdamW)])
 def test_the_switch_picks_the_adamw(mode, device, expected):
     params = [nn.Parameter(torch.randn(4, 3, 3, 3))]
-    opt = engine.build_optimizer([{"params": params}], "adamw", 1e-3, 0.9, False, (0.9, 0.999),
+    opt = optim.build_optimizer([{"params": params}], "adamw", 1e-3, 0.9, False, (0.9, 0.999),
                                  dense_adamw=cpu_kernels.enabled(mode, device))
     assert type(opt) is expected and opt.param_groups[0]["fused"]
+
+
+def test_the_engine_default_is_the_stock_optimizer():
+    """DenseAdamW overrides a private torch interface: only the switch (on a CPU device) turns it on."""
+    params = [nn.Parameter(torch.randn(4, 3, 3, 3))]
+    assert type(optim.build_optimizer([{"params": params}], "adamw", 1e-3, 0.9, False, (0.9, 0.999))) \
+        is torch.optim.AdamW
+
+
+def test_the_thread_governor_runs_on_cpu_devices_only(tmp_path: Path, monkeypatch):
+    from pipeline.platform import devices
+    from pipeline.train import runner
+
+    task = tmp_path / "tasks" / "t.yaml"
+    task.parent.mkdir()
+    task.write_text(yaml.safe_dump({"task": "classification", "train": {"output_dir": str(tmp_path / "out")}}))
+    assert runner.prepare(task).threads is not None
+    monkeypatch.setattr(devices, "resolve_device", lambda name: CUDA)  # as on a GPU machine
+    assert runner.prepare(task).threads is None
+
+
+@pytest.mark.parametrize("mode, kept", [("auto", True), ("off", False)])
+def test_predict_keeps_freed_memory_only_through_the_switch(mode, kept, tmp_path: Path, monkeypatch):
+    from pipeline.tasks.classification.task import Classifier
+    from pipeline.train import checkpoint
+    from pipeline.use import predict
+
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
+    cfg = config.validate({"task": "classification", "data": {"image_size": 32},
+                           "model": {"backbone": {"name": "resnet18", "weights": "none"}},
+                           "train": {"cpu_kernels": mode}})
+    model = Classifier(backbones.build("resnet18", "none"), 2)
+    info = {"classes": ["a", "b"], "train_size": 2, "val_size": 2, "mean": [0.5] * 3, "std": [0.5] * 3,
+            "image_size": 32}
+    checkpoint.save({"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "info": info}, tmp_path / "m.pt")
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 30), (90, 120, 30)).save(image)
+    predict.run(str(tmp_path / "m.pt"), [str(image)], tmp_path / "out", device="cpu")
+    assert len(calls) == int(kept)
 
 
 @pytest.mark.parametrize("mode, kept", [("auto", True), ("off", False)])

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.platform import dense_adamw
 from pipeline.platform.dense_adamw import DenseAdamW
-from pipeline.train import engine
+from pipeline.train import optim
 
 
 def _adamw_params():
@@ -56,7 +56,7 @@ def test_dense_adamw_copies_no_tensor_in_its_fused_step():
     params = _adamw_params()
     for p in params:
         p.grad = torch.ones_like(p)
-    opt = engine.build_optimizer([{"params": params}], "adamw", 1e-3, 0.9, False, (0.9, 0.999))
+    opt = optim.build_optimizer([{"params": params}], "adamw", 1e-3, 0.9, False, (0.9, 0.999), dense_adamw=True)
     assert type(opt) is DenseAdamW and opt.dense
     opt.step()
     with torch.profiler.profile(record_shapes=True) as prof:

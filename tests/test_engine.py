@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.train import checkpoint, engine
+from pipeline.platform import devices
+from pipeline.train import checkpoint, engine, optim
 
 
 def test_warmup_then_cosine():
-    s = engine.Schedule(kind="cosine", total_steps=110, warmup_steps=10, min_ratio=0.0)
+    s = optim.Schedule(kind="cosine", total_steps=110, warmup_steps=10, min_ratio=0.0)
     assert s.factor(0) == pytest.approx(0.1) and s.factor(9) == pytest.approx(1.0)
     assert s.factor(10) == pytest.approx(1.0)
     assert s.factor(60) == pytest.approx(0.5)
@@ -22,43 +23,43 @@ def test_warmup_then_cosine():
 
 
 def test_cosine_floor_step_poly_constant():
-    assert engine.Schedule("cosine", 100, min_ratio=0.1).factor(100) == pytest.approx(0.1)
-    step = engine.make_schedule("step", epochs=30, steps_per_epoch=10, warmup_epochs=0, min_ratio=0,
+    assert optim.Schedule("cosine", 100, min_ratio=0.1).factor(100) == pytest.approx(0.1)
+    step = optim.make_schedule("step", epochs=30, steps_per_epoch=10, warmup_epochs=0, min_ratio=0,
                                 milestones_epochs=[10, 20], gamma=0.1, power=0.9)
     assert [step.factor(i) for i in (0, 99, 100, 199, 200)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
-    poly = engine.Schedule("poly", 100, power=0.9)
+    poly = optim.Schedule("poly", 100, power=0.9)
     assert poly.factor(50) == pytest.approx(0.5 ** 0.9)
-    assert engine.Schedule("constant", 100).factor(77) == 1.0
+    assert optim.Schedule("constant", 100).factor(77) == 1.0
 
 
 def test_schedule_scales_each_group_from_its_base_lr():
     p1, p2 = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([{"params": [p1], "base_lr": 0.1, "lr": 0.1}, {"params": [p2], "base_lr": 0.01, "lr": 0.01}])
-    engine.Schedule("cosine", 100).apply(opt, 50)
+    optim.Schedule("cosine", 100).apply(opt, 50)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.05, 0.005])
 
 
 def test_precision_choice(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: True)
-    assert engine.resolve_precision("auto", cpu) == "bf16"
-    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: False)
-    assert engine.resolve_precision("auto", cpu) == "fp32"
-    assert engine.resolve_precision("fp32", cpu) == "fp32"
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
+    assert devices.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
+    assert devices.resolve_precision("auto", cpu) == "fp32"
+    assert devices.resolve_precision("fp32", cpu) == "fp32"
     with pytest.raises(UserError, match="fp16 is for CUDA"):
-        engine.resolve_precision("fp16", cpu)
+        devices.resolve_precision("fp16", cpu)
 
 
 def test_cuda_device_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert engine.resolve_device("auto").type == "cpu"
+    assert devices.resolve_device("auto").type == "cpu"
     with pytest.raises(UserError, match="no CUDA device"):
-        engine.resolve_device("cuda:0")
+        devices.resolve_device("cuda:0")
 
 
 def test_to_device_makes_images_channels_last():
     batch = (torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), {"boxes": torch.zeros(0, 4)})
-    moved = engine.to_device(batch, torch.device("cpu"), channels_last=True)
+    moved = devices.to_device(batch, torch.device("cpu"), channels_last=True)
     assert moved[0].is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(moved[1], batch[1]) and moved[2]["boxes"].shape == (0, 4)
 
@@ -104,7 +105,7 @@ def test_nonfinite_loss_stops_with_a_clear_message():
     settings = engine.StepSettings(device=torch.device("cpu"), precision="fp32", max_nonfinite=3)
     before = [p.detach().clone() for p in params]
     with pytest.raises(UserError, match="loss was not finite for 3 consecutive steps"):
-        engine.train_one_epoch(model, lambda m, b: {"l": m(b[0]).sum()}, loader, opt, engine.Schedule("constant", 4),
+        engine.train_one_epoch(model, lambda m, b: {"l": m(b[0]).sum()}, loader, opt, optim.Schedule("constant", 4),
                                None, engine.FitState(), settings, log=lambda *a: None)
     assert all(torch.equal(a, b) for a, b in zip(before, params))  # no NaN reached the weights
 
@@ -120,7 +121,7 @@ def test_gradient_accumulation_matches_a_big_batch():
         loader = [(x[i:i + batch], y[i:i + batch]) for i in range(0, 8, batch)]
         settings = engine.StepSettings(device=torch.device("cpu"), precision="fp32", accum_steps=accum)
         engine.train_one_epoch(model, lambda m, b: {"mse": ((m(b[0]) - b[1]) ** 2).mean()}, loader, opt,
-                               engine.Schedule("constant", 1), None, engine.FitState(), settings, log=lambda *a: None)
+                               optim.Schedule("constant", 1), None, engine.FitState(), settings, log=lambda *a: None)
         return model.weight.detach()
 
     assert torch.allclose(trained(accum=4, batch=2), trained(accum=1, batch=8), atol=1e-6)

@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 from torch import nn
 
 from pipeline.tasks.base import TRAIN_ERROR
-from pipeline.train import engine, runner
+from pipeline.train import engine, optim, runner
 
 
 class SlowLoader:
@@ -49,7 +49,7 @@ def one_epoch(loader, grad_norms=False, freeze_body=False, log_every=2):
     logged = []
     settings = engine.StepSettings(device=torch.device("cpu"), precision="fp32", channels_last=False,
                                    log_every=log_every, grad_norms=grad_norms)
-    metrics = engine.train_one_epoch(model, loss, loader, optimizer, engine.Schedule("constant", 100), None,
+    metrics = engine.train_one_epoch(model, loss, loader, optimizer, optim.Schedule("constant", 100), None,
                                      engine.FitState(), settings, lambda m, step: logged.append((step, m)))
     return metrics, logged
 

@@ -7,7 +7,7 @@ import torch
 from pipeline.errors import UserError
 from pipeline.models import backbones
 from pipeline.tasks.classification.task import Classifier
-from pipeline.train import engine, finetune
+from pipeline.train import engine, finetune, optim
 
 
 def make_model(name: str = "resnet18", classes: int = 3) -> Classifier:
@@ -112,7 +112,7 @@ def test_layer_decay_ratios_hold_through_the_schedule():
     model = make_model()
     plan = plan_for(model, freeze=["stem", "layer1", "layer2"], layer_decay=0.5)
     opt = torch.optim.AdamW(finetune.param_groups(model, plan, base_lr=0.02, weight_decay=0.05))
-    schedule = engine.Schedule(kind="cosine", total_steps=100, warmup_steps=10, min_ratio=0.01)
+    schedule = optim.Schedule(kind="cosine", total_steps=100, warmup_steps=10, min_ratio=0.01)
     for step in (0, 5, 9, 10, 50, 99):
         schedule.apply(opt, step)
         lrs = engine._stage_lrs(opt)

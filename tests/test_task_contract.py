@@ -15,7 +15,7 @@ from pipeline import config
 from pipeline.data import synth, synth_coco, synth_faces
 from pipeline.tasks import registry, saved
 from pipeline.tasks.base import DataInfo, PredictOptions, Task
-from pipeline.train import checkpoint, engine, runner
+from pipeline.train import checkpoint, engine, optim, runner
 from pipeline.use import export, predict
 
 SMALL_DETECTOR = {"frozen_bn": False, "min_size": 64, "max_size": 64, "anchor_sizes": [8, 16, 32, 64, 128],
@@ -85,7 +85,7 @@ def test_train_step_evaluate_predict_export(built):
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     settings = runner.step_settings(setup)
     one_step = [next(iter(train_loader))]
-    schedule = engine.Schedule("constant", 1)
+    schedule = optim.Schedule("constant", 1)
     for g in optimizer.param_groups:
         g["base_lr"] = g["lr"]
     out = engine.train_one_epoch(model, task.loss, one_step, optimizer, schedule, None, engine.FitState(), settings,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pipeline.config.sections import TaskConfig, TrainConfig
 from pipeline.tasks.base import Task, TaskData
-from pipeline.train import engine
+from pipeline.train import optim
 
 
 def at_start(cfg: TaskConfig, task: Task, data: TaskData, world: int = 1) -> list[str]:
@@ -45,7 +45,7 @@ def steps_per_epoch(train_size: int, batch_size: int, accum_steps: int, world: i
 
 
 def schedule_warning(t: TrainConfig, steps: int) -> str | None:
-    schedule = engine.make_schedule(t.schedule, t.epochs, steps, t.warmup_epochs, t.min_lr_ratio, t.step_milestones,
+    schedule = optim.make_schedule(t.schedule, t.epochs, steps, t.warmup_epochs, t.min_lr_ratio, t.step_milestones,
                                     t.step_gamma, t.poly_power)
     peak = peak_factor(schedule)
     if t.warmup_epochs >= t.epochs:
@@ -60,7 +60,7 @@ def schedule_warning(t: TrainConfig, steps: int) -> str | None:
     return None
 
 
-def peak_factor(schedule: engine.Schedule) -> float:
+def peak_factor(schedule: optim.Schedule) -> float:
     """The largest lr factor over the run's steps. Warmup rises and every schedule after it only falls or holds, so
     the peak is at the last warmup step or the first step after warmup."""
     candidates = {0, min(schedule.warmup_steps, schedule.total_steps) - 1}

@@ -1,15 +1,12 @@
-"""The training engine: device, precision, schedules, train_one_epoch, evaluate, and fit (epochs, checkpoints,
-unfreezing, early stopping). It never asks which task it runs: tasks give `loss(model, batch) -> dict` and
-`predict(model, batch)`, and an evaluator with `update(outputs, batch)`, `compute()` and `primary`.
+"""The training engine: train_one_epoch, evaluate, and fit (epochs, checkpoints, unfreezing, early stopping). It never
+asks which task it runs: tasks give `loss(model, batch) -> dict` and `predict(model, batch)`, an evaluator with
+`update(outputs, batch)` and `compute()`, and their primary metric (which one, and which way is better).
 """
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -17,127 +14,14 @@ from torch import nn
 
 from pipeline import console
 from pipeline.errors import UserError
-from pipeline.platform.dense_adamw import DenseAdamW
+from pipeline.platform.devices import autocast, batch_len, to_device
 from pipeline.platform.threads import Governor
 from pipeline.tasks.base import TRAIN_ERROR
 from pipeline.tasks.metric import Metric
 from pipeline.train import checkpoint, distributed, finetune
+from pipeline.train.optim import Schedule
 
 LogFn = Callable[[dict[str, float], int], None]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Device and precision
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device: '{name}' asked for but no CUDA device is visible; use train.device=auto or cpu")
-    return torch.device(name)
-
-
-@lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    # AMX and AVX512-BF16 run bf16 matmuls natively: about 3x the fp32 training speed of a ResNet here.
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        if precision == "fp16" and device.type == "cpu":
-            raise UserError("train.precision: fp16 is for CUDA; on CPU use bf16 (or auto)")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_bf16() else "fp32"
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def to_device(batch, device: torch.device, channels_last: bool):
-    """Move tensors anywhere in a batch (tuples, lists, dicts) to the device; images go channels_last."""
-    if isinstance(batch, torch.Tensor):
-        batch = batch.to(device, non_blocking=True)
-        if channels_last and batch.ndim == 4 and batch.is_floating_point():
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        return batch
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(b, device, channels_last) for b in batch)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
-    return batch
-
-
-def batch_len(batch) -> int:
-    first = batch[0] if isinstance(batch, (list, tuple)) else batch
-    return len(first)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Optimizer and schedule
-
-
-def build_optimizer(groups: list[dict], name: str, lr: float, momentum: float, nesterov: bool,
-                    betas: tuple[float, float], dense_adamw: bool = True) -> torch.optim.Optimizer:
-    """SGD or AdamW, fused where PyTorch has a fused kernel for the parameters' device (CPU and CUDA): one kernel
-    for all parameters instead of a loop over them. On this 2-core CPU, AdamW's step on resnet18 takes 9 ms fused
-    against 28-46 ms looped (benchmarks/engine_overhead.py shows the whole step). With `dense_adamw` (the caller's
-    `cpu_kernels.enabled`), AdamW is `DenseAdamW`, which spares the CPU kernel a copy of every channels_last weight;
-    fused SGD still makes those copies."""
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, fused=fused)
-    return (DenseAdamW if dense_adamw else torch.optim.AdamW)(groups, lr=lr, betas=betas, fused=fused)
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """lr factor per optimizer step: linear warmup, then cosine | step | poly | constant. Every group gets the same
-    factor times its own `base_lr`, so the ratios between stages hold through warmup and decay."""
-
-    kind: str
-    total_steps: int
-    warmup_steps: int = 0
-    min_ratio: float = 0.0
-    milestones: tuple[int, ...] = ()  # in steps
-    gamma: float = 0.1
-    power: float = 0.9
-
-    def factor(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        span = max(1, self.total_steps - self.warmup_steps)
-        t = min(1.0, (step - self.warmup_steps) / span)
-        if self.kind == "cosine":
-            return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-        if self.kind == "poly":
-            return self.min_ratio + (1 - self.min_ratio) * (1 - t) ** self.power
-        if self.kind == "step":
-            return self.gamma ** sum(step >= m for m in self.milestones)
-        return 1.0
-
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> None:
-        f = self.factor(step)
-        for g in optimizer.param_groups:
-            g["lr"] = g["base_lr"] * f
-
-
-def make_schedule(kind: str, epochs: int, steps_per_epoch: int, warmup_epochs: float, min_ratio: float,
-                  milestones_epochs: list[int], gamma: float, power: float) -> Schedule:
-    return Schedule(kind=kind, total_steps=epochs * steps_per_epoch, warmup_steps=round(warmup_epochs * steps_per_epoch),
-                    min_ratio=min_ratio, milestones=tuple(m * steps_per_epoch for m in milestones_epochs),
-                    gamma=gamma, power=power)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -23,11 +23,11 @@ from pipeline.data.sampling import EpochSampler, SeededDataset
 from pipeline.data.transforms import reseed_worker
 from pipeline.errors import UserError
 from pipeline.models import backbones, profile, tracked
-from pipeline.platform import cpu_kernels, threads
+from pipeline.platform import cpu_kernels, devices, threads
 from pipeline.tasks import registry
 from pipeline.tasks.base import DataInfo, Task, TaskData
 from pipeline.tracking import outbox
-from pipeline.train import checkpoint, checks, distributed, engine, feature_cache, finetune
+from pipeline.train import checkpoint, checks, distributed, engine, feature_cache, finetune, optim
 from pipeline.use import register
 
 
@@ -116,11 +116,13 @@ def prepare(task_file: str | Path, overrides=(), resume: bool = False, ctx: dist
     placement.check_folder(output_dir, cfg.data.root)
     last = checkpoint.load_resumable(output_dir, say) if resume else None
     backbones.check_name(cfg.model.backbone.name)
-    device = distributed.device_for(ctx, engine.resolve_device(cfg.train.device))
+    device = distributed.device_for(ctx, devices.resolve_device(cfg.train.device))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
     return Setup(cfg, registry.get(cfg.task), str(task_file), experiment, output_dir, last, device,
-                 engine.resolve_precision(cfg.train.precision, device), ctx, threads.Governor(cfg.train.threads))
+                 devices.resolve_precision(cfg.train.precision, device), ctx,
+                 # CPU threads beside other processes; a GPU run's few CPU threads feed the device, and torch's are left
+                 threads.Governor(cfg.train.threads) if device.type == "cpu" else None)
 
 
 def open_run(setup: Setup, parent_run_id: str | None = None, tags: dict[str, str] | None = None, say=print):
@@ -234,7 +236,7 @@ def make_optimizer(setup: Setup, model: nn.Module, plan: finetune.Plan, tracker=
     """SGD or AdamW over the param groups of the stages trainable so far; their table is printed and logged."""
     t = setup.cfg.train
     groups = finetune.groups_until(model, plan, t.lr, t.weight_decay, epochs_done(setup))
-    optimizer = engine.build_optimizer(groups, t.optimizer, t.lr, t.momentum, t.nesterov, t.betas,
+    optimizer = optim.build_optimizer(groups, t.optimizer, t.lr, t.momentum, t.nesterov, t.betas,
                                        dense_adamw=cpu_kernels.enabled(t.cpu_kernels, setup.device))
     table = finetune.group_table(groups, plan, model)
     say(table)
@@ -280,7 +282,7 @@ def make_fit(setup: Setup, model: nn.Module, info: DataInfo, plan: finetune.Plan
     """Everything `engine.fit` needs: loaders, optimizer, lr schedule, checkpoint contents, logging."""
     cfg, t, task = setup.cfg, setup.cfg.train, setup.task
     steps_per_epoch = -(-len(train_loader) // t.accum_steps)  # the last, partial accumulation steps too
-    schedule = engine.make_schedule(t.schedule, t.epochs, steps_per_epoch, t.warmup_epochs, t.min_lr_ratio,
+    schedule = optim.make_schedule(t.schedule, t.epochs, steps_per_epoch, t.warmup_epochs, t.min_lr_ratio,
                                     t.step_milestones, t.step_gamma, t.poly_power)
     on = f"{setup.ctx.world} processes ({setup.device.type}), global batch {cfg.data.batch_size * setup.ctx.world}" \
         if setup.ctx.active else str(setup.device)

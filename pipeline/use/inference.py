@@ -25,10 +25,11 @@ from pipeline.data.images import read_rgb
 from pipeline.data.transforms import build_transforms
 from pipeline.errors import UserError
 from pipeline.models import backbones
+from pipeline.platform import devices
 from pipeline.tasks import saved
 from pipeline.tasks.base import DataInfo, Placement, Task
 from pipeline.tasks.saved import Saved
-from pipeline.train import checkpoint, engine
+from pipeline.train import checkpoint
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Sources
@@ -153,7 +154,7 @@ def open_session(source: str, uri: str | None = None, device: str = "auto") -> S
     bbox_params = A.BboxParams(format="pascal_voc") if spec else None
     transform = build_transforms(spec, field="data.val_transforms (saved config)", mean=cfg.data.mean or default_mean,
                                  std=cfg.data.std or default_std, bbox_params=bbox_params)
-    dev = engine.resolve_device(device)
+    dev = devices.resolve_device(device)
     module = task.inference_module(loaded.model).eval().to(dev)
     return Session(source, loaded, task, module, transform, dev)
 

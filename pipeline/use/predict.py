@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.data.images import IMAGE_EXTENSIONS
 from pipeline.errors import UserError
-from pipeline.platform import allocator
+from pipeline.platform import cpu_kernels
 from pipeline.tasks.base import PredictOptions
 from pipeline.tasks.face import identify
 from pipeline.use import inference
@@ -75,8 +75,9 @@ def run(source: str, inputs: list[str], out: str | Path, uri: str | None = None,
         raise UserError(f"--score {score:g}: must be within 0..1 (detection draws the boxes scoring at least this)")
     paths = find_images(inputs)
     out = output_folder(out)
-    allocator.keep_freed_memory()  # every batch frees what the next allocates
     session = inference.open_session(source, uri, device)
+    # every batch frees what the next allocates: kept for reuse, unless the run switched the CPU paths off
+    cpu_kernels.prepare_process(session.loaded.cfg.train.cpu_kernels)
     known = identify.open_gallery(session, gallery, batch_size, say) if gallery is not None else None
     writer = session.task.writer(out, session.info, PredictOptions(top_k=top_k, score=score))
     if known is not None:

@@ -12,8 +12,9 @@ from torch.utils.data import ConcatDataset, DataLoader
 from pipeline import config, tracking
 from pipeline.data import synth_coco
 from pipeline.errors import UserError
+from pipeline.platform import devices
 from pipeline.tasks import registry
-from pipeline.train import engine, runner
+from pipeline.train import engine, optim, runner
 
 detection = registry.get("detection")
 
@@ -46,7 +47,7 @@ def test_short_training_raises_map(scenes: Path):
     loader = DataLoader(ConcatDataset([train] * steps), batch_size=len(train), collate_fn=train.collate_fn)
     val_loader = DataLoader(val, batch_size=len(val), collate_fn=val.collate_fn)
     cpu = torch.device("cpu")
-    settings = engine.StepSettings(device=cpu, precision=engine.resolve_precision("auto", cpu))
+    settings = engine.StepSettings(device=cpu, precision=devices.resolve_precision("auto", cpu))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
@@ -56,7 +57,7 @@ def test_short_training_raises_map(scenes: Path):
         return engine.evaluate(model, detection.predict, evaluator, val_loader, settings)["val/mAP"]
 
     before = mean_ap()
-    schedule = engine.Schedule("constant", steps, warmup_steps=10)
+    schedule = optim.Schedule("constant", steps, warmup_steps=10)
     engine.train_one_epoch(model, detection.loss, loader, optimizer, schedule, None, engine.FitState(), settings,
                            log=lambda *_: None)
     after = mean_ap()
