@@ -18,6 +18,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from pipeline.platform import devices  # noqa: E402
+from pipeline.tasks import registry  # noqa: E402
 from pipeline.tasks.base import TRAIN_ERROR  # noqa: E402
 from pipeline.train import distributed, engine, optim, runner  # noqa: E402
 
@@ -46,7 +47,7 @@ def build_model(cfg, task, info, backbone: str | None, device: torch.device, cha
     b = cfg.model.backbone.model_copy(update={"name": backbone or cfg.model.backbone.name, "weights": "none"})
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"backbone": b}),
                                  "train": cfg.train.model_copy(update={"channels_last": channels_last})})
-    setup = runner.Setup(cfg, task, task_file="", experiment="", output_dir=Path("."), last=None, device=device,
+    setup = runner.Setup(cfg, task, registry.entry(cfg.task).primary, task_file="", experiment="", output_dir=Path("."), last=None, device=device,
                          precision=devices.resolve_precision(cfg.train.precision, device), ctx=distributed.Context())
     model = runner.build_model(setup, info, say=_quiet)
     plan = runner.plan_finetune(setup, model)

@@ -251,7 +251,7 @@ def predict(source: str, inputs: tuple[str, ...], out: Path, batch_size: int, to
 @click.option("--uri", default=None, help="Tracking store of a run id, runs:/ or models:/ SOURCE.")
 def verify(source: str, first: Path, second: Path, device: str, uri: str | None) -> None:
     """Say whether FIRST and SECOND show the same identity, by the face model SOURCE and its run's threshold."""
-    from pipeline.tasks.face import identify
+    from pipeline.use import identify
 
     click.echo(str(identify.verify(source, first, second, uri=uri, device=device)))
 

@@ -24,6 +24,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from loopback import free_port, port_open
 from mlflow.exceptions import MlflowException
@@ -98,7 +99,8 @@ def trained(store: Path, shapes: Path):
         with tracking.process_tracking_uri(uri):
             (model,) = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
         info = checkpoint.load(result.output_dir / checkpoint.BEST)["info"]
-        done[task] = Logged(result.run_id, f"models:/{model.model_id}", image, info["classes"], info["category_ids"])
+        category_ids = (info.get("facts") or {}).get("category_ids", [])
+        done[task] = Logged(result.run_id, f"models:/{model.model_id}", image, info["classes"], category_ids)
         return done[task]
 
     return get
@@ -155,6 +157,24 @@ def test_logged_model_predicts_any_image_mode_and_refuses_bad_input_as_400(train
     with pytest.raises(MlflowException, match="top_k must be at least 1") as err:
         model.predict(pd.DataFrame({"image": [b64(png(rgb))]}), params={"top_k": 0})
     assert err.value.get_http_status_code() == 400
+
+
+def test_a_model_logged_before_the_stage_folders_still_serves(trained, store: Path, tmp_path: Path):
+    """Models logged by earlier versions carry their code file, which imports `pipeline.serve`, and a checkpoint whose
+    info keeps the task's facts at the top level: both still load, and answer as a model logged today."""
+    logged = trained("classification")
+    with tracking.process_tracking_uri(f"sqlite:///{store}/mlflow.db"):
+        today = mlflow.pyfunc.load_model(logged.model_uri)
+        old = Path(mlflow.artifacts.download_artifacts(logged.model_uri, dst_path=str(tmp_path / "old")))
+    (old / "served_model.py").write_text("from mlflow.models import set_model\n\nfrom pipeline.serve import ServedModel\n"
+                                         "\nset_model(ServedModel())\n")
+    (weights,) = old.rglob("*.pt")
+    ckpt = torch.load(weights, weights_only=True)
+    ckpt["info"] = {k: v for k, v in ckpt["info"].items() if k != "facts"} | {
+        "category_ids": [], "ignore_index": None, "verification": [], "batches_per_epoch": 1}
+    torch.save(ckpt, weights)
+    frame = pd.DataFrame({"image": [b64(png(Image.open(logged.image).convert("RGB")))]})
+    assert mlflow.pyfunc.load_model(str(old)).predict(frame) == today.predict(frame)
 
 
 # --- over HTTP -------------------------------------------------------------------------------------------------------

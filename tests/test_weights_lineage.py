@@ -77,8 +77,14 @@ def task_config(task: str, weights: str, **model):
 
 
 def build(task: str, weights: str, uri: str, **model):
+    """The task's model as the runner builds it from runs:/ or models:/ weights (runner.build_model)."""
     cfg = task_config(task, weights, **model)
-    return tracked.build_model(registry.get(task), cfg.model, INFOS[task], uri, say=lambda *_: None)
+    with tracked.fetch(weights, uri, cfg.model.backbone.name) as fetched:
+        backbone = cfg.model.backbone.model_copy(update={"weights": str(fetched.path)})
+        built = registry.get(task).build_model(cfg.model.model_copy(update={"backbone": backbone}), INFOS[task],
+                                               say=lambda *_: None)
+        tracked.relabel(built.backbone, fetched)
+    return built
 
 
 def assert_same_backbone(model, expected: dict[str, torch.Tensor]) -> None:

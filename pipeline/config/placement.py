@@ -14,12 +14,12 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import config
+from pipeline.config.load import load
+from pipeline.config.sections import TaskConfig
 from pipeline.errors import UserError
-from pipeline.train import checkpoint
 
 
-def experiment(task_file: str | Path, cfg: config.TaskConfig) -> str:
+def experiment(task_file: str | Path, cfg: TaskConfig) -> str:
     """`tracking.experiment`, else the task file's name, suffixed with the data folder's name for other data."""
     if cfg.tracking.experiment:
         return cfg.tracking.experiment
@@ -28,7 +28,7 @@ def experiment(task_file: str | Path, cfg: config.TaskConfig) -> str:
     return f"{stem}-{own}" if own else stem
 
 
-def output_dir(cfg: config.TaskConfig, experiment_name: str) -> Path:
+def output_dir(cfg: TaskConfig, experiment_name: str) -> Path:
     return Path(cfg.train.output_dir or f"outputs/{experiment_name}/{cfg.model.backbone.name}")
 
 
@@ -36,7 +36,7 @@ def own_data_name(task_file: str | Path, root: str) -> str | None:
     """The data folder's name when `root` is not the task file's own data.root (None when it is, or when the file
     alone does not load, e.g. it needs overrides to be valid: then nothing says what its own data is)."""
     try:
-        file_root = config.load(task_file).data.root  # the file's own value, without any override
+        file_root = load(task_file).data.root  # the file's own value, without any override
     except UserError:
         return None
     if _same_folder(root, file_root):
@@ -45,11 +45,11 @@ def own_data_name(task_file: str | Path, root: str) -> str | None:
     return name or "data"
 
 
-def check_folder(folder: Path, data_root: str) -> None:
-    """Refuse a folder whose checkpoints were trained on other data: a run never replaces another dataset's
-    checkpoints, even when two data folders share a name or a user reuses an experiment name."""
-    saved = folder / "config.yaml"  # written at the start of every run (stages.open_run)
-    if not saved.is_file() or not any((folder / name).exists() for name in (checkpoint.LAST, checkpoint.BEST)):
+def check_folder(folder: Path, data_root: str, checkpoints: tuple[str, ...]) -> None:
+    """Refuse a folder whose checkpoints (files named `checkpoints`) were trained on other data: a run never replaces
+    another dataset's checkpoints, even when two data folders share a name or a user reuses an experiment name."""
+    saved = folder / "config.yaml"  # written at the start of every run (runner.open_run)
+    if not saved.is_file() or not any((folder / name).exists() for name in checkpoints):
         return
     try:
         earlier = (yaml.safe_load(saved.read_text()) or {}).get("data", {}).get("root")

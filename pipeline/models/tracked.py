@@ -3,26 +3,24 @@ classification run's backbone starts a detection, segmentation or face run) and 
 `models:/<name>@<alias>` (a registered version: its run's best checkpoint).
 
 They are read from the run's own tracking store (tracking.uri, MLFLOW_TRACKING_URI, sqlite:///mlflow.db), which the
-task's model builder does not know: the checkpoint is fetched and checked here, then handed to the builder as a file,
-which the backbone loads as any checkpoint of this pipeline (pipeline/models/weights.py keeps its `backbone.body.*` tensors
-and names the rest, the other task's head, as skipped). The backbone's lineage then names the URI as given and the
-producing run. A user's own weights never fall back to random init: every problem is one `UserError`.
+task's model builder does not know: the checkpoint is fetched and checked here (`fetch`), the runner hands it to the
+builder as a file, which the backbone loads as any checkpoint of this pipeline (pipeline/models/weights.py keeps its
+`backbone.body.*` tensors and names the rest, the other task's head, as skipped), and `relabel` makes the backbone's
+lineage name the URI as given and the producing run. A user's own weights never fall back to random init: every
+problem is one `UserError`.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import nn
-
 from pipeline import tracking
-from pipeline.config.sections import ModelConfig
 from pipeline.errors import UserError
 from pipeline.models import backbones
 from pipeline.models import weights as W
-from pipeline.tasks.base import DataInfo, Task
+from pipeline.models.backbones import Backbone
 
 WHAT = "model.backbone.weights"
 REACH_TIMEOUT = 3.0  # seconds: an unreachable tracking server fails the run now, not after MLflow's minutes of retries
@@ -35,17 +33,12 @@ class Fetched:
     path: Path  # that checkpoint, in a temporary folder while `fetch` lasts
 
 
-def build_model(task: Task, model: ModelConfig, info: DataInfo, uri: str, say: Callable[[str], None] = print
-                ) -> nn.Module:
-    """`task.build_model` for `runs:/` or `models:/` weights read from the tracking store at `uri`."""
-    source = model.backbone.weights
-    with fetch(source, uri, model.backbone.name) as fetched:
-        backbone = model.backbone.model_copy(update={"weights": str(fetched.path)})
-        built = task.build_model(model.model_copy(update={"backbone": backbone}), info, say=say)
-        if built.backbone.weights == str(fetched.path):  # not replaced by the task's own init (detection's coco)
-            built.backbone.weights = built.backbone.lineage.source = source
-            built.backbone.lineage.run_id = fetched.run_id
-    return built
+def relabel(backbone: Backbone, fetched: Fetched) -> None:
+    """A backbone built from the fetched file names the weights as given (`runs:/...`) and their run, not the
+    temporary file; one whose task replaced its weights (detection's `coco` init) is left as it is."""
+    if backbone.weights == str(fetched.path):
+        backbone.weights = backbone.lineage.source = fetched.source
+        backbone.lineage.run_id = fetched.run_id
 
 
 @contextmanager

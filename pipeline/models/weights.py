@@ -10,6 +10,7 @@ pipeline/models/tracked.py, which knows the tracking store, and reach the backbo
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,6 @@ import timm
 import torch
 
 from pipeline.errors import UserError
-from pipeline.train.checkpoint import load_error_reason
 
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 HF_HUB = "hf-hub:"  # timm's prefix for a model repo on the Hugging Face hub
@@ -189,6 +189,15 @@ def _missing(name: str, why: str) -> UserError:
         f"weights {name} unavailable ({why}); on a connected machine run 'pipeline weights pull {name}' "
         f"(fills the hub cache this machine reads, e.g. ~/.cache/huggingface), or set model.backbone.weights to a "
         f"local state_dict file, or to none for random init")
+
+
+def load_error_reason(err: Exception) -> str:
+    """Why `torch.load(..., weights_only=True)` refused a file, in a few words."""
+    text = " ".join(str(err).split())
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if "Weights only load failed" in text and found:
+        return f"it holds pickled code that asks to run {found.group(1)}, refused: files load with weights_only=True"
+    return text[:160]
 
 
 def read_state_dict(path: str | Path, what: str = "model.backbone.weights") -> dict[str, torch.Tensor]:

@@ -58,7 +58,6 @@ from torch.utils.data import Dataset
 from pipeline.config.sections import DataConfig, ModelConfig, TaskConfig
 from pipeline.data.transforms import build_transforms, is_random
 from pipeline.tasks import export_checks
-from pipeline.tasks.metric import Metric
 
 TRAIN_ERROR = "error"  # the key in `Task.loss`'s dict that is not a loss (see above)
 
@@ -199,13 +198,6 @@ class Task(ABC):
     def read_info(self, d: dict[str, Any]) -> DataInfo:
         """The DataInfo a checkpoint saved (`DataInfo.to_dict`), with this task's facts."""
         return DataInfo.from_dict(d, self.facts)
-
-    @property
-    def primary(self) -> Metric:
-        """The metric that picks the best checkpoint and stops early, as the task's registry entry declares it."""
-        from pipeline.tasks.registry import entry  # the registry imports tasks' light config modules, not this one
-
-        return entry(self.name).primary
 
     # -- training side -------------------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""MLflow tracking, the only package of `pipeline` that imports mlflow (besides pipeline/use/serve.py: the logged model is
-an MLflow pyfunc). One module per job:
+"""MLflow tracking, the only package of `pipeline` that imports mlflow (besides pipeline/use/serve.py: the served model
+is an MLflow pyfunc). One module per job:
 
     uri.py      where the runs go: `resolve_uri`, `check_reachable`, `server_up`, `process_tracking_uri`
     run.py      one run: `Tracker` (start / resume / attach, params, tags, metrics, dataset inputs, artifacts, finish,
@@ -11,7 +11,10 @@ an MLflow pyfunc). One module per job:
                 `download_artifact`
     sources.py  run ids, `runs:/` and `models:/` URIs resolved to a run's checkpoint file: `is_tracked`,
                 `resolve_source`, `downloaded`, `RunFile`
-    registry.py the model registry: `register` (a run's logged model as a new version), `version_run`
+    registry.py the model registry: `register_run` (a run's logged model as a new version, with tags that tell
+                versions apart), `register`, `version_run`
+    served.py   what a run logs as its model: `pyfunc` (the served model's code file, checkpoint, signature)
+    outbox.py   records kept on disk while the server is unreachable, sent later
     ui.py       `ui`: MLflow's web UI on a local store, stopped with all its processes; `experiment_link` and
                 `compare_link`, the UI pages printed at the end of runs and sweeps; `view_tags`, what the first opens
 
@@ -21,8 +24,9 @@ behaviour (`run.RETRY_EVERY`, `run.FINAL_RETRY_WAIT`, ...) are read from their o
 """
 from pipeline.tracking.models import Pyfunc, load_model, model_source_run
 from pipeline.tracking.query import RunRecord, download_artifact, get_run, metric_history, search_runs
-from pipeline.tracking.registry import register
+from pipeline.tracking.registry import Registered, register, register_run, version_tags
 from pipeline.tracking.run import RUN_STATUSES, TRUNCATION_MARK, DatasetRecord, Silent, Tracker, flatten, sync
+from pipeline.tracking.served import pyfunc as served_pyfunc
 from pipeline.tracking.sources import CHECKPOINT_ARTIFACT, RunFile, downloaded, is_tracked
 from pipeline.tracking.sources import resolve as resolve_source
 from pipeline.tracking.ui import address as ui_address
@@ -33,6 +37,7 @@ __all__ = [
     "CHECKPOINT_ARTIFACT", "DEFAULT_URI", "RUN_STATUSES", "TRUNCATION_MARK", "DatasetRecord", "Pyfunc", "RunFile",
     "RunRecord", "Silent", "Tracker", "check_reachable", "compare_link", "download_artifact", "downloaded",
     "experiment_link", "flatten", "get_run", "is_tracked", "load_model", "metric_history", "model_source_run",
-    "process_tracking_uri", "register", "resolve_source", "resolve_uri", "search_runs", "server_up", "start_hint",
+    "process_tracking_uri", "Registered", "register", "register_run", "version_tags", "resolve_source", "resolve_uri", "search_runs", "served_pyfunc", "server_up",
+    "start_hint",
     "sync", "ui", "ui_address", "view_tags",
 ]

@@ -7,14 +7,53 @@ MLflow's registry store looks logged models up through the process-wide tracking
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from pipeline.errors import UserError
-from pipeline.tracking.query import get_run
-from pipeline.tracking.uri import process_tracking_uri
+from pipeline.tracking.query import RunRecord, get_run
+from pipeline.tracking.uri import check_reachable, process_tracking_uri
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    version: int
+    run_id: str
+    alias: str | None = None
+
+    def line(self) -> str:
+        text = f"registered models:/{self.name}/{self.version} (run {self.run_id})"
+        return text + (f"; models:/{self.name}@{self.alias} points to it" if self.alias else "")
+
+
+def register_run(uri: str, run: str, name: str, primary: Mapping[str, tuple[str, str]], alias: str | None = None,
+                 what: str = "--name") -> Registered:
+    """Register the model logged by `run` (a run id or `runs:/<run id>`) in the store at `uri` as the next version of
+    `name`, tagged with the run's task, backbone, depth and primary metric. `primary`: for each task the caller knows,
+    its primary metric and the metric its best value is logged as (classification: val/top1, best/top1). `what` names
+    the setting `name` came from, for errors."""
+    check_reachable(uri)
+    run_id = run.removeprefix("runs:/").strip("/")
+    record = get_run(uri, run_id)
+    version = register(uri, run_id, name, version_tags(record, primary), alias=alias, what=what)
+    return Registered(name, version, run_id, alias)
+
+
+def version_tags(record: RunRecord, primary: Mapping[str, tuple[str, str]]) -> dict[str, str]:
+    """task, backbone, depth, and the primary metric's name and best value, from the run's own record."""
+    tags = {k: record.tags[k] for k in ("task", "backbone", "depth") if k in record.tags}
+    metric, best_key = primary.get(record.tags.get("task", ""), (None, None))
+    if metric is not None:
+        tags["primary_metric"] = metric
+        best = record.metrics.get(best_key)
+        if best is not None:
+            tags[metric] = f"{best:.4f}"
+    return tags
 
 
 def register(uri: str, run_id: str, name: str, tags: dict[str, str], alias: str | None = None,

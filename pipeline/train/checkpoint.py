@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import tempfile
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
+from pipeline.models.weights import load_error_reason
 
 LAST = "last.pt"
 PREVIOUS = "last.prev.pt"  # the checkpoint before `last.pt`, with keep_checkpoints=all (see the module docstring)
@@ -77,15 +77,6 @@ def load(path: Path) -> dict:
         raise UserError(f"checkpoint '{path}' not found; run without --resume to start a new run") from None
     except Exception as err:  # truncated or foreign files fail in many ways
         raise UserError(f"checkpoint '{path}' is unreadable ({load_error_reason(err)}); delete it to start over") from None
-
-
-def load_error_reason(err: Exception) -> str:
-    """Why `torch.load(..., weights_only=True)` refused a file, in a few words."""
-    text = " ".join(str(err).split())
-    found = re.search(r"GLOBAL ([\w.]+)", text)
-    if "Weights only load failed" in text and found:
-        return f"it holds pickled code that asks to run {found.group(1)}, refused: files load with weights_only=True"
-    return text[:160]
 
 
 def load_resumable(folder: Path, say=print) -> dict:

@@ -6,6 +6,7 @@ marks it FAILED (Ctrl-C: KILLED) with the reason as a tag; checkpoints written s
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -25,10 +26,10 @@ from pipeline.errors import UserError
 from pipeline.models import backbones, profile, tracked
 from pipeline.platform import cpu_kernels, devices, threads
 from pipeline.tasks import registry
-from pipeline.tasks.base import DataInfo, Task, TaskData
+from pipeline.tasks.base import DataInfo, PredictOptions, Task, TaskData
+from pipeline.tasks.metric import Metric
 from pipeline.tracking import outbox
 from pipeline.train import checkpoint, checks, distributed, engine, feature_cache, finetune, optim
-from pipeline.use import register
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Setup:
 
     cfg: config.TaskConfig
     task: Task
+    primary: Metric  # the task's, as its registry entry declares it
     task_file: str
     experiment: str
     output_dir: Path
@@ -113,13 +115,13 @@ def prepare(task_file: str | Path, overrides=(), resume: bool = False, ctx: dist
     if not cfg.tracking.experiment and experiment != Path(task_file).stem:
         say(f"data.root {cfg.data.root} is not {Path(task_file).name}'s own data: experiment '{experiment}', "
             f"checkpoints in {output_dir} (tracking.experiment and train.output_dir choose others)")
-    placement.check_folder(output_dir, cfg.data.root)
+    placement.check_folder(output_dir, cfg.data.root, checkpoints=(checkpoint.LAST, checkpoint.BEST))
     last = checkpoint.load_resumable(output_dir, say) if resume else None
     backbones.check_name(cfg.model.backbone.name)
     device = distributed.device_for(ctx, devices.resolve_device(cfg.train.device))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
-    return Setup(cfg, registry.get(cfg.task), str(task_file), experiment, output_dir, last, device,
+    return Setup(cfg, registry.get(cfg.task), registry.entry(cfg.task).primary, str(task_file), experiment, output_dir, last, device,
                  devices.resolve_precision(cfg.train.precision, device), ctx,
                  # CPU threads beside other processes; a GPU run's few CPU threads feed the device, and torch's are left
                  threads.Governor(cfg.train.threads) if device.type == "cpu" else None)
@@ -149,7 +151,7 @@ def open_run(setup: Setup, parent_run_id: str | None = None, tags: dict[str, str
         tracker.log_system_metrics(cfg.tracking.system_metrics_every)
     # what the printed link opens: each run's best score and model cost, by depth (pipeline/tracking/ui.py)
     tracker.set_experiment_tags(tracking.view_tags(cfg.tracking.ui_metrics or [
-        setup.task.primary.best_key, "model/depth", "model/gflops", "model/num_params", "train/wall_time_s"],
+        setup.primary.best_key, "model/depth", "model/gflops", "model/num_params", "train/wall_time_s"],
         order_by="model/depth"))
     if setup.last is None and (setup.output_dir / checkpoint.LAST).exists():
         say(f"note: {setup.output_dir} holds an earlier run's checkpoints; this run replaces them "
@@ -187,10 +189,14 @@ def build_data(setup: Setup, say=print) -> TaskData:
 
 def build_model(setup: Setup, info: DataInfo, say=print) -> nn.Module:
     """The task's model with its configured weights; a resumed run's weights on top. `runs:/` and `models:/` weights
-    come from the run's own tracking store (pipeline/tracked.py). What the backbone loaded is printed."""
+    come from the run's own tracking store (pipeline/models/tracked.py). What the backbone loaded is printed."""
     cfg = setup.cfg
-    if tracking.is_tracked(cfg.model.backbone.weights):
-        model = tracked.build_model(setup.task, cfg.model, info, tracking.resolve_uri(cfg.tracking.uri), say)
+    weights = cfg.model.backbone.weights
+    if tracking.is_tracked(weights):
+        with tracked.fetch(weights, tracking.resolve_uri(cfg.tracking.uri), cfg.model.backbone.name) as fetched:
+            backbone = cfg.model.backbone.model_copy(update={"weights": str(fetched.path)})
+            model = setup.task.build_model(cfg.model.model_copy(update={"backbone": backbone}), info, say=say)
+            tracked.relabel(model.backbone, fetched)
     else:
         model = setup.task.build_model(cfg.model, info, say=say)
     lineage = model.backbone.lineage
@@ -291,7 +297,7 @@ def make_fit(setup: Setup, model: nn.Module, info: DataInfo, plan: finetune.Plan
         f" for {t.epochs} epochs, {steps_per_epoch} steps each")
     return engine.Fit(
         model=distributed.wrap(setup.ctx, model, setup.device), loss=task.loss, predict=task.predict,
-        make_evaluator=lambda: task.make_evaluator(info), primary=task.primary,
+        make_evaluator=lambda: task.make_evaluator(info), primary=setup.primary,
         merge_evaluators=task.merges_evaluators,
         train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, schedule=schedule, plan=plan,
         base_lr=t.lr, weight_decay=t.weight_decay, settings=step_settings(setup), epochs=t.epochs,
@@ -331,7 +337,7 @@ def finish(setup: Setup, fit: engine.Fit, state: engine.FitState, info: DataInfo
     model.load_state_dict(checkpoint.load(setup.output_dir / checkpoint.BEST)["model"])
     metrics = engine.evaluate(model, task.predict, task.make_evaluator(info), fit.val_loader, fit.settings,
                               desc="best", merge=task.merges_evaluators)
-    primary = task.primary
+    primary = setup.primary
     result = RunResult(run_id=tracker.run_id, output_dir=setup.output_dir, best=metrics[primary.name],
                        primary=primary.name,
                        metrics={k: v for k, v in metrics.items() if isinstance(v, float)}, wall_time=0.0)
@@ -345,14 +351,14 @@ def finish(setup: Setup, fit: engine.Fit, state: engine.FitState, info: DataInfo
     if cfg.tracking.log_checkpoint:
         tracker.log_artifact(setup.output_dir / checkpoint.BEST, "checkpoints")
     if cfg.tracking.log_model:
-        from pipeline.use import serve  # serve -> inference -> this module: imported here, where it is used
-
         say("logging the model to MLflow ...")
         # the served pyfunc rebuilds the model from best.pt (pipeline/use/serve.py): stock modules, any image size
-        logged = tracker.log_model(serve.pyfunc(setup.output_dir / checkpoint.BEST, cfg.data.image_size))
+        logged = tracker.log_model(tracking.served_pyfunc(setup.output_dir / checkpoint.BEST, cfg.data.image_size,
+                                                          params=dataclasses.asdict(PredictOptions())))
         if cfg.tracking.register and logged:  # not logged: the tracker has said why (server unreachable)
-            say(register.run_model(tracker.run_id, cfg.tracking.register, cfg.tracking.uri,
-                                   what="tracking.register").line())
+            primary = {cfg.task: (setup.primary.name, setup.primary.best_key)}
+            say(tracking.register_run(tracking.resolve_uri(cfg.tracking.uri), tracker.run_id, cfg.tracking.register,
+                                      primary, what="tracking.register").line())
     say(_summary(state, metrics, primary.name))
     return result
 

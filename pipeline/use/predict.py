@@ -17,8 +17,8 @@ from pipeline.data.images import IMAGE_EXTENSIONS
 from pipeline.errors import UserError
 from pipeline.platform import cpu_kernels
 from pipeline.tasks.base import PredictOptions
-from pipeline.tasks.face import identify
-from pipeline.use import inference
+from pipeline.tasks.face.identify import Identities
+from pipeline.use import identify, inference
 
 SKIPPED_LIST = "skipped.txt"  # every unreadable file, one per line, when there were any
 
@@ -81,7 +81,7 @@ def run(source: str, inputs: list[str], out: str | Path, uri: str | None = None,
     known = identify.open_gallery(session, gallery, batch_size, say) if gallery is not None else None
     writer = session.task.writer(out, session.info, PredictOptions(top_k=top_k, score=score))
     if known is not None:
-        writer = identify.Identities(writer, known, out)
+        writer = Identities(writer, known, out)
     skipped: list[Path] = []
     for batch in session.run(paths, batch_size):
         skipped += batch.skipped

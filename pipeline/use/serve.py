@@ -24,36 +24,22 @@ from __future__ import annotations
 
 import base64
 import binascii
-import importlib.metadata
-import io
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
-from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-from packaging.requirements import Requirement
-from PIL import Image
 
-from pipeline import tracking
 from pipeline.data.images import NotAnImage, decode_rgb
 from pipeline.tasks.base import Placement, PredictOptions
+from pipeline.tracking.served import CHECKPOINT, COLUMN
 from pipeline.use import inference
 
-COLUMN = "image"
-CHECKPOINT = "checkpoint"  # the artifact key of the run's best.pt
 BATCH_SIZE = 32  # images of one size go through the model this many at a time
-
-SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", COLUMN)]),
-    params=ParamSchema([ParamSpec("top_k", "long", PredictOptions.top_k),
-                        ParamSpec("score", "double", PredictOptions.score)]))
 
 
 class ServedModel(PythonModel):
@@ -79,35 +65,6 @@ class ServedModel(PythonModel):
                 outputs = session.task.to_original(outputs, [placement for _, placement in batch])
                 records += session.task.records(outputs, session.info, options)
         return records
-
-
-def pyfunc(best_checkpoint: Path, image_size: int) -> tracking.Pyfunc:
-    """What the runner logs: `ServedModel` with the run's best checkpoint, an example request, the signature."""
-    return tracking.Pyfunc(Path(__file__).with_name("served_model.py"), {CHECKPOINT: str(best_checkpoint)},
-                           input_example(image_size), SIGNATURE, requirements())
-
-
-def input_example(size: int) -> pd.DataFrame:
-    """One grey PNG of `size` pixels: what the MLflow UI shows as the request and what logging checks serving with
-    (a few hundred bytes; a tensor example of two 224 px images took 15 MB of JSON)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), (128, 128, 128)).save(buffer, format="PNG")
-    return pd.DataFrame({COLUMN: [base64.b64encode(buffer.getvalue()).decode("ascii")]})
-
-
-def requirements() -> list[str]:
-    """This package's own dependencies at the installed versions (listing them skips MLflow's slow inference); the
-    package itself is not on PyPI, hence serving with `--env-manager local` where it is installed."""
-    dists = importlib.metadata.packages_distributions().get("pipeline")
-    if not dists:  # a checkout that is not installed: no metadata to read, and MLflow pins only itself
-        return []
-    pins = []
-    for line in importlib.metadata.requires(dists[0]) or []:
-        req = Requirement(line)
-        if req.marker is None:  # extras (export, test) are not needed to serve
-            # local version labels (`2.5.1+cpu`) are not on PyPI: pin the public version
-            pins.append(f"{req.name}=={importlib.metadata.version(req.name).split('+')[0]}")
-    return pins
 
 
 def _decode(value: Any, row: int) -> np.ndarray:
@@ -148,4 +105,3 @@ def _options(params: dict[str, Any]) -> PredictOptions:
 def _bad_request(message: str) -> MlflowException:
     # INVALID_PARAMETER_VALUE is HTTP 400; without `stack_trace` the scoring server's answer holds no traceback
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
-

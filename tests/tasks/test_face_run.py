@@ -58,7 +58,7 @@ def _untrained_accuracy(path: Path) -> float:
     model, val_ds, info = _initial_model(path)
     loader = torch.utils.data.DataLoader(val_ds, batch_size=64)
     settings = engine.StepSettings(device=torch.device("cpu"), precision="fp32")
-    return engine.evaluate(model, face.predict, face.make_evaluator(info), loader, settings)[face.primary.name]
+    return engine.evaluate(model, face.predict, face.make_evaluator(info), loader, settings)[registry.entry("face").primary.name]
 
 
 def test_training_raises_verification_accuracy_and_logs_roc_and_embedding_model(faces, uri, tmp_path, monkeypatch):
