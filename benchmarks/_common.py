@@ -26,8 +26,8 @@ from pipeline.train import distributed, engine, optim, runner  # noqa: E402
 def load_task(task_file: str, overrides: tuple[str, ...] = ()):
     """Config, task, datasets and data info of a task file, through the runner's own builders (runner.prepare,
     runner.build_data); its synthetic data is generated when missing."""
-    setup = runner.prepare(task_file, overrides, say=_quiet)
-    data = runner.build_data(setup, say=_quiet)
+    setup = runner.prepare(task_file, overrides)
+    data = runner.build_data(setup)
     return setup.cfg, setup.task, data.train, data.val, data.info
 
 
@@ -49,10 +49,10 @@ def build_model(cfg, task, info, backbone: str | None, device: torch.device, cha
                                  "train": cfg.train.model_copy(update={"channels_last": channels_last})})
     setup = runner.Setup(cfg, task, registry.entry(cfg.task).primary, task_file="", experiment="", output_dir=Path("."), last=None, device=device,
                          precision=devices.resolve_precision(cfg.train.precision, device), ctx=distributed.Context())
-    model = runner.build_model(setup, info, say=_quiet)
+    model = runner.build_model(setup, info)
     plan = runner.plan_finetune(setup, model)
-    model = runner.place_model(setup, model, plan, say=_quiet)
-    optimizer = runner.make_optimizer(setup, model, plan, say=_quiet)
+    model = runner.place_model(setup, model, plan)
+    optimizer = runner.make_optimizer(setup, model, plan)
     BENCH_SCHEDULE.apply(optimizer, 0)
     return model, optimizer
 

@@ -1,7 +1,6 @@
 """The `pipeline` command: parse, call one function, print. No logic lives here."""
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import traceback
@@ -9,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from pipeline import __version__
+from pipeline import __version__, console
 from pipeline.errors import UserError
 
 
@@ -71,24 +70,9 @@ _Group.group_class = type  # subgroups (data, weights) list their commands the s
 def main(ctx: click.Context, debug: bool) -> None:
     """Fine-tune pretrained ResNet-family backbones and compare them in MLflow."""
     ctx.ensure_object(dict)["debug"] = debug
-    _show_pipeline_logs()
+    console.show()
     if not sys.stderr.isatty():  # MLflow draws its own artifact bars; in a redirected log each redraw stays
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
-class _Echo(logging.Handler):
-    """The pipeline's log records (skipped images, dropped boxes) on stderr next to the rest of the CLI's output."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        prefix = "warning: " if record.levelno >= logging.WARNING else ""
-        click.echo(prefix + self.format(record), err=True)
-
-
-def _show_pipeline_logs() -> None:
-    logger = logging.getLogger("pipeline")
-    if not any(isinstance(h, _Echo) for h in logger.handlers):
-        logger.addHandler(_Echo())
-        logger.setLevel(logging.INFO)
 
 
 def _task_file(_ctx: click.Context, _param: click.Parameter, value: Path) -> Path:
@@ -109,7 +93,7 @@ def run(task_file: Path, overrides: tuple[str, ...], resume: bool) -> None:
     """
     from pipeline.train import runner
 
-    runner.run(task_file, overrides, resume=resume, say=click.echo)
+    runner.run(task_file, overrides, resume=resume)
 
 
 @main.command("config")
@@ -140,7 +124,7 @@ def sync(run_dir: Path, uri: str | None) -> None:
     """Send the tracking records a run kept in RUN_DIR while its MLflow server was unreachable."""
     from pipeline import tracking
 
-    count = tracking.sync(run_dir, uri, say=lambda *_: None)
+    count = tracking.sync(run_dir, uri)
     click.echo(f"sent {count} kept tracking records from {run_dir}")
 
 
@@ -193,7 +177,7 @@ def sweep(task_file: Path, args: tuple[str, ...], resume: bool) -> None:
     """
     from pipeline.study import sweep as sweep_runs
 
-    sweep_runs.run(task_file, args, resume=resume, say=click.echo)
+    sweep_runs.run(task_file, args, resume=resume)
 
 
 @main.command()
@@ -218,8 +202,7 @@ def compare(experiment: str, metrics: tuple[str, ...], at: str, out: Path | None
     families (cifar_plain, cifar_resnet) are separate lines."""
     from pipeline.study import compare as compare_runs
 
-    compare_runs.run(experiment, uri=uri, metric=metrics, out=out, parent=parent, by=by, every=every, at=at,
-                     say=click.echo)
+    compare_runs.run(experiment, uri=uri, metric=metrics, out=out, parent=parent, by=by, every=every, at=at)
 
 
 @main.command()
@@ -240,7 +223,7 @@ def predict(source: str, inputs: tuple[str, ...], out: Path, batch_size: int, to
     from pipeline.use import predict as predictor
 
     predictor.run(source, list(inputs), out, uri=uri, batch_size=batch_size, top_k=top_k, score=score,
-                  gallery=gallery, device=device, say=click.echo)
+                  gallery=gallery, device=device)
 
 
 @main.command()
@@ -267,7 +250,7 @@ def export(source: str, fmt: str, out: Path | None, log_to_run: bool, uri: str |
     """Export SOURCE (a checkpoint, an MLflow run id or a models:/ URI) and check it against PyTorch."""
     from pipeline.use import export as exporter
 
-    exporter.run(source, fmt, out, uri=uri, log_to_run=log_to_run, say=click.echo)
+    exporter.run(source, fmt, out, uri=uri, log_to_run=log_to_run)
 
 
 @main.command()
@@ -291,4 +274,4 @@ def ui(uri: str | None, host: str, port: int) -> None:
     """Start the MLflow UI on the tracking store (Ctrl-C stops it)."""
     from pipeline import tracking
 
-    sys.exit(tracking.ui(uri, host=host, port=port, say=click.echo))
+    sys.exit(tracking.ui(uri, host=host, port=port))

@@ -12,13 +12,23 @@ os.environ["HF_HUB_CACHE"] = str(_CACHE / "huggingface" / "hub")
 os.environ["TORCH_HOME"] = str(_CACHE / "torch")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
+from collections.abc import Iterator  # noqa: E402
+
 import mlflow  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
+from said import said_lines  # noqa: E402
 
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_CACHE, ignore_errors=True)  # weights the tests placed in the hub caches (~130 MB a session)
+
+
+@pytest.fixture
+def said() -> Iterator[list[str]]:
+    """What the pipeline says on the console while the test runs, line by line (tests/said.py)."""
+    with said_lines() as lines:
+        yield lines
 
 
 @pytest.fixture(scope="session")

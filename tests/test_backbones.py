@@ -150,9 +150,9 @@ def test_unknown_tag():
         backbones.build("resnet18", "in22k_bogus")
 
 
-def test_fallback_to_random_only_when_asked():
-    messages = []
-    b = backbones.build_or_random("resnet34", "imagenet", fallback_to_random=True, say=messages.append)
+def test_fallback_to_random_only_when_asked(said):
+    messages = said
+    b = backbones.build_or_random("resnet34", "imagenet", fallback_to_random=True)
     assert b.weights == "none" and "RANDOM INIT" in messages[0]
     with pytest.raises(UserError):
         backbones.build_or_random("resnet34", "imagenet", fallback_to_random=False)

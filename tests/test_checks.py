@@ -23,25 +23,25 @@ def test_a_sane_config_says_nothing():
                                                     (2, 2, "reaches it only at the last step")])
 def test_warmup_as_long_as_the_run(warmup: float, epochs: int, reached: str):
     (line,) = checks.warnings(TrainConfig(warmup_epochs=warmup, epochs=epochs), 10, train_size=100, val_size=50)
-    assert line.startswith(f"warning: train.warmup_epochs={warmup} >= train.epochs={epochs}: ")
+    assert line.startswith(f"train.warmup_epochs={warmup} >= train.epochs={epochs}: ")
     assert reached in line and "\n" not in line
 
 
 def test_a_schedule_that_never_reaches_its_peak():
     t = TrainConfig(schedule="step", step_milestones=[0, 5], step_gamma=0.1, epochs=10)
     (line,) = checks.warnings(t, 10, train_size=100, val_size=50)
-    assert line.startswith("warning: the learning rate never reaches train.lr=0.001: train.schedule=step peaks at 10%")
+    assert line.startswith("the learning rate never reaches train.lr=0.001: train.schedule=step peaks at 10%")
     assert checks.warnings(t.model_copy(update={"step_milestones": [5]}), 10, 100, 50) == []
 
 
 def test_data_sizes():
     t = TrainConfig()
     (val,) = checks.warnings(t, 8, train_size=100, val_size=4, num_classes=6)
-    assert val.startswith("warning: the val set holds 4 images for 6 classes, so at least 2 classes are never "
+    assert val.startswith("the val set holds 4 images for 6 classes, so at least 2 classes are never "
                           "validated")
     assert checks.warnings(t, 8, train_size=100, val_size=4) == []  # no num_classes: e.g. segmentation, many per image
     (batch,) = checks.warnings(t, 64, train_size=40, val_size=20)
-    assert batch.startswith("warning: data.batch_size=64 is larger than the 40 training images: every epoch is one "
+    assert batch.startswith("data.batch_size=64 is larger than the 40 training images: every epoch is one "
                             "batch")
     assert checks.steps_per_epoch(train_size=100, batch_size=32, accum_steps=1) == 3  # full batches (drop_last)
     assert checks.steps_per_epoch(train_size=20, batch_size=32, accum_steps=1) == 1

@@ -175,14 +175,13 @@ def test_a_classification_run_with_a_cifar_resnet(task_file, uri: str, tmp_path:
     monkeypatch.chdir(tmp_path)
     path = task_file(model={"backbone": {"name": "cifar_resnet20", "weights": "none"}},
                      train={"epochs": 1, "lr": 0.05, "optimizer": "sgd", "output_dir": str(tmp_path / "out")})
-    result = runner.run(path, ("finetune.freeze=[stem]",), say=lambda *_: None)
+    result = runner.run(path, ("finetune.freeze=[stem]",))
     run = MlflowClient(uri).get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["backbone"] == "cifar_resnet20" and run.data.tags["depth"] == "20"
     assert run.data.tags["frozen_stages"] == "stem"
     # the run's checkpoint is weights for the next run
-    again = runner.run(path, (f"model.backbone.weights=runs:/{result.run_id}", "train.output_dir=out2"),
-                       say=lambda *_: None)
+    again = runner.run(path, (f"model.backbone.weights=runs:/{result.run_id}", "train.output_dir=out2"))
     assert MlflowClient(uri).get_run(again.run_id).data.tags["weights.source_run_id"] == result.run_id
 
 
@@ -239,10 +238,10 @@ def test_degradation_cifar10_runs_on_cifar_format_data(tmp_path: Path, uri: str,
     common = (f"tracking.uri={uri}", "tracking.log_model=false", "data.num_workers=0", "data.batch_size=4",
               f"train.output_dir={tmp_path / 'out'}")
     with pytest.raises(UserError, match="cifar10 is not at .*data/cifar-10-batches-py; extract") as err:
-        runner.run(path, common, say=lambda *_: None)
+        runner.run(path, common)
     assert str((tmp_path / "data" / "cifar-10-batches-py").resolve()) in str(err.value)
     write_cifar10(tmp_path / "data" / "cifar-10-batches-py")
-    result = runner.run(path, (*common, "train.epochs=2", "train.step_milestones=[1]"), say=lambda *_: None)
+    result = runner.run(path, (*common, "train.epochs=2", "train.step_milestones=[1]"))
     assert MlflowClient(uri).get_run(result.run_id).info.status == "FINISHED"
 
 
@@ -251,7 +250,7 @@ def test_degradation_shapes_runs(tmp_path: Path, uri: str, shapes: Path, monkeyp
     result = runner.run(REPO / "tasks" / "degradation_shapes.yaml",
                         (f"data.root={shapes}", f"tracking.uri={uri}", "tracking.log_model=false",
                          "data.num_workers=0", "train.epochs=1", "train.step_milestones=[]",
-                         f"train.output_dir={tmp_path / 'out'}"), say=lambda *_: None)
+                         f"train.output_dir={tmp_path / 'out'}"))
     client = MlflowClient(uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"

@@ -81,21 +81,21 @@ def store(tmp_path: Path, empty_store: Path, monkeypatch) -> str:
 
 
 def test_compare_table_from_runs(store: str, tmp_path: Path):
-    result = compare.run("handmade", uri=store, metric="val/loss", out=tmp_path / "plots", say=lambda *_: None)
+    result = compare.run("handmade", uri=store, metric="val/loss", out=tmp_path / "plots")
     assert [r.backbone for r in result.rows] == ["resnet18", "resnet50"]
     assert [r.value for r in result.rows] == pytest.approx([0.2, 0.1])
     assert result.logged_to is None  # no sweep: nowhere to log
     assert all(p.stat().st_size > 0 for p in result.files)
 
 
-def test_compare_by_a_tag_labels_rows_and_keeps_groups_apart(store: str, tmp_path: Path):
+def test_compare_by_a_tag_labels_rows_and_keeps_groups_apart(said, store: str, tmp_path: Path):
     """Transfer: the same backbone from a pretrained run and from random init, told apart by weights.source."""
     for source, top1 in (("runs:/abc", 0.95), ("none", 0.6)):
         tags = {"task": "classification", "backbone": "resnet18", "depth": "18", "weights.source": source}
         with tracking.Tracker.start(store, "transfer", run_name=source, params={}, tags=tags) as run:
             run.log_metrics({"val/top1": top1, "best/epoch": 1}, 1)
-    lines = []
-    result = compare.run("transfer", uri=store, by="weights.source", out=tmp_path / "plots", say=lines.append)
+    lines = said
+    result = compare.run("transfer", uri=store, by="weights.source", out=tmp_path / "plots")
     assert sorted((r.group, r.value) for r in result.rows) == [("none", 0.6), ("runs:/abc", 0.95)]
     header, *body = lines[0].splitlines()
     assert header.split()[:2] == ["backbone", "weights.source"]
@@ -121,7 +121,7 @@ def _training_run(uri: str, experiment: str, name: str, depth: int, top1: float,
 
 def _sweep(uri: str, experiment: str, epochs: int, top1: dict[str, float]) -> str:
     with tracking.Tracker.start(uri, experiment, run_name=f"sweep-{epochs}", params={},
-                                tags={"pipeline.study.sweep": "parent", "task": "classification"}) as parent:
+                                tags={"pipeline.sweep": "parent", "task": "classification"}) as parent:
         for name, value in top1.items():
             _training_run(uri, experiment, name, int(name.removeprefix("resnet")), value, epochs, parent.run_id)
     return parent.run_id
@@ -136,9 +136,8 @@ def sweeps(store: str) -> dict[str, str]:
     return {"demo": demo, "first": first, "latest": latest}
 
 
-def test_compare_defaults_to_the_latest_sweep(store: str, sweeps: dict[str, str], tmp_path: Path):
-    said = []
-    result = compare.run("demo", uri=store, out=tmp_path / "plots", say=said.append)
+def test_compare_defaults_to_the_latest_sweep(said, store: str, sweeps: dict[str, str], tmp_path: Path):
+    result = compare.run("demo", uri=store, out=tmp_path / "plots")
     assert {r.parent_run_id for r in result.rows} == {sweeps["latest"]}
     assert [(r.backbone, r.epochs, r.value) for r in result.rows] == [("resnet18", 3, 0.5), ("resnet34", 3, 0.55)]
     assert said[0].startswith(f"latest sweep {sweeps['latest'][:8]} (sweep-3): 2 runs; 3 more finished runs")
@@ -176,9 +175,8 @@ def test_compare_refuses_an_ambiguous_prefix_and_lists_the_candidates(store: str
     assert sweeps["latest"][:8] in result.output  # the sweeps there are named
 
 
-def test_compare_never_joins_runs_of_different_sweeps_or_epochs(store: str, sweeps: dict[str, str], tmp_path: Path):
-    said = []
-    result = compare.run("demo", uri=store, every=True, say=said.append)
+def test_compare_never_joins_runs_of_different_sweeps_or_epochs(said, store: str, sweeps: dict[str, str], tmp_path: Path):
+    result = compare.run("demo", uri=store, every=True)
     assert len(result.rows) == 5
     header, *body = said[0].splitlines()
     assert header.split()[-3:] == ["sweep", "run", "id"]
@@ -201,7 +199,7 @@ def test_compare_keeps_repeated_depths_of_one_sweep_apart(store: str):
     with tracking.Tracker.start(store, "lr", run_name="sweep", params={}, tags={}) as parent:
         for name, top1 in (("resnet18", 0.5), ("resnet18", 0.7), ("resnet34", 0.6)):
             _training_run(store, "lr", name, int(name[6:]), top1, epochs=2, parent=parent.run_id)
-    result = compare.run("lr", uri=store, say=lambda *_: None)
+    result = compare.run("lr", uri=store)
     (line,) = plots._vs_depth(result.rows, "val/top1").axes[0].get_lines()
     assert line.get_linestyle() == "None" and "not joined: repeated depths" in line.get_label()
 
@@ -252,7 +250,7 @@ def _degradation_run(uri: str, parent: str, name: str, epochs: int = 3) -> str:
 def degradation(store: str) -> str:
     """The issue's sweep: model.backbone.name=cifar_plain20,cifar_plain56,cifar_resnet20,cifar_resnet56."""
     with tracking.Tracker.start(store, "degradation_shapes", run_name="sweep", params={},
-                                tags={"pipeline.study.sweep": "parent", "task": "classification"}) as parent:
+                                tags={"pipeline.sweep": "parent", "task": "classification"}) as parent:
         for name in DEGRADATION:
             _degradation_run(store, parent.run_id, name)
     return parent.run_id
@@ -267,11 +265,10 @@ def test_family_is_the_name_without_its_depth(backbone: str, expected: str):
     assert family(backbone) == expected
 
 
-def test_plain_and_residual_nets_are_two_lines_and_each_metric_gets_a_column_and_a_plot(
+def test_plain_and_residual_nets_are_two_lines_and_each_metric_gets_a_column_and_a_plot(said, 
         store: str, degradation: str, tmp_path: Path):
-    said = []
     result = compare.run("degradation_shapes", uri=store, metric="train/error,val/top1", at="last",
-                         out=tmp_path / "figs", say=said.append)
+                         out=tmp_path / "figs")
     assert result.metrics == ["train/error", "val/top1"]
     # sorted by depth within each family, the families apart
     assert [r.backbone for r in result.rows] == ["cifar_plain20", "cifar_plain56", "cifar_resnet20", "cifar_resnet56"]
@@ -301,8 +298,7 @@ def test_plain_and_residual_nets_are_two_lines_and_each_metric_gets_a_column_and
 
 def test_at_last_takes_the_end_of_training_and_best_the_best_checkpoints_epoch(store: str, degradation: str):
     def values(at: str) -> list[float]:
-        result = compare.run("degradation_shapes", uri=store, metric=["val/top1", "train/error"], at=at,
-                             say=lambda *_: None)
+        result = compare.run("degradation_shapes", uri=store, metric=["val/top1", "train/error"], at=at)
         return [(r.values["val/top1"], r.values["train/error"]) for r in result.rows if r.backbone == "cifar_plain20"]
 
     # val/top1 is 0.88 at the best epoch (2) and 0.83 at the last (3); train/error is 0.2 at epoch 2, 0.1 at 3
@@ -310,11 +306,9 @@ def test_at_last_takes_the_end_of_training_and_best_the_best_checkpoints_epoch(s
     assert values("last") == [pytest.approx((0.83, 0.10))]
 
 
-def test_a_metric_logged_per_optimizer_step_reads_as_its_last_epochs_mean(store: str, degradation: str,
+def test_a_metric_logged_per_optimizer_step_reads_as_its_last_epochs_mean(said, store: str, degradation: str,
                                                                          tmp_path: Path):
-    said = []
-    result = compare.run("degradation_shapes", uri=store, metric="grad_norm/stem", out=tmp_path / "figs",
-                         say=said.append)  # --at best: no best epoch among optimizer steps, the same reading
+    result = compare.run("degradation_shapes", uri=store, metric="grad_norm/stem", out=tmp_path / "figs")  # --at best: no best epoch among optimizer steps, the same reading
     assert {r.backbone: r.value for r in result.rows} == pytest.approx(
         {name: grad for name, (_, _, grad) in DEGRADATION.items()})
     assert all(r.per_step["grad_norm/stem"] for r in result.rows)
@@ -346,15 +340,13 @@ def test_an_early_stopped_run_counts_the_epochs_it_ran(store: str):
         for step in range(1, 13):
             run.log_metrics({"custom/norm": 1.0 if step > 8 else 9.0}, step)
         run.log_metrics({"val/top1": 0.5, "best/epoch": 3}, 3)
-    (row,) = compare.run("early", uri=store, metric="custom/norm", say=lambda *_: None).rows
+    (row,) = compare.run("early", uri=store, metric="custom/norm").rows
     assert row.per_step["custom/norm"] and row.value == pytest.approx(1.0)
 
 
-def test_a_metric_only_some_runs_logged_shows_dashes_and_leaves_their_points_out(store: str, degradation: str,
+def test_a_metric_only_some_runs_logged_shows_dashes_and_leaves_their_points_out(said, store: str, degradation: str,
                                                                                  tmp_path: Path):
-    said = []
-    result = compare.run("degradation_shapes", uri=store, metric="val/top1,val/loss", out=tmp_path / "figs",
-                         say=said.append)
+    result = compare.run("degradation_shapes", uri=store, metric="val/top1,val/loss", out=tmp_path / "figs")
     notes = [line for line in said if line.startswith("val/loss: not logged by 2 of 4 runs")]
     assert len(notes) == 1 and "cifar_plain20" in notes[0] and "cifar_plain56" in notes[0]
     header, *body = next(line for line in said if line.startswith("backbone")).splitlines()

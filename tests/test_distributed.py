@@ -18,7 +18,7 @@ def test_two_processes_match_one_on_the_same_global_batch(task_file, uri, tmp_pa
     monkeypatch.chdir(tmp_path)
     path = task_file(train={"epochs": 2, "precision": "fp32", "log_every": 1},
                      finetune={"bn": "eval"}, tracking={"uri": uri, "log_model": False, "experiment": "single"})
-    single = runner.run(path, (f"train.output_dir={tmp_path / 'one'}", "data.batch_size=16"), say=lambda *_: None)
+    single = runner.run(path, (f"train.output_dir={tmp_path / 'one'}", "data.batch_size=16"))
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(

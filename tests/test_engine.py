@@ -127,17 +127,16 @@ def test_gradient_accumulation_matches_a_big_batch():
     assert torch.allclose(trained(accum=4, batch=2), trained(accum=1, batch=8), atol=1e-6)
 
 
-def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path: Path):
+def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(said, tmp_path: Path):
     for epoch in (1, 2):
         checkpoint.save({"epoch": epoch, "w": torch.randn(1000)}, tmp_path / checkpoint.LAST, keep_previous=True)
     assert checkpoint.load_resumable(tmp_path)["epoch"] == 2
     last = tmp_path / checkpoint.LAST
     last.write_bytes(last.read_bytes()[:300])  # e.g. a disk that filled up under another writer
-    said = []
-    assert checkpoint.load_resumable(tmp_path, say=said.append)["epoch"] == 1
+    assert checkpoint.load_resumable(tmp_path)["epoch"] == 1
     assert "resuming from the previous checkpoint" in said[0]
     last.unlink()
-    assert checkpoint.load_resumable(tmp_path, say=said.append)["epoch"] == 1
+    assert checkpoint.load_resumable(tmp_path)["epoch"] == 1
     (tmp_path / checkpoint.PREVIOUS).unlink()
     with pytest.raises(UserError, match="not found; run without --resume"):
         checkpoint.load_resumable(tmp_path)

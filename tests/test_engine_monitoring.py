@@ -84,12 +84,11 @@ def test_data_wait_note_names_the_remedies():
     assert "45%" in note and "data.num_workers" in note and "data.cache_mb" in note and "data.image_size" in note
 
 
-def test_a_run_logs_monitoring_metrics(task_file, uri: str, tmp_path: Path, monkeypatch):
+def test_a_run_logs_monitoring_metrics(said, task_file, uri: str, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = task_file(train={"epochs": 2, "log_every": 2}, tracking={"uri": uri, "log_model": False})
-    lines = []
-    result = runner.run(path, ("finetune.freeze=[stem,layer1]", "train.log_grad_norms=true", "train.threads=1"),
-                        say=lines.append)
+    lines = said
+    result = runner.run(path, ("finetune.freeze=[stem,layer1]", "train.log_grad_norms=true", "train.threads=1"))
     client = MlflowClient(uri)
     run = client.get_run(result.run_id)
     metrics = run.data.metrics
@@ -106,7 +105,7 @@ def test_a_run_logs_monitoring_metrics(task_file, uri: str, tmp_path: Path, monk
 def test_system_metrics_switch(task_file, uri: str, tmp_path: Path, monkeypatch, every):
     monkeypatch.chdir(tmp_path)
     path = task_file(train={"epochs": 1}, tracking={"uri": uri, "log_model": False, "system_metrics_every": every})
-    result = runner.run(path, (), say=lambda *_: None)
+    result = runner.run(path, ())
     logged = {k for k in MlflowClient(uri).get_run(result.run_id).data.metrics if k.startswith("system/")}
     assert ("system/cpu_utilization_percentage" in logged and "system/system_memory_usage_megabytes" in logged) \
         if every else not logged

@@ -53,7 +53,7 @@ def checkpoints(module_dir: Path) -> dict[str, Path]:
         info = DataInfo(classes=data["classes"], train_size=10, val_size=4, mean=MEAN, std=STD,
                         image_size=cfg.data.image_size, facts=task.facts.from_dict(data) if task.facts else None)
         torch.manual_seed(0)
-        model = task.build_model(cfg.model, info, say=lambda *_: None)
+        model = task.build_model(cfg.model, info)
         if name == "detection":  # untrained class scores are all near 1/3: spread them as training would
             with torch.no_grad():
                 model.roi_heads.box_predictor.cls_score.weight *= 20
@@ -112,7 +112,7 @@ def test_torchscript_export_checks_and_loads(name, checkpoints, tmp_path: Path):
 def test_the_sizes_each_task_takes(checkpoints, tmp_path: Path):
     """Classification, segmentation and detection take any image size; face flattens a fixed-size map, says so."""
     for name, note in (("segmentation", "any image size"), ("face", "32x32 images only")):
-        result = export.run(str(checkpoints[name]), "onnx", tmp_path / f"{name}.onnx", say=lambda *_: None)
+        result = export.run(str(checkpoints[name]), "onnx", tmp_path / f"{name}.onnx")
         assert result.dynamic_size == (note == "any image size")
         assert result.checked_shapes == ([(2, 3, 32, 32), (1, 3, 64, 32)] if result.dynamic_size
                                          else [(2, 3, 32, 32), (3, 3, 32, 32)])

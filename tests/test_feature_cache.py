@@ -16,7 +16,7 @@ def test_cached_features_match_uncached_training(task_file, tmp_path: Path, monk
     path = task_file(data={"train_transforms": DETERMINISTIC},
                      train={"epochs": 2, "lr": 1e-2, "precision": "fp32", "warmup_epochs": 0},
                      finetune={"freeze": "all", "bn": "frozen"})
-    quiet = dict(say=lambda *_: None)
+    quiet = dict()
     plain = runner.run(path, (f"train.output_dir={tmp_path / 'plain'}",), **quiet)
     cached = runner.run(path, (f"train.output_dir={tmp_path / 'cached'}", "finetune.cache_features=true"), **quiet)
     a = checkpoint.load(plain.output_dir / checkpoint.LAST)["model"]
@@ -34,5 +34,5 @@ def test_cache_refuses_random_transforms_unless_views_are_asked(task_file, tmp_p
     result = CliRunner().invoke(main, ["run", str(path)])
     assert result.exit_code == 1
     assert "finetune.cache_features: data.train_transforms are random" in result.output
-    views = runner.run(path, ("finetune.cached_views=2",), say=lambda *_: None)
+    views = runner.run(path, ("finetune.cached_views=2",))
     assert views.best >= 0.0

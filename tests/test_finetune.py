@@ -188,7 +188,7 @@ def test_run_from_a_state_dict_keeps_frozen_tensors_and_lr_ratios(task_file, uri
     path = task_file(model={"backbone": {"name": "resnet18", "weights": str(tmp_path / "resnet18.pth")}},
                      train={"epochs": 2, "lr": 1e-2, "warmup_epochs": 0.5})
     result = runner.run(path, ("finetune.freeze=[stem,layer1,layer2]", "finetune.bn=frozen",
-                               "finetune.layer_decay=0.5"), say=lambda *_: None)
+                               "finetune.layer_decay=0.5"))
     client = MlflowClient(uri)
     local = client.download_artifacts(result.run_id, "checkpoints/best.pt", str(tmp_path / "dl"))
     logged = {k.removeprefix("backbone.body."): v for k, v in checkpoint.load(Path(local))["model"].items()}
@@ -206,15 +206,14 @@ def test_run_from_a_state_dict_keeps_frozen_tensors_and_lr_ratios(task_file, uri
     assert tags["frozen_stages"] == "stem,layer1,layer2" and tags["weights"] == str(tmp_path / "resnet18.pth")
 
 
-def test_gradual_unfreezing_in_a_run(task_file, uri, tmp_path, monkeypatch):
+def test_gradual_unfreezing_in_a_run(said, task_file, uri, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     from pipeline.train import runner
 
     monkeypatch.chdir(tmp_path)
-    said = []
     path = task_file(train={"epochs": 2, "log_every": 1})
-    result = runner.run(path, ("finetune.freeze=all", "finetune.unfreeze={layer4: 2}"), say=said.append)
+    result = runner.run(path, ("finetune.freeze=all", "finetune.unfreeze={layer4: 2}"))
     assert any("epoch 2: unfreezing layer4" in line for line in said)
     client = MlflowClient(uri)
     assert [m.step for m in client.get_metric_history(result.run_id, "unfreeze/layer4")] == [2]

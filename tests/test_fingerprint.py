@@ -8,7 +8,7 @@ import yaml
 
 from pipeline.data import fingerprint, synth_coco, synth_faces
 from pipeline.tasks.classification.data import build_datasets
-from pipeline.train import runner
+from pipeline.train import describe, runner
 
 
 def splits(root: Path):
@@ -38,7 +38,8 @@ def test_digest_follows_the_files_not_the_folder(shapes: Path, tmp_path: Path):
 
 
 def test_cifar_in_memory_lists_the_batches_it_was_read_from(tmp_path: Path):
-    from pipeline.tasks.classification.data import CifarDataset, cifar_files
+    from pipeline.tasks.classification.cifar import cifar_files
+    from pipeline.tasks.classification.data import CifarDataset
 
     folder = tmp_path / "cifar-10-batches-py"
     train, test = cifar_files(folder, "cifar10", train=True), cifar_files(folder, "cifar10", train=False)
@@ -68,8 +69,8 @@ def test_every_task_records_the_files_each_split_reads(task, data, scenes_and_fa
         "model": {"backbone": {"name": "resnet18", "weights": "none"}},
         "train": {"output_dir": str(tmp_path / "out")}, "tracking": {"uri": uri}}))
     setup = runner.prepare(path)
-    built = runner.build_data(setup, say=lambda *_: None)
+    built = runner.build_data(setup)
     assert all(split.files() for split in (built.train, built.val))
-    train, val = runner.dataset_records(setup, built)
+    train, val = describe.dataset_records(setup.cfg.data.root, built.train, built.val)
     assert (train.context, val.context) == ("training", "validation") and train.digest != val.digest
     assert (train.rows, val.rows) == (len(built.train), len(built.val))

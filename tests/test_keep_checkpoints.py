@@ -13,7 +13,7 @@ KEPT = {"best": {"best.pt"}, "last": {"best.pt", "last.pt"}, "all": {"best.pt", 
 @pytest.mark.parametrize("keep", KEPT)
 def test_a_finished_run_keeps_what_keep_checkpoints_says(keep: str, task_file, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = runner.run(task_file(train={"epochs": 2, "keep_checkpoints": keep}), say=lambda *_: None)
+    result = runner.run(task_file(train={"epochs": 2, "keep_checkpoints": keep}))
     assert {p.name for p in result.output_dir.glob("*.pt")} == KEPT[keep]
     best = checkpoint.load(result.output_dir / checkpoint.BEST)
     assert "optimizer" not in best and "model" in best  # weights and fit state: what predict and export read
@@ -21,17 +21,16 @@ def test_a_finished_run_keeps_what_keep_checkpoints_says(keep: str, task_file, t
         assert checkpoint.load(result.output_dir / checkpoint.LAST)["optimizer"]["state"]  # what --resume needs
 
 
-def test_the_default_keeps_no_previous_checkpoint_and_resumes(task_file, tmp_path: Path, monkeypatch):
+def test_the_default_keeps_no_previous_checkpoint_and_resumes(said, task_file, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = task_file(train={"epochs": 3})
     out = tmp_path / "out"
     out.mkdir()
     # a last.prev.pt of an earlier run: a damaged last.pt must never fall back to another run's state
     checkpoint.save({"fit": {"epoch": 9}}, out / checkpoint.PREVIOUS)
-    first = runner.run(path, ("train.epochs=2",), say=lambda *_: None)
+    first = runner.run(path, ("train.epochs=2",))
     assert {p.name for p in first.output_dir.glob("*.pt")} == {"best.pt", "last.pt"}
-    said = []
-    resumed = runner.run(path, resume=True, say=said.append)
+    resumed = runner.run(path, resume=True)
     assert resumed.run_id == first.run_id and any("after epoch 2" in line for line in said)
     assert checkpoint.load(out / checkpoint.LAST)["fit"]["epoch"] == 3
 

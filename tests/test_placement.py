@@ -19,7 +19,7 @@ def own_data(shapes: Path, tmp_path: Path) -> Path:
 
 
 def place(path: Path, *overrides: str) -> tuple[str, Path]:
-    setup = runner.prepare(path, overrides, say=lambda *_: None)
+    setup = runner.prepare(path, overrides)
     return setup.experiment, setup.output_dir
 
 
@@ -34,13 +34,13 @@ def test_the_place_follows_the_data_unless_named(task_file, shapes: Path, own_da
     assert place(path, f"data.root={own_data}", "train.output_dir=elsewhere") == ("tiny-my_images", Path("elsewhere"))
 
 
-def test_a_run_on_your_data_lands_in_its_own_experiment(task_file, own_data: Path, uri: str, tmp_path: Path,
+def test_a_run_on_your_data_lands_in_its_own_experiment(said, task_file, own_data: Path, uri: str, tmp_path: Path,
                                                        monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = task_file(train={"output_dir": None, "epochs": 1})
-    demo = runner.run(path, say=lambda *_: None)
-    said = []
-    mine = runner.run(path, (f"data.root={own_data}",), say=said.append)
+    demo = runner.run(path)
+    before = len(said)
+    mine = runner.run(path, (f"data.root={own_data}",))
     client = MlflowClient(uri)
     experiment_of = {run: client.get_experiment(client.get_run(run).info.experiment_id).name
                      for run in (demo.run_id, mine.run_id)}
@@ -48,17 +48,17 @@ def test_a_run_on_your_data_lands_in_its_own_experiment(task_file, own_data: Pat
     assert demo.output_dir == Path("outputs/tiny/resnet18")
     assert mine.output_dir == Path("outputs/tiny-my_images/resnet18")
     assert (demo.output_dir / checkpoint.BEST).exists() and (mine.output_dir / checkpoint.BEST).exists()
-    assert said[0].startswith(f"data.root {own_data} is not tiny.yaml's own data: experiment 'tiny-my_images'")
+    assert said[before].startswith(f"data.root {own_data} is not tiny.yaml's own data: experiment 'tiny-my_images'")
 
 
 def test_a_folder_of_another_datasets_checkpoints_is_never_replaced(task_file, own_data: Path, tmp_path: Path,
                                                                    monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = task_file(train={"output_dir": None, "epochs": 1})
-    runner.run(path, (f"data.root={own_data}",), say=lambda *_: None)
+    runner.run(path, (f"data.root={own_data}",))
     namesake = Path(shutil.copytree(own_data, tmp_path / "other" / "my_images"))  # another dataset, the same name
     with pytest.raises(UserError, match="holds checkpoints trained on .*my_images, not .*other/my_images"):
-        runner.prepare(path, (f"data.root={namesake}",), say=lambda *_: None)
+        runner.prepare(path, (f"data.root={namesake}",))
     result = CliRunner().invoke(main, ["run", str(path), f"data.root={namesake}"])
     assert result.exit_code == 1
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
@@ -73,7 +73,7 @@ def test_a_sweep_on_your_data_keeps_its_runs_together(task_file, own_data: Path,
 
     monkeypatch.chdir(tmp_path)
     path = task_file(train={"output_dir": None, "epochs": 1})
-    result = sweep.run(path, ("train.lr=0.001,0.002", f"data.root={own_data}"), say=lambda *_: None)
+    result = sweep.run(path, ("train.lr=0.001,0.002", f"data.root={own_data}"))
     client = MlflowClient(uri)
     runs = [result.parent_run_id, *(c.run_id for c in result.children)]
     assert {client.get_experiment(client.get_run(r).info.experiment_id).name for r in runs} == {"tiny-my_images"}

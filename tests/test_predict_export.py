@@ -45,7 +45,7 @@ def trained(module_dir: Path, empty_store: Path, shapes: Path):
         "tracking": {"uri": uri, "log_model": True}}))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
-        result = runner.run(task, say=lambda *_: None)
+        result = runner.run(task)
         experiment = mlflow.MlflowClient(uri).get_experiment_by_name("tiny").experiment_id
         with tracking.process_tracking_uri(uri):
             (model,) = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
@@ -92,7 +92,7 @@ def test_predict_from_checkpoint_run_and_logged_model_agree(trained, tmp_path: P
 
 def test_onnx_export_matches_pytorch_at_another_size_and_is_logged(trained, tmp_path: Path):
     out = tmp_path / "model.onnx"
-    result = export.run(trained["run_id"], "onnx", out, uri=trained["uri"], log_to_run=True, say=lambda *_: None)
+    result = export.run(trained["run_id"], "onnx", out, uri=trained["uri"], log_to_run=True)
     assert result.agreement.worst <= export_checks.TOLERANCE["atol"] and result.dynamic_size
     # an independent check: a batch of 3 at 48 px, neither of which the export saw
     images = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(1))

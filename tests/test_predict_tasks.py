@@ -71,7 +71,7 @@ def runs(module_dir: Path, empty_store: Path) -> dict:
         for name, cfg in _configs(scenes, faces, folder / "out", uri).items():
             path = folder / f"{name}_tiny.yaml"
             path.write_text(yaml.safe_dump(cfg))
-            ids[name] = runner.run(path, say=lambda *_: None).run_id
+            ids[name] = runner.run(path).run_id
         yield {"uri": uri, "ids": ids, "scenes": scenes, "faces": faces, "folder": folder}
 
 

@@ -21,7 +21,7 @@ def run_cli(*args: str):
 def test_run_trains_and_logs_everything(task_file, uri: str, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MLflow artifacts go under ./mlruns
     path = task_file(train={"epochs": 3, "lr": 2e-3}, tracking={"uri": uri, "log_model": True})
-    result = runner.run(path, ("finetune.freeze=[stem]",), say=lambda *_: None)
+    result = runner.run(path, ("finetune.freeze=[stem]",))
     client = MlflowClient(uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -84,7 +84,7 @@ def test_run_trains_and_logs_everything(task_file, uri: str, tmp_path: Path, mon
 def test_resume_continues_the_same_run(task_file, uri: str, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = task_file(train={"epochs": 3})
-    first = runner.run(path, ("train.epochs=2",), say=lambda *_: None)
+    first = runner.run(path, ("train.epochs=2",))
     ckpt = checkpoint.load(first.output_dir / checkpoint.LAST)
     assert ckpt["fit"]["epoch"] == 2 and ckpt["run_id"] == first.run_id
     # the run was interrupted before epoch 3: resume finishes it in the same MLflow run
@@ -106,8 +106,8 @@ def test_resume_continues_the_same_run(task_file, uri: str, tmp_path: Path, monk
 def test_seeded_cpu_runs_repeat(task_file, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = task_file(train={"epochs": 1, "precision": "fp32"})
-    a = runner.run(path, ("train.output_dir=" + str(tmp_path / "a"),), say=lambda *_: None)
-    b = runner.run(path, ("train.output_dir=" + str(tmp_path / "b"),), say=lambda *_: None)
+    a = runner.run(path, ("train.output_dir=" + str(tmp_path / "a"),))
+    b = runner.run(path, ("train.output_dir=" + str(tmp_path / "b"),))
     wa = checkpoint.load(a.output_dir / checkpoint.LAST)["model"]
     wb = checkpoint.load(b.output_dir / checkpoint.LAST)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -126,14 +126,13 @@ def test_debug_flag_shows_the_traceback(task_file, tmp_path, monkeypatch):
     assert result.exit_code == 1 and "Traceback" in result.output
 
 
-def test_resume_survives_a_truncated_last_checkpoint(task_file, uri: str, tmp_path: Path, monkeypatch):
+def test_resume_survives_a_truncated_last_checkpoint(said, task_file, uri: str, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = task_file(train={"epochs": 3, "keep_checkpoints": "all"})  # all: last.prev.pt too
-    first = runner.run(path, ("train.epochs=2",), say=lambda *_: None)
+    first = runner.run(path, ("train.epochs=2",))
     last = first.output_dir / checkpoint.LAST
     last.write_bytes(last.read_bytes()[:1000])
-    said = []
-    result = runner.run(path, resume=True, say=said.append)
+    result = runner.run(path, resume=True)
     assert result.run_id == first.run_id
     assert any("after epoch 1" in line for line in said)  # epoch 2 is trained again from the previous checkpoint
     assert checkpoint.load(last)["fit"]["epoch"] == 3
@@ -185,7 +184,7 @@ def test_compile_and_small_conv_are_wired_into_the_run(compile_, task_file, uri:
 
     monkeypatch.setattr(runner.engine, "fit", fit)
     path = task_file(train={"epochs": 1, "compile": compile_}, tracking={"uri": uri, "log_model": True})
-    result = runner.run(path, say=lambda *_: None)
+    result = runner.run(path)
     assert compiled == (["Classifier"] if compile_ else [])
     (trained,) = seen
     if compile_:

@@ -94,7 +94,7 @@ def trained(store: Path, shapes: Path):
         path.write_text(yaml.safe_dump(cfg))
         with pytest.MonkeyPatch.context() as mp:
             mp.chdir(store)  # artifacts go under ./mlruns
-            result = runner.run(path, say=lambda *_: None)
+            result = runner.run(path)
         experiment = mlflow.MlflowClient(uri).get_experiment_by_name(task).experiment_id
         with tracking.process_tracking_uri(uri):
             (model,) = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")

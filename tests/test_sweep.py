@@ -104,24 +104,22 @@ def test_compare_prints_both_depths_and_logs_plots_to_the_parent(swept, tmp_path
     assert {"compare/metric_vs_depth.png", "compare/metric_vs_gflops.png", "compare/curves.png"} <= logged
 
 
-def test_a_failed_child_does_not_stop_the_sweep_and_resume_reruns_only_it(tmp_path, empty_store, shapes, monkeypatch):
+def test_a_failed_child_does_not_stop_the_sweep_and_resume_reruns_only_it(said, tmp_path, empty_store, shapes, monkeypatch):
     shutil.copy(empty_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     task = write_task(tmp_path, shapes, uri)
     monkeypatch.chdir(tmp_path)
     args = ("finetune.freeze=[layer9],all",)  # the first child names a stage resnet18 does not have
     with pytest.raises(UserError, match="1 of 2 sweep runs failed"):
-        sweep.run(task, args, say=lambda *_: None)
+        sweep.run(task, args)
     client = MlflowClient(uri)
     children = {r.data.tags["finetune.freeze"]: r for r in runs_of(client) if "finetune.freeze" in r.data.tags}
     assert children["[layer9]"].info.status == "FAILED" and "layer9" in children["[layer9]"].data.tags["error"]
     assert children["all"].info.status == "FINISHED"  # the sweep went on after the failure
     parent = next(r for r in runs_of(client) if r.data.tags.get(sweep.ROLE_TAG) == "parent")
     assert parent.info.status == "FAILED"
-
-    said: list[str] = []
     with pytest.raises(UserError):  # the bad child fails again; the finished one is not rerun
-        sweep.run(task, args, resume=True, say=said.append)
+        sweep.run(task, args, resume=True)
     runs = runs_of(client)
     assert sum(r.data.tags.get(sweep.ROLE_TAG) == "parent" for r in runs) == 1  # the same parent, reopened
     assert sorted(r.data.tags.get("finetune.freeze", "") for r in runs) == ["", "[layer9]", "[layer9]", "all"]

@@ -42,8 +42,8 @@ def image_folder(root: Path, width: int, height: int) -> Path:
 
 def quickstart_data(tmp_path: Path, overrides: list[str]):
     """The quickstart's config and datasets through the runner's own stages, on the data its overrides name."""
-    setup = runner.prepare(QUICKSTART, [f"train.output_dir={tmp_path / 'out'}", *overrides], say=lambda *_: None)
-    return runner.build_data(setup, say=lambda *_: None)
+    setup = runner.prepare(QUICKSTART, [f"train.output_dir={tmp_path / 'out'}", *overrides])
+    return runner.build_data(setup)
 
 
 # -- the size check -------------------------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def test_specs_that_agree_but_miss_image_size_are_refused(tmp_path):
 def test_the_probe_leaves_augmentation_as_a_run_without_it_would_see(tmp_path):
     root = image_folder(tmp_path / "images", 64, 64)
     checked = quickstart_data(tmp_path, [f"data.root={root}"]).train  # item 0 went through the random shift
-    setup = runner.prepare(QUICKSTART, [f"data.root={root}"], say=lambda *_: None)
+    setup = runner.prepare(QUICKSTART, [f"data.root={root}"])
     mean, std = backbones.pretrained_mean_std(setup.cfg.model.backbone.name)
     unchecked = registry.get("classification").build_data(setup.cfg.data, mean=mean, std=std, seed=setup.cfg.seed).train
     assert torch.equal(checked[1][0], unchecked[1][0])  # (feature caching reads views this way, without reseeding)

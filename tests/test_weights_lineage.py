@@ -12,6 +12,7 @@ import yaml
 from click.testing import CliRunner
 from mlflow import MlflowClient
 from safetensors.torch import save_file
+from said import said_lines
 
 from pipeline import config, tracking
 from pipeline.cli import main
@@ -64,8 +65,8 @@ def cls_run(store: dict, shapes: Path) -> dict:
             "tracking": {"uri": store["uri"], "log_model": True, "register": NAME}}
     path = store["folder"] / "cls.yaml"
     path.write_text(yaml.safe_dump(task))
-    lines: list[str] = []
-    result = runner.run(path, say=lines.append)
+    with said_lines() as lines:
+        result = runner.run(path)
     ckpt = torch.load(store["folder"] / "cls" / "best.pt", map_location="cpu", weights_only=True)
     backbone = {k.removeprefix("backbone.body."): v for k, v in ckpt["model"].items() if k.startswith("backbone.body.")}
     return {"id": result.run_id, "backbone": backbone, "lines": lines,
@@ -81,8 +82,7 @@ def build(task: str, weights: str, uri: str, **model):
     cfg = task_config(task, weights, **model)
     with tracked.fetch(weights, uri, cfg.model.backbone.name) as fetched:
         backbone = cfg.model.backbone.model_copy(update={"weights": str(fetched.path)})
-        built = registry.get(task).build_model(cfg.model.model_copy(update={"backbone": backbone}), INFOS[task],
-                                               say=lambda *_: None)
+        built = registry.get(task).build_model(cfg.model.model_copy(update={"backbone": backbone}), INFOS[task])
         tracked.relabel(built.backbone, fetched)
     return built
 
@@ -121,7 +121,7 @@ def test_a_classification_run_starts_every_task(store: dict, cls_run: dict, task
                                      "head.")
 
 
-def test_a_detection_run_from_runs_records_its_lineage(store: dict, cls_run: dict, tmp_path_factory):
+def test_a_detection_run_from_runs_records_its_lineage(said, store: dict, cls_run: dict, tmp_path_factory):
     scenes = synth_coco.generate(tmp_path_factory.mktemp("scenes"), image_size=64, train_images=4, val_images=2)
     task = {"task": "detection",
             "data": {"root": str(scenes), "image_size": 64, "batch_size": 2, "num_workers": 0},
@@ -130,9 +130,9 @@ def test_a_detection_run_from_runs_records_its_lineage(store: dict, cls_run: dic
             "tracking": {"uri": store["uri"], "log_model": False}}
     path = store["folder"] / "det.yaml"
     path.write_text(yaml.safe_dump(task))
-    lines: list[str] = []
+    lines = said
     source = f"runs:/{cls_run['id']}"
-    result = runner.run(path, (f"model.backbone.weights={source}",), say=lines.append)
+    result = runner.run(path, (f"model.backbone.weights={source}",))
     tags = MlflowClient(store["uri"]).get_run(result.run_id).data.tags
     assert tags["weights.source"] == tags["weights"] == source
     assert tags["weights.source_run_id"] == cls_run["id"] and tags["weights.source_task"] == "classification"
@@ -146,7 +146,7 @@ def test_a_detection_run_from_runs_records_its_lineage(store: dict, cls_run: dic
 def test_hub_and_file_weights_record_their_lineage_too(store: dict, cls_run: dict):
     """Any weights: the checkpoint file a run wrote names that run."""
     built = registry.get("face").build_model(task_config("face", str(store["folder"] / "cls" / "best.pt")).model,
-                                      INFOS["face"], say=lambda *_: None)
+                                      INFOS["face"])
     lineage = built.backbone.lineage
     assert (lineage.run_id, lineage.task, lineage.loaded) == (cls_run["id"], "classification",
                                                               len(cls_run["backbone"]))

@@ -6,27 +6,7 @@
     shipped.py      the task files and fragments inside the package; built-in tasks by name
     placement.py    where a run goes: its MLflow experiment and its checkpoint folder
 """
-from pipeline.config.load import (
-                                  apply_override,
-                                  compose,
-                                  deep_merge,
-                                  format_validation_error,
-                                  load,
-                                  read_yaml,
-                                  to_yaml,
-                                  validate,
-)
-from pipeline.config.sections import (
-                                  BackboneConfig,
-                                  DataConfig,
-                                  FinetuneConfig,
-                                  ModelConfig,
-                                  Section,
-                                  TaskConfig,
-                                  TrackingConfig,
-                                  TrainConfig,
-)
+from pipeline.config.load import apply_override, compose, deep_merge, load, read_yaml, to_yaml, validate
+from pipeline.config.sections import TaskConfig
 
-__all__ = ["BackboneConfig", "DataConfig", "FinetuneConfig", "ModelConfig", "Section", "TaskConfig",
-           "TrackingConfig", "TrainConfig", "apply_override", "compose", "deep_merge", "format_validation_error",
-           "load", "read_yaml", "to_yaml", "validate"]
+__all__ = ["TaskConfig", "apply_override", "compose", "deep_merge", "load", "read_yaml", "to_yaml", "validate"]

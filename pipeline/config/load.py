@@ -18,16 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from pipeline.config import shipped
 from pipeline.config.interpolate import interpolate
-from pipeline.config.sections import (  # noqa: F401
-    BackboneConfig,
-    DataConfig,
-    FinetuneConfig,
-    ModelConfig,
-    Section,
-    TaskConfig,
-    TrackingConfig,
-    TrainConfig,
-)
+from pipeline.config.sections import TaskConfig
 from pipeline.errors import UserError, did_you_mean
 
 # The fragments inside the installed package (a checkout's configs/ through a symlink): the `defaults:` fallback.

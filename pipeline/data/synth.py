@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,32 +74,41 @@ def generate(
 ) -> Path:
     """Write the classification dataset under `out` and return `out/classification` (the ImageFolder root)."""
     out = Path(out)
-    target = out / "classification"
-    if target.exists() and not overwrite:
-        raise UserError(f"'{target}' already exists; delete it or generate with overwrite (--overwrite) "
-                        "to regenerate the shapes dataset")
     if seed < 0 or image_size < 16 or train_per_class < 1 or val_per_class < 1:
         raise UserError(f"synthetic data needs seed >= 0, image_size >= 16 and at least 1 image per class and split; "
                         f"got seed={seed}, image_size={image_size}, train_per_class={train_per_class}, "
                         f"val_per_class={val_per_class}")
-    # Write into a scratch folder and rename at the end, so an interrupted run never looks like a finished one.
-    scratch = out / ".classification.partial"
-    shutil.rmtree(scratch, ignore_errors=True)
     counts = {"train": train_per_class, "val": val_per_class}
-    for split_index, split in enumerate(SPLITS):
-        for class_index, kind in enumerate(SHAPES):
-            folder = scratch / split / kind
-            folder.mkdir(parents=True)
-            for index in range(counts[split]):
-                rng = np.random.default_rng([seed, split_index, class_index, index])
-                image, _ = render_single_shape(rng, kind, image_size)
-                Image.fromarray(image).save(folder / f"{index:04d}.png", format="PNG")
-    shutil.rmtree(target, ignore_errors=True)
-    scratch.rename(target)
+    with written(out, "classification", overwrite) as scratch:
+        for split_index, split in enumerate(SPLITS):
+            for class_index, kind in enumerate(SHAPES):
+                folder = scratch / split / kind
+                folder.mkdir(parents=True)
+                for index in range(counts[split]):
+                    rng = np.random.default_rng([seed, split_index, class_index, index])
+                    image, _ = render_single_shape(rng, kind, image_size)
+                    Image.fromarray(image).save(folder / f"{index:04d}.png", format="PNG")
     readme = _README.format(seed=seed, image_size=image_size, train=train_per_class, val=val_per_class,
                             n=len(SHAPES), classes=", ".join(SHAPES), lo=SIZE_RANGE[0], hi=SIZE_RANGE[1])
     (out / "README.txt").write_text(readme)
-    return target
+    return out / "classification"
+
+
+@contextmanager
+def written(out: Path, kind: str, overwrite: bool) -> Iterator[Path]:
+    """A scratch folder to write synthetic dataset `kind` into, renamed to `out/<kind>` when the block ends without an
+    error, so that an interrupted generation never looks like a finished one. An existing `out/<kind>` is refused
+    unless `overwrite`."""
+    target = out / kind
+    if target.exists() and not overwrite:
+        raise UserError(f"'{target}' already exists; delete it or generate with overwrite (--overwrite) to "
+                        "regenerate it")
+    scratch = out / f".{kind}.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    yield scratch
+    shutil.rmtree(target, ignore_errors=True)
+    scratch.rename(target)
 
 
 def render_single_shape(rng: np.random.Generator, kind: str, image_size: int) -> tuple[np.ndarray, DrawnShape]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -37,41 +36,40 @@ def generate(out: Path, seed: int = 0, overwrite: bool = False, image_size: int 
              val_images: int = 100) -> Path:
     """Write the scenes under `out/coco` and return that folder."""
     out = Path(out)
-    target = out / "coco"
-    if target.exists() and not overwrite:
-        raise UserError(f"'{target}' already exists; delete it or generate with overwrite (--overwrite)")
     if seed < 0 or image_size < 32 or train_images < 1 or val_images < 1:
         raise UserError(f"synthetic COCO data needs seed >= 0, image_size >= 32 and at least one image per split; "
                         f"got seed={seed}, image_size={image_size}, train_images={train_images}, "
                         f"val_images={val_images}")
-    scratch = out / ".coco.partial"
-    shutil.rmtree(scratch, ignore_errors=True)
-    (scratch / "annotations").mkdir(parents=True)
-    for split_index, (split, count) in enumerate((("train", train_images), ("val", val_images))):
-        (scratch / "images" / split).mkdir(parents=True)
-        (scratch / "masks" / split).mkdir(parents=True)
-        images, annotations = [], []
-        for index in range(count):
-            rng = np.random.default_rng([seed, 100 + split_index, index])
-            image, shapes = render_scene(rng, image_size)
-            name = f"{index:04d}.png"
-            Image.fromarray(image).save(scratch / "images" / split / name, format="PNG")
-            images.append({"id": index + 1, "file_name": name, "width": image_size, "height": image_size})
-            mask = np.zeros((image_size, image_size), dtype=np.uint8)
-            for drawn in shapes:
-                ann = _annotation(len(annotations) + 1, index + 1, drawn, image_size)
-                annotations.append(ann)
-                label = synth.SHAPES.index(drawn.kind) + 1
-                mask[_rasterise(ann["segmentation"], image_size) > 0] = label
-            Image.fromarray(mask, mode="L").save(scratch / "masks" / split / name, format="PNG")
-        coco = {"info": {"description": f"synthetic shapes scenes, seed {seed}"}, "images": images,
-                "annotations": annotations,
-                "categories": [{"id": CATEGORY_IDS[k], "name": k, "supercategory": "shape"} for k in synth.SHAPES]}
-        (scratch / "annotations" / f"{split}.json").write_text(json.dumps(coco))
-    (scratch / "classes.txt").write_text("\n".join(("background",) + synth.SHAPES) + "\n")
-    shutil.rmtree(target, ignore_errors=True)
-    scratch.rename(target)
-    return target
+    with synth.written(out, "coco", overwrite) as scratch:
+        (scratch / "annotations").mkdir()
+        for split_index, (split, count) in enumerate((("train", train_images), ("val", val_images))):
+            _write_split(scratch, split, split_index, count, seed, image_size)
+        (scratch / "classes.txt").write_text("\n".join(("background",) + synth.SHAPES) + "\n")
+    return out / "coco"
+
+
+def _write_split(scratch: Path, split: str, split_index: int, count: int, seed: int, image_size: int) -> None:
+    """One split's images, class masks and annotation file."""
+    (scratch / "images" / split).mkdir(parents=True)
+    (scratch / "masks" / split).mkdir(parents=True)
+    images, annotations = [], []
+    for index in range(count):
+        rng = np.random.default_rng([seed, 100 + split_index, index])
+        image, shapes = render_scene(rng, image_size)
+        name = f"{index:04d}.png"
+        Image.fromarray(image).save(scratch / "images" / split / name, format="PNG")
+        images.append({"id": index + 1, "file_name": name, "width": image_size, "height": image_size})
+        mask = np.zeros((image_size, image_size), dtype=np.uint8)
+        for drawn in shapes:
+            ann = _annotation(len(annotations) + 1, index + 1, drawn, image_size)
+            annotations.append(ann)
+            label = synth.SHAPES.index(drawn.kind) + 1
+            mask[_rasterise(ann["segmentation"], image_size) > 0] = label
+        Image.fromarray(mask, mode="L").save(scratch / "masks" / split / name, format="PNG")
+    coco = {"info": {"description": f"synthetic shapes scenes, seed {seed}"}, "images": images,
+            "annotations": annotations,
+            "categories": [{"id": CATEGORY_IDS[k], "name": k, "supercategory": "shape"} for k in synth.SHAPES]}
+    (scratch / "annotations" / f"{split}.json").write_text(json.dumps(coco))
 
 
 def render_scene(rng: np.random.Generator, image_size: int) -> tuple[np.ndarray, list[synth.DrawnShape]]:

@@ -19,14 +19,13 @@ same seed gives byte-identical files, whatever order or subset is generated.
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
 
-from pipeline.data.synth import LUMA, SHAPES, draw_shape, random_background, random_colors
+from pipeline.data.synth import LUMA, SHAPES, draw_shape, random_background, random_colors, written
 from pipeline.errors import UserError
 
 # Bright colours that stay distinct after jitter; shared by all identities.
@@ -85,10 +84,6 @@ def generate(
 ) -> Path:
     """Write identity folders and a held-out pairs set under `out/faces` and return that folder."""
     out = Path(out)
-    target = out / "faces"
-    if target.exists() and not overwrite:
-        raise UserError(f"'{target}' already exists; delete it or generate with overwrite (--overwrite) "
-                        "to regenerate the synthetic identities")
     if seed < 0 or image_size < 32 or train_identities < 2 or images_per_identity < 2 or holdout_identities < 2 \
             or holdout_images < 2 or pairs_per_fold < 1:
         raise UserError(f"synthetic identities need seed >= 0, image_size >= 32, at least 2 identities of 2 images "
@@ -96,18 +91,16 @@ def generate(
                         f"train_identities={train_identities}, images_per_identity={images_per_identity}, "
                         f"holdout_identities={holdout_identities}, holdout_images={holdout_images}, "
                         f"pairs_per_fold={pairs_per_fold}")
-    scratch = out / ".faces.partial"
-    shutil.rmtree(scratch, ignore_errors=True)
-    _write_identities(scratch / "train", seed, _TRAIN_SALT, train_identities, images_per_identity, image_size)
-    names = _write_identities(scratch / "holdout", seed, _HOLDOUT_SALT, holdout_identities, holdout_images, image_size)
-    (scratch / "holdout" / "pairs.txt").write_text(
-        pairs_text(np.random.default_rng([seed, _HOLDOUT_SALT, 10**6]), names, holdout_images, FOLDS, pairs_per_fold))
-    (scratch / "README.txt").write_text(_README.format(
-        seed=seed, per_identity=images_per_identity, train=train_identities, size=image_size,
-        holdout_per=holdout_images, holdout=holdout_identities, folds=FOLDS, pairs=pairs_per_fold))
-    shutil.rmtree(target, ignore_errors=True)
-    scratch.rename(target)
-    return target
+    with written(out, "faces", overwrite) as scratch:
+        _write_identities(scratch / "train", seed, _TRAIN_SALT, train_identities, images_per_identity, image_size)
+        names = _write_identities(scratch / "holdout", seed, _HOLDOUT_SALT, holdout_identities, holdout_images,
+                                  image_size)
+        (scratch / "holdout" / "pairs.txt").write_text(pairs_text(
+            np.random.default_rng([seed, _HOLDOUT_SALT, 10**6]), names, holdout_images, FOLDS, pairs_per_fold))
+        (scratch / "README.txt").write_text(_README.format(
+            seed=seed, per_identity=images_per_identity, train=train_identities, size=image_size,
+            holdout_per=holdout_images, holdout=holdout_identities, folds=FOLDS, pairs=pairs_per_fold))
+    return out / "faces"
 
 
 def identity_name(salt: int, identity: int) -> str:

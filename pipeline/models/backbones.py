@@ -6,6 +6,7 @@ feature maps, one per stage; `channels` and `strides` describe them. Stages come
 """
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 
 import timm
@@ -15,6 +16,8 @@ from torch import nn
 from pipeline.errors import UserError
 from pipeline.models import cifar_resnets  # noqa: F401  registers cifar_resnet*/cifar_plain* with timm
 from pipeline.models import weights as W
+
+log = logging.getLogger(__name__)
 
 # The variants the original ResNet write-up and its follow-ups discuss; any other timm model name works too.
 RESNET_FAMILY = (
@@ -166,7 +169,7 @@ def build(name: str, weights: str = "imagenet", out_indices: tuple[int, ...] | N
     return Backbone(body, name, weights=loaded_as, lineage=lineage)
 
 
-def build_or_random(name: str, weights: str, fallback_to_random: bool, say=print, output_stride: int = 32) -> Backbone:
+def build_or_random(name: str, weights: str, fallback_to_random: bool, output_stride: int = 32) -> Backbone:
     """`build`, except that unreachable hub weights fall back to random init when asked (the quickstart alone); a
     user's own weights (a file, a run's checkpoint) never do."""
     try:
@@ -174,7 +177,7 @@ def build_or_random(name: str, weights: str, fallback_to_random: bool, say=print
     except UserError as err:
         if not fallback_to_random or weights == "none" or W.is_path(weights) or W.is_tracked(weights):
             raise
-        say(f"\n!!! {err}\n!!! continuing from RANDOM INIT (weights=none); accuracy will be lower than with "
+        log.warning(f"\n!!! {err}\n!!! continuing from RANDOM INIT (weights=none); accuracy will be lower than with "
             f"pretrained weights\n")
         return build(name, "none", output_stride=output_stride)
 

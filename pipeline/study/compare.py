@@ -23,6 +23,7 @@ values from 0, so two close runs look close; an axis fit to the points says so i
 """
 from __future__ import annotations
 
+import logging
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from pipeline.errors import UserError
 from pipeline.study.rows import NOT_COMPARED, PER_STEP_NAMES, PER_STEP_PREFIXES, Row, table, write_csv
 from pipeline.tasks import registry
 from pipeline.tasks.metric import Metric
+
+log = logging.getLogger(__name__)
 
 # With one metric; with several, each gets <metric>_vs_depth.png (slashes as "_") in place of metric_vs_depth.png, and
 # the other three plots show the first.
@@ -49,7 +52,7 @@ class CompareResult:
 
 def run(experiment: str, uri: str | None = None, metric: str | Sequence[str] | None = None,
         out: str | Path | None = None, parent: str | None = None, by: str | None = None, every: bool = False,
-        at: str = "best", say=print) -> CompareResult:
+        at: str = "best") -> CompareResult:
     """Print the table; with `out`, write the plots and a CSV there and log them to the sweep's parent run.
 
     `metric`: one name, several comma separated, or a sequence of either (default: the task's primary). `at`: `best`
@@ -75,7 +78,7 @@ def run(experiment: str, uri: str | None = None, metric: str | Sequence[str] | N
             others = len(runs) - len(chosen)
             more = (f"; {others} more finished run{'s' * (others > 1)} in '{experiment}': --all for every run, "
                     "--parent ID for one sweep") if others else ""
-            say(f"latest sweep {parent[:8]} ({_name(every_run, parent)}): {len(chosen)} runs{more}")
+            log.info(f"latest sweep {parent[:8]} ({_name(every_run, parent)}): {len(chosen)} runs{more}")
             runs = chosen
     if not runs:
         where = f"under parent run {parent}" if parent else f"in experiment '{experiment}'"
@@ -88,24 +91,24 @@ def run(experiment: str, uri: str | None = None, metric: str | Sequence[str] | N
     metrics = metrics or [primary.name]
     newest = _newest_start(runs)
     rows = sorted((_row(uri, r, metrics, by, at) for r in runs), key=lambda row: _order(row, newest))
-    _check_logged(rows, runs, metrics, experiment, say)
+    _check_logged(rows, runs, metrics, experiment)
     readings = {m: reading(rows, m, at) for m in metrics}
-    say(table(rows, readings, by))
+    log.info(table(rows, readings, by))
     if out is None:
         return CompareResult(metrics[0], rows, [], None, metrics)
     from pipeline.study import plots  # matplotlib only when there is something to draw
 
     goals = {primary.name: 1 if primary.goal == "max" else -1} if primary else {}  # where the task declares it
     files = [*plots.plot(rows, readings, Path(out), goals), write_csv(rows, readings, Path(out) / "runs.csv", by)]
-    say(f"wrote {', '.join(str(f) for f in files)}")
+    log.info(f"wrote {', '.join(str(f) for f in files)}")
     logged_to = parent or _common_parent(rows)
     if logged_to:
         tracker = tracking.Tracker.attach(uri, logged_to)
         for path in files:
             tracker.log_artifact(path, "compare")
-        say(f"logged them to the sweep's parent run {logged_to} (artifacts: compare/)")
+        log.info(f"logged them to the sweep's parent run {logged_to} (artifacts: compare/)")
     elif any(r.parent_run_id for r in rows):
-        say("not logged to a parent run: the rows come from several sweeps or single runs; pick one with --parent")
+        log.info("not logged to a parent run: the rows come from several sweeps or single runs; pick one with --parent")
     return CompareResult(metrics[0], rows, files, logged_to, metrics)
 
 
@@ -118,7 +121,7 @@ def parse_metrics(given: str | Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _check_logged(rows: list[Row], runs: list[tracking.RunRecord], metrics: list[str], experiment: str, say) -> None:
+def _check_logged(rows: list[Row], runs: list[tracking.RunRecord], metrics: list[str], experiment: str) -> None:
     """A metric no run logged is an error naming what the runs do log; one only some runs logged is said, once."""
     missing = [m for m in metrics if all(r.values[m] is None for r in rows)]
     if missing:
@@ -129,7 +132,7 @@ def _check_logged(rows: list[Row], runs: list[tracking.RunRecord], metrics: list
         absent = [r for r in rows if r.values[m] is None]
         if absent:
             names = ", ".join(f"{r.backbone} ({r.run_id[:8]})" for r in absent)
-            say(f"{m}: not logged by {len(absent)} of {len(rows)} runs ({names}); shown as '-', left out of its plots")
+            log.info(f"{m}: not logged by {len(absent)} of {len(rows)} runs ({names}); shown as '-', left out of its plots")
 
 
 def reading(rows: list[Row], metric: str, at: str) -> str:

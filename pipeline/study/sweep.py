@@ -10,6 +10,7 @@ A failing child is marked FAILED by the runner and the sweep goes on; `--resume`
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,8 +24,10 @@ from pipeline.tasks import registry
 from pipeline.tasks.metric import Metric
 from pipeline.train import checkpoint, runner
 
+log = logging.getLogger(__name__)
+
 # Tags that mark a sweep's parent run and say which sweep it ran, so that --resume finds it again.
-ROLE_TAG = "pipeline.study.sweep"
+ROLE_TAG = "pipeline.sweep"
 SPEC_TAG = "pipeline.sweep_spec"
 # Keys a sweep cannot vary: the children must share the parent's store and experiment (data.root names the
 # experiment of other data, pipeline/config/placement.py), and each gets its own folder.
@@ -52,7 +55,7 @@ class SweepResult:
         return [c for c in self.children if c.status not in ("FINISHED", "SKIPPED")]
 
 
-def run(task_file: str | Path, args: tuple[str, ...], resume: bool = False, say=print) -> SweepResult:
+def run(task_file: str | Path, args: tuple[str, ...], resume: bool = False) -> SweepResult:
     """Run every combination of the swept values in `args`; the last lines said are a summary table.
 
     Raises `UserError` after the summary when any child failed, which also marks the parent run FAILED.
@@ -62,8 +65,8 @@ def run(task_file: str | Path, args: tuple[str, ...], resume: bool = False, say=
     cfg = _validate(task_file, fixed, combos)
     experiment = placement.experiment(task_file, cfg)  # the children's: other data than the file's gets its own
     uri = tracking.resolve_uri(cfg.tracking.uri)
-    parent = _open_parent(uri, experiment, cfg.task, task_file, fixed, swept, resume, say)
-    say(f"sweep of {len(combos)} runs under parent run {parent.run_id} in experiment '{experiment}'")
+    parent = _open_parent(uri, experiment, cfg.task, task_file, fixed, swept, resume)
+    log.info(f"sweep of {len(combos)} runs under parent run {parent.run_id} in experiment '{experiment}'")
     # one folder per sweep, so that no sweep overwrites or resumes another one's checkpoints
     base_dir = Path(cfg.train.output_dir or f"outputs/{experiment}") / f"sweep-{parent.run_id[:8]}"
     primary = registry.entry(cfg.task).primary
@@ -74,14 +77,14 @@ def run(task_file: str | Path, args: tuple[str, ...], resume: bool = False, say=
             label = f"[{i}/{len(combos)}] {' '.join(_overrides(combo))}"
             previous = next((r for r in done if all(r.tags.get(k) == v for k, v in combo.items())), None)
             if previous is not None:
-                say(f"{label}: FINISHED earlier in run {previous.run_id}, skipped")
+                log.info(f"{label}: FINISHED earlier in run {previous.run_id}, skipped")
                 children.append(_from_record(combo, previous, primary))
             else:
                 children.append(_run_child(task_file, fixed, combo, label, base_dir / child_dir_name(combo),
-                                           parent.run_id, resume, say))
+                                           parent.run_id, resume))
         result = SweepResult(parent.run_id, primary, children)
-        say(summary(result))
-        say(links(uri, parent.experiment_id, result))
+        log.info(summary(result))
+        log.info(links(uri, parent.experiment_id, result))
         if result.failed:
             raise UserError(f"{len(result.failed)} of {len(children)} sweep runs failed (table above); fix the cause "
                             f"and rerun the same command with --resume to run only those")
@@ -89,12 +92,12 @@ def run(task_file: str | Path, args: tuple[str, ...], resume: bool = False, say=
 
 
 def _open_parent(uri: str, experiment: str, task: str, task_file: str | Path, fixed: list[str],
-                 swept: dict[str, list[str]], resume: bool, say) -> tracking.Tracker:
+                 swept: dict[str, list[str]], resume: bool) -> tracking.Tracker:
     """A new parent run, or with `resume` the latest parent of the same sweep (same task file and arguments)."""
     spec = " ".join([str(task_file), *fixed, *(f"{k}={','.join(v)}" for k, v in swept.items())])
     previous = _previous_parent(uri, experiment, spec) if resume else None
     if resume:
-        say(f"--resume: reopening sweep {previous}" if previous else
+        log.info(f"--resume: reopening sweep {previous}" if previous else
             f"--resume: no earlier sweep with these arguments in experiment '{experiment}'; starting a new one")
     return tracking.Tracker.start(
         uri, experiment, run_name=f"sweep-{datetime.now():%Y%m%d-%H%M%S}",
@@ -172,17 +175,17 @@ def _overrides(combo: dict[str, str]) -> list[str]:
 
 
 def _run_child(task_file, fixed: list[str], combo: dict[str, str], label: str, output_dir: Path, parent_id: str,
-               resume: bool, say) -> Child:
+               resume: bool) -> Child:
     child = Child(values=combo)
     # An interrupted child continues in its own MLflow run from its last checkpoint.
     continue_child = resume and (output_dir / checkpoint.LAST).exists()
-    say(f"\n{label} -> {output_dir}" + (" (continuing)" if continue_child else ""))
+    log.info(f"\n{label} -> {output_dir}" + (" (continuing)" if continue_child else ""))
     try:
         result = runner.run(task_file, (*fixed, *_overrides(combo), f"train.output_dir={output_dir}"),
-                            resume=continue_child, say=say, parent_run_id=parent_id, tags=combo)
+                            resume=continue_child, parent_run_id=parent_id, tags=combo)
     except Exception as err:  # noqa: BLE001 - the runner marked the child FAILED; the sweep goes on
         child.status, child.error = "FAILED", _one_line(err)
-        say(f"{label} FAILED: {child.error}")
+        log.info(f"{label} FAILED: {child.error}")
         return child
     child.status, child.run_id, child.best, child.wall_time = "FINISHED", result.run_id, result.best, result.wall_time
     return child

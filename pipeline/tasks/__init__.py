@@ -1,2 +1,2 @@
-"""The tasks. The contract every task implements is in base.py; the registry (name -> task) in registry.py; the
-config schemas by name, light enough for `pipeline.config` to import, in schemas.py."""
+"""The tasks. The contract every task implements is in base.py; the registry (name -> schema, primary metric and the
+implementation, imported when asked for) in registry.py, light enough for `pipeline.config` to read task files with."""

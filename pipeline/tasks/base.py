@@ -1,21 +1,26 @@
 """The task contract: everything the runner, `predict`, `export` and the logged MLflow model ask of a task.
 
-A task is a subclass of `Task`, registered by name in `pipeline/tasks/registry.py`. The runner never asks which task
-it runs and never probes for abilities: what a task can do is declared here, as class attributes with defaults.
+A task is a subclass of `Task`, registered by name in `pipeline/tasks/registry.py` with its config schema (its own
+`data` and `model` sections) and its primary metric (`Metric`: the name that picks the best checkpoint and stops early,
+and whether higher or lower is better). The runner never asks which task it runs and never probes for abilities: what a
+task can do is declared here, as class attributes with defaults.
 
 Training side
-- `schema`: the pydantic config (its own `data` and `model` sections); `pipeline/tasks/schemas.py` hands the schemas to
-  `pipeline.config` without importing task implementations.
-- `build_data(...) -> TaskData`: the train and val datasets plus `DataInfo`, the typed record of what the data says
-  (class names, category ids, sizes); it is saved in every checkpoint, so a trained model carries it.
-- `build_model(...)`: an `nn.Module` with `.backbone` (named stages, see pipeline/models/backbones.py) and `head_parts()`
-  (an ordered dict of named head modules, which fine-tuning gives their own learning rates).
+- `build_data(...) -> TaskData`: the train and val datasets (each a `TaskDataset`, pipeline/data/dataset.py: it lists
+  the files it reads and reseeds its own augmentation) plus `DataInfo`, the typed record of what the data says: what
+  every task's data says (class names, sizes, normalisation), and the task's own `facts` (a `Facts` dataclass declared
+  as `Task.facts`, e.g. detection's category ids). It is saved in every checkpoint and read back by `read_info`, so a
+  trained model carries it.
+- `build_model(...)`: a `TaskModel`, an `nn.Module` with `.backbone` (named stages, see pipeline/models/backbones.py)
+  and `head_parts()` (an ordered dict of named head modules, which fine-tuning gives their own learning rates).
 - `loss(model, batch) -> dict[str, Tensor]`: the engine sums the dict, except the entry named `TRAIN_ERROR`: a task that
   can tell puts there the fraction of the batch it got wrong (detached), and the engine logs its epoch mean as
   `train/error` (the training error the ResNet paper plots against depth).
-- `predict(model, batch)`: eval-mode outputs for the evaluator; `make_evaluator(info)` -> `Evaluator`; `primary` is
-  the metric that picks the best checkpoint and stops early.
+- `predict(model, batch)`: eval-mode outputs for the evaluator; `make_evaluator(info)` -> `Evaluator`, whose metrics
+  hold the primary one.
 - `report(metrics, info, out_dir)`: the task's pictures and tables (files; the runner logs them).
+- `tiny(folder)`: a few images of the task's data and the config sections that train on them in seconds, for the
+  contract test that every registered task passes (tests/test_task_contract.py).
 
 Inference side (one contract serves `pipeline predict`, `pipeline export`, the logged MLflow model and serving)
 - `inference_transforms(cfg)`: the albumentations spec an image goes through before the model (the validation one).
@@ -56,7 +61,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from pipeline.config.sections import DataConfig, ModelConfig, TaskConfig
+from pipeline.data.dataset import TaskDataset
 from pipeline.data.transforms import build_transforms, is_random
+from pipeline.models.backbones import Backbone
 from pipeline.tasks import export_checks
 
 TRAIN_ERROR = "error"  # the key in `Task.loss`'s dict that is not a loss (see above)
@@ -114,8 +121,8 @@ class DataInfo:
 
 @dataclass
 class TaskData:
-    train: Dataset
-    val: Dataset
+    train: TaskDataset
+    val: TaskDataset
     info: DataInfo
 
 
@@ -129,7 +136,10 @@ class Evaluator(Protocol):
 
 
 class TaskModel(Protocol):
-    backbone: nn.Module
+    """What `Task.build_model` returns: fine-tuning (pipeline/train/finetune.py) works on the backbone's stages and the
+    head's parts by name."""
+
+    backbone: Backbone
 
     def head_parts(self) -> OrderedDict[str, nn.Module]: ...
 
@@ -209,7 +219,7 @@ class Task(ABC):
     def build_data(self, data: DataConfig, *, mean, std, seed: int) -> TaskData: ...
 
     @abstractmethod
-    def build_model(self, model: ModelConfig, info: DataInfo, say: Callable[[str], None] = print) -> nn.Module: ...
+    def build_model(self, model: ModelConfig, info: DataInfo) -> TaskModel: ...
 
     @abstractmethod
     def loss(self, model: nn.Module, batch) -> dict[str, torch.Tensor]: ...
@@ -222,6 +232,12 @@ class Task(ABC):
 
     @abstractmethod
     def report(self, metrics: dict, info: DataInfo, out_dir: Path) -> list[Path]: ...
+
+    @abstractmethod
+    def tiny(self, folder: Path) -> dict[str, dict]:
+        """A tiny run of this task, for the contract test (tests/test_task_contract.py): write a few small images of its
+        data under `folder` and return the `data` and `model` sections of a task file that trains on them in
+        seconds (random init, small batches, no loader workers)."""
 
     def batch_sampler(self, dataset: Dataset, sampler, batch_size: int):
         """The training sampler, or one that reorders it so that batches share a trait."""

@@ -3,8 +3,9 @@ is an MLflow pyfunc). One module per job:
 
     uri.py      where the runs go: `resolve_uri`, `check_reachable`, `server_up`, `process_tracking_uri`
     run.py      one run: `Tracker` (start / resume / attach, params, tags, metrics, dataset inputs, artifacts, finish,
-                the outbox that keeps records while the server is unreachable), `Silent` for ranks other than 0,
-                `flatten`, `sync`
+                the outbox that keeps records while the server is unreachable), `Silent` for ranks other than 0
+    params.py   `flatten`: a config as MLflow params, shortened where too long
+    sync.py     `sync`: what a run kept while its server was unreachable, sent later
     models.py   logged models: `Pyfunc` (what is logged), `Tracker.log_model`'s work, `load_model`,
                 `model_source_run`
     query.py    reading runs back as plain values: `RunRecord`, `get_run`, `search_runs`, `metric_history`,
@@ -23,12 +24,14 @@ behaviour (`run.RETRY_EVERY`, `run.FINAL_RETRY_WAIT`, ...) are read from their o
 `tracking.ui` is the function, which hides the `ui` module; reach the module as `sys.modules["pipeline.tracking.ui"]`.
 """
 from pipeline.tracking.models import Pyfunc, load_model, model_source_run
+from pipeline.tracking.params import TRUNCATION_MARK, flatten
 from pipeline.tracking.query import RunRecord, download_artifact, get_run, metric_history, search_runs
 from pipeline.tracking.registry import Registered, register, register_run, version_tags
-from pipeline.tracking.run import RUN_STATUSES, TRUNCATION_MARK, DatasetRecord, Silent, Tracker, flatten, sync
+from pipeline.tracking.run import RUN_STATUSES, DatasetRecord, Silent, Tracker
 from pipeline.tracking.served import pyfunc as served_pyfunc
 from pipeline.tracking.sources import CHECKPOINT_ARTIFACT, RunFile, downloaded, is_tracked
 from pipeline.tracking.sources import resolve as resolve_source
+from pipeline.tracking.sync import sync
 from pipeline.tracking.ui import address as ui_address
 from pipeline.tracking.ui import compare_link, experiment_link, start_hint, ui, view_tags
 from pipeline.tracking.uri import DEFAULT_URI, check_reachable, process_tracking_uri, resolve_uri, server_up

@@ -1,5 +1,5 @@
 """One MLflow run: start or resume, params, tags, metrics, artifacts, the end status, and an outbox that keeps
-records while the tracking server is unreachable (`sync` sends them later).
+records while the tracking server is unreachable (pipeline/tracking/sync.py sends them later).
 
 Everything goes through an explicit `MlflowClient(uri)`, never the fluent `mlflow.start_run()` state, so several runs
 and stores can live in one process (sweeps, tests).
@@ -12,7 +12,6 @@ import os
 import time
 import traceback
 import urllib.parse
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
@@ -27,44 +26,16 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from pipeline.errors import UserError
 from pipeline.tracking import models
-from pipeline.tracking.outbox import NAME as OUTBOX
 from pipeline.tracking.outbox import Outbox
+from pipeline.tracking.params import shorten
 from pipeline.tracking.query import get_run
 from pipeline.tracking.uri import check_reachable, server_up
 
 log = logging.getLogger(__name__)
 
-TRUNCATION_MARK = " ...[truncated]"
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 RETRY_EVERY = 30.0  # seconds between attempts to reach a lost tracking server mid-run
 FINAL_RETRIES, FINAL_RETRY_WAIT = 3, 5.0  # at the end of a run: a last chance before leaving records to `sync`
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Params
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config -> MLflow params: `{"train": {"lr": 0.001}}` -> `{"train.lr": "0.001"}`.
-
-    Lists stay one param (`"['stem', 'layer1']"`); an empty section is kept as `"{}"` so its key is visible.
-    Values over MLflow's length limit are shortened with a marker rather than failing the run.
-    """
-    flat: dict[str, str] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, prefix=f"{name}."))
-        else:
-            flat[name] = _shorten(str(value), MAX_PARAM_VAL_LENGTH, what=f"param {name}")
-    return flat
-
-
-def _shorten(value: str, limit: int, what: str) -> str:
-    if len(value) <= limit:
-        return value
-    log.warning("%s is %d characters, over MLflow's limit of %d: logged shortened", what, len(value), limit)
-    return value[: limit - len(TRUNCATION_MARK)] + TRUNCATION_MARK
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -94,7 +65,6 @@ class Tracker:
         # checkpoint exactly, so points at or below these steps are already there and are not logged twice.
         self._logged_steps: dict[str, int] = {}
         self._outbox: Outbox | None = None  # set by keep_offline: the server may go away mid-run
-        self._say: Callable[[str], None] = print
         self._last_retry = 0.0
         self._system = None  # mlflow's SystemMetricsMonitor, while it runs
 
@@ -156,7 +126,7 @@ class Tracker:
         logged = self._client.get_run(self._run_id).data.params
         new = []
         for key, value in params.items():
-            value = _shorten(str(value), MAX_PARAM_VAL_LENGTH, what=f"param {key}")
+            value = shorten(str(value), MAX_PARAM_VAL_LENGTH, what=f"param {key}")
             if key not in logged:
                 new.append(Param(key, value))
             elif logged[key] != value:
@@ -165,7 +135,7 @@ class Tracker:
         self._client.log_batch(self._run_id, params=new)  # the client splits it into requests of MLflow's max size
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._send({"op": "tags", "tags": {k: _shorten(str(v), MAX_TAG_VAL_LENGTH, what=f"tag {k}")
+        self._send({"op": "tags", "tags": {k: shorten(str(v), MAX_TAG_VAL_LENGTH, what=f"tag {k}")
                                            for k, v in tags.items()}})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -202,11 +172,10 @@ class Tracker:
 
     # -- surviving a lost server -----------------------------------------------------------------------------------
 
-    def keep_offline(self, outbox_path: Path, say: Callable[[str], None] = print) -> None:
+    def keep_offline(self, outbox_path: Path) -> None:
         """From now on a call that fails because the tracking server is gone does not stop the run: it is kept in
         `outbox_path` (in order, on disk) and retried every RETRY_EVERY seconds; `pipeline sync` sends leftovers."""
         self._outbox = Outbox(outbox_path, self._run_id, self._client.tracking_uri)
-        self._say = say
         if urllib.parse.urlparse(self._client.tracking_uri).scheme in ("http", "https"):
             # Fail a request in seconds, not after MLflow's default of minutes of retries: the outbox retries later.
             for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
@@ -232,10 +201,10 @@ class Tracker:
                 raise  # not an outage: a real error
             self._outbox.append(record)
             self._last_retry = time.monotonic()
-            self._say(f"warning: tracking server {self._client.tracking_uri} is unreachable; training goes on and "
+            log.warning(f"tracking server {self._client.tracking_uri} is unreachable; training goes on and "
                       f"tracking records are kept in {self._outbox.path} until it is back")
 
-    def flush(self, force: bool = False) -> bool:
+    def flush(self, force: bool = False, quiet: bool = False) -> bool:
         """Send what the outbox holds (at most every RETRY_EVERY seconds unless `force`); True once it is empty."""
         box = self._outbox
         if box is None or not box.pending:
@@ -254,7 +223,8 @@ class Tracker:
             return False
         finally:
             box.sent(done)
-        self._say(f"tracking server {box.uri} is back: sent {done} kept records")
+        if not quiet:
+            log.info(f"tracking server {box.uri} is back: sent {done} kept records")
         return True
 
     def _apply(self, record: dict) -> None:
@@ -283,14 +253,14 @@ class Tracker:
         Metrics logged at `step` are linked to the model, so the model list in MLflow's UI can show them.
         """
         if self.offline:
-            self._say("warning: the model was not logged to MLflow (tracking server unreachable); best.pt holds it")
+            log.warning("the model was not logged to MLflow (tracking server unreachable); best.pt holds it")
             return None
         try:
             return models.log_model(self._client, self._run_id, self._experiment_id, model, name, step)
         except Exception:
             if self._outbox is None or server_up(self._client.tracking_uri):
                 raise
-            self._say("warning: the model was not logged to MLflow (tracking server lost); best.pt holds it")
+            log.warning("the model was not logged to MLflow (tracking server lost); best.pt holds it")
             return None
 
     def log_system_metrics(self, every: float = 10.0) -> None:
@@ -305,7 +275,7 @@ class Tracker:
             self._system.start()
         except Exception as err:  # noqa: BLE001  (psutil missing, a store that refuses): training goes on
             self._system = None
-            self._say(f"note: system metrics are off ({type(err).__name__}: {err})")
+            log.info(f"note: system metrics are off ({type(err).__name__}: {err})")
 
     def _stop_system_metrics(self) -> None:
         if self._system is not None:
@@ -326,7 +296,7 @@ class Tracker:
                 time.sleep(FINAL_RETRY_WAIT)
                 if self.flush(force=True):
                     return
-            self._say(f"warning: tracking server {self._outbox.uri} is still unreachable; run {self._run_id} "
+            log.warning(f"tracking server {self._outbox.uri} is still unreachable; run {self._run_id} "
                       f"stays RUNNING there. Its {len(self._outbox.pending)} kept records are in "
                       f"{self._outbox.path}: send them with 'pipeline sync {self._outbox.path.parent}'")
 
@@ -357,7 +327,7 @@ class Silent:
     def __exit__(self, *exc) -> None:
         return None
 
-    def keep_offline(self, outbox_path: Path, say: Callable[[str], None] = print) -> None:
+    def keep_offline(self, outbox_path: Path) -> None:
         return None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -405,28 +375,3 @@ def _experiment_id(client: mlflow.MlflowClient, uri: str, name: str) -> str:
         for key, value in EXPERIMENT_KIND.items():
             client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# After an outage
-
-
-def sync(run_dir: Path, uri: str | None = None, say: Callable[[str], None] = print) -> int:
-    """`pipeline sync RUN_DIR`: send the records a run kept while its tracking server was unreachable."""
-    path = Path(run_dir) / OUTBOX
-    if not path.exists():
-        raise UserError(f"{path} not found: nothing to sync (a run keeps records there only while its tracking "
-                        f"server is unreachable)")
-    try:
-        box = Outbox.read(path)
-    except (ValueError, OSError) as err:  # json.JSONDecodeError is a ValueError
-        raise UserError(f"{path} is damaged ({err}); it cannot be synced") from None
-    box.uri = uri or box.uri
-    check_reachable(box.uri)
-    tracker = Tracker(mlflow.MlflowClient(box.uri), box.run_id, get_run(box.uri, box.run_id).experiment_id)
-    tracker._outbox, tracker._say = box, say
-    count = len(box.pending)
-    if not tracker.flush(force=True):
-        raise UserError(f"sending {path} to {box.uri} failed part way; {len(box.pending)} records are left in it, "
-                        f"run 'pipeline sync {run_dir}' again")
-    return count

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -14,6 +15,8 @@ import mlflow
 
 from pipeline.errors import UserError
 from pipeline.tracking.uri import DEFAULT_URI, check_reachable, resolve_uri
+
+log = logging.getLogger(__name__)
 
 HOST, PORT = "127.0.0.1", 5000  # where `pipeline ui` serves by default, and so where printed links point
 STOP_GRACE = 5.0  # seconds the server's processes get to stop on SIGTERM before SIGKILL
@@ -94,7 +97,7 @@ def start_hint(uri: str) -> str:
 # The server
 
 
-def ui(uri: str | None, host: str = HOST, port: int = PORT, say=print) -> int:
+def ui(uri: str | None, host: str = HOST, port: int = PORT) -> int:
     """Run `mlflow ui` on the store (`uri`, else as `resolve_uri`) until it exits or this process gets SIGINT or
     SIGTERM, which stop all of its processes; returns its exit code (0 when stopped by a signal).
 
@@ -106,9 +109,9 @@ def ui(uri: str | None, host: str = HOST, port: int = PORT, say=print) -> int:
     check_reachable(uri)
     _check_port_free(host, port)
     base = f"http://{host}:{port}"
-    say(f"MLflow UI for {uri} on {base} (Ctrl-C stops it)")
+    log.info(f"MLflow UI for {uri} on {base} (Ctrl-C stops it)")
     for name, experiment_id, has_view in _experiments(uri):
-        say(f"  {name}: {experiment_link(base, experiment_id, has_view)}")
+        log.info(f"  {name}: {experiment_link(base, experiment_id, has_view)}")
     # Its own process group: MLflow's server runs uvicorn (and job runners) in child processes, which a signal to
     # the `mlflow ui` process alone leaves running. One worker: a local UI has one user; MLflow's default is 4. No job
     # runners unless asked for: seven processes that serve GenAI features (judges, issue detection), not training runs.

@@ -16,6 +16,7 @@ one more last.pt.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import tempfile
@@ -26,6 +27,8 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.models.weights import load_error_reason
+
+log = logging.getLogger(__name__)
 
 LAST = "last.pt"
 PREVIOUS = "last.prev.pt"  # the checkpoint before `last.pt`, with keep_checkpoints=all (see the module docstring)
@@ -79,14 +82,14 @@ def load(path: Path) -> dict:
         raise UserError(f"checkpoint '{path}' is unreadable ({load_error_reason(err)}); delete it to start over") from None
 
 
-def load_resumable(folder: Path, say=print) -> dict:
+def load_resumable(folder: Path) -> dict:
     """The newest complete checkpoint in `folder`: `last.pt`, else (missing, truncated, corrupt) `last.prev.pt`."""
     try:
         return load(folder / LAST)
     except UserError as err:
         if not (folder / PREVIOUS).exists():
             raise
-        say(f"warning: {err}; resuming from the previous checkpoint {folder / PREVIOUS} instead")
+        log.warning(f"{err}; resuming from the previous checkpoint {folder / PREVIOUS} instead")
         return load(folder / PREVIOUS)
 
 

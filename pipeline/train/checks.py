@@ -1,4 +1,4 @@
-"""Checks at the start of a run: settings that are valid but waste the run, each said as one `warning:` line.
+"""Checks at the start of a run: settings that are valid but waste the run, each said as one warning line.
 
 They need the data's sizes, so the runner calls `at_start` once the datasets are built, before any weights load:
 
@@ -7,7 +7,7 @@ They need the data's sizes, so the runner calls `at_start` once the datasets are
 - a val set smaller than the number of classes (tasks with one class per image): some class is never validated;
 - `data.batch_size` larger than the train set: every epoch is one partial batch, one optimizer step.
 
-Errors stay errors elsewhere (a batch size that leaves a process no batch at all fails in `stages.make_loaders`).
+Errors stay errors elsewhere (a batch size that leaves a process no batch at all fails in `runner.make_loaders`).
 """
 from __future__ import annotations
 
@@ -26,18 +26,18 @@ def warnings(t: TrainConfig, batch_size: int, train_size: int, val_size: int, nu
     """The warning lines for these settings and sizes; empty when nothing looks wasted."""
     found = [schedule_warning(t, steps_per_epoch(train_size, batch_size, t.accum_steps, world))]
     if num_classes is not None and 0 < val_size < num_classes:
-        found.append(f"warning: the val set holds {val_size} images for {num_classes} classes, so at least "
+        found.append(f"the val set holds {val_size} images for {num_classes} classes, so at least "
                      f"{num_classes - val_size} classes are never validated and the metrics move in steps of "
                      f"{1 / val_size:.0%}; give every class val images (more in val/, or data.val_fraction)")
     if batch_size > train_size > 0:
-        found.append(f"warning: data.batch_size={batch_size} is larger than the {train_size} training images: every "
+        found.append(f"data.batch_size={batch_size} is larger than the {train_size} training images: every "
                      f"epoch is one batch of {train_size}, one optimizer step; lower data.batch_size "
                      f"(e.g. {max(1, train_size // 4)})")
     return [line for line in found if line]
 
 
 def steps_per_epoch(train_size: int, batch_size: int, accum_steps: int, world: int = 1) -> int:
-    """Optimizer steps per epoch as `stages.loaders` will batch: full batches of each process's share (one partial
+    """Optimizer steps per epoch as `runner.loaders` will batch: full batches of each process's share (one partial
     batch when the batch is larger than the whole train set), then accumulation."""
     share = -(-train_size // world)
     batches = share // batch_size if train_size > batch_size else 1
@@ -50,11 +50,11 @@ def schedule_warning(t: TrainConfig, steps: int) -> str | None:
     peak = peak_factor(schedule)
     if t.warmup_epochs >= t.epochs:
         reached = "reaches it only at the last step" if peak >= 0.999 else f"peaks at {peak:.0%} of it"
-        return (f"warning: train.warmup_epochs={t.warmup_epochs:g} >= train.epochs={t.epochs}: the learning rate rises "
+        return (f"train.warmup_epochs={t.warmup_epochs:g} >= train.epochs={t.epochs}: the learning rate rises "
                 f"towards train.lr={t.lr:g} for the whole run and {reached}; set train.warmup_epochs below "
                 f"train.epochs (e.g. {round(0.15 * t.epochs, 2):g})")
     if peak < 0.999:
-        return (f"warning: the learning rate never reaches train.lr={t.lr:g}: train.schedule={t.schedule} peaks at "
+        return (f"the learning rate never reaches train.lr={t.lr:g}: train.schedule={t.schedule} peaks at "
                 f"{peak:.0%} of it (train.step_milestones={t.step_milestones}); start the milestones after "
                 "train.warmup_epochs and epoch 0")
     return None

@@ -4,6 +4,7 @@ asks which task it runs: tasks give `loss(model, batch) -> dict` and `predict(mo
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from pipeline.tasks.base import TRAIN_ERROR
 from pipeline.tasks.metric import Metric
 from pipeline.train import checkpoint, distributed, finetune
 from pipeline.train.optim import Schedule
+
+log = logging.getLogger(__name__)
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -214,7 +217,6 @@ class Fit:
     scaler: torch.amp.GradScaler | None = None
     extra: dict = field(default_factory=dict)
     log: LogFn = lambda metrics, step: None
-    say: Callable[[str], None] = print
     on_epoch_end: Callable[[int, dict], None] = lambda epoch, metrics: None
 
 
@@ -248,14 +250,14 @@ def fit(f: Fit, state: FitState) -> FitState:
         _save(f, state, best=improved)
         f.log(epoch_metrics(state.history[-1]), epoch)
         f.on_epoch_end(epoch, metrics)
-        f.say(f"{desc}  loss {train_metrics['train/loss_epoch']:.4f}  {f.primary} {primary:.4f}"
+        log.info(f"{desc}  loss {train_metrics['train/loss_epoch']:.4f}  {f.primary} {primary:.4f}"
               f"{' (best)' if improved else ''}  {train_metrics['train/throughput']:.0f} img/s  "
               f"{train_metrics['epoch_time']:.1f}s  ~{_eta(state, f.epochs)} left")
         if not noted and train_metrics["train/data_wait"] > DATA_WAIT_NOTE:
             noted = True
-            f.say(data_wait_note(train_metrics["train/data_wait"], getattr(f.train_loader, "num_workers", 0)))
+            log.info(data_wait_note(train_metrics["train/data_wait"], getattr(f.train_loader, "num_workers", 0)))
         if f.patience is not None and state.bad_epochs >= f.patience:
-            f.say(f"early stop: {f.primary} has not improved for {state.bad_epochs} epochs "
+            log.info(f"early stop: {f.primary} has not improved for {state.bad_epochs} epochs "
                   f"(best {state.best:.4f} at epoch {state.best_epoch})")
             break
     return state
@@ -288,7 +290,7 @@ def _unfreeze(f: Fit, epoch: int, step: int) -> None:
     for group in finetune.param_groups(model, f.plan, f.base_lr, f.weight_decay, epoch=epoch, only=stages):
         group["lr"] = group["base_lr"] * factor
         f.optimizer.add_param_group(group)
-    f.say(f"epoch {epoch}: unfreezing {', '.join(stages)}")
+    log.info(f"epoch {epoch}: unfreezing {', '.join(stages)}")
     f.log({f"unfreeze/{s}": 1.0 for s in stages}, epoch)
 
 

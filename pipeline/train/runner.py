@@ -7,7 +7,7 @@ marks it FAILED (Ctrl-C: KILLED) with the reason as a tag; checkpoints written s
 from __future__ import annotations
 
 import dataclasses
-import os
+import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,19 +17,21 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from pipeline import config, tracking
+from pipeline import config, console, tracking
 from pipeline.config import placement
-from pipeline.data import fingerprint, loading, shapes, transform_checks
+from pipeline.data import loading, shapes, transform_checks
 from pipeline.data.sampling import EpochSampler, SeededDataset
 from pipeline.data.transforms import reseed_worker
 from pipeline.errors import UserError
-from pipeline.models import backbones, profile, tracked
+from pipeline.models import backbones, tracked
 from pipeline.platform import cpu_kernels, devices, threads
 from pipeline.tasks import registry
 from pipeline.tasks.base import DataInfo, PredictOptions, Task, TaskData
 from pipeline.tasks.metric import Metric
 from pipeline.tracking import outbox
-from pipeline.train import checkpoint, checks, distributed, engine, feature_cache, finetune, optim
+from pipeline.train import checkpoint, checks, describe, distributed, engine, feature_cache, finetune, optim
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,64 +61,61 @@ class Setup:
     threads: threads.Governor | None = None  # intra-op CPU threads, chosen and kept up to date (prepare)
 
 
-def run(task_file: str | Path, overrides: tuple[str, ...] = (), resume: bool = False, say=print,
+def run(task_file: str | Path, overrides: tuple[str, ...] = (), resume: bool = False,
         parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> RunResult:
     """Run one task file. A sweep passes `parent_run_id` (the run nests under it) and `tags` (its swept values)."""
     started = time.perf_counter()
     ctx = distributed.init()  # one process unless started by torchrun
-    say = say if ctx.main else _silent  # one voice on the console
+    if not ctx.main:
+        console.quiet()  # one voice on the console: rank 0's
     try:
-        setup = prepare(task_file, overrides, resume, ctx, say)
-        tracker = open_run(setup, parent_run_id, tags, say)
+        setup = prepare(task_file, overrides, resume, ctx)
+        tracker = open_run(setup, parent_run_id, tags)
         with tracker:  # FAILED / KILLED with the error as a tag on any exception
-            data = build_data(setup, say)
-            tracker.log_datasets(dataset_records(setup, data))
+            data = build_data(setup)
+            tracker.log_datasets(describe.dataset_records(setup.cfg.data.root, data.train, data.val))
             for line in checks.at_start(setup.cfg, setup.task, data, setup.ctx.world):  # settings that waste a run
-                say(line)
-            model = build_model(setup, data.info, say)
+                log.warning(line)
+            model = build_model(setup, data.info)
             plan = plan_finetune(setup, model)
-            model = place_model(setup, model, plan, say)
-            optimizer = make_optimizer(setup, model, plan, tracker, say)
-            described = model_tags(model, data.info, setup, plan)
+            model = place_model(setup, model, plan)
+            optimizer = make_optimizer(setup, model, plan, tracker)
+            described = describe.model_tags(model, data.info, plan, setup.cfg.data.image_size, setup.device,
+                                            setup.precision)
             tracker.set_tags(described)
-            tracker.log_metrics(model_metrics(setup, described), 0)  # MLflow's charts plot metrics, never tags
-            train_loader, val_loader = make_loaders(setup, data, model, plan, say)
-            fit = make_fit(setup, model, data.info, plan, optimizer, train_loader, val_loader, tracker, say)
-            state = engine.fit(fit, resumed_state(setup, fit, tracker, say))
-            result = finish(setup, fit, state, data.info, tracker, say)
+            tracker.log_metrics(describe.model_metrics(setup.cfg.model.backbone.name, described), 0)  # charts plot metrics
+            train_loader, val_loader = make_loaders(setup, data, model, plan)
+            fit = make_fit(setup, model, data.info, plan, optimizer, train_loader, val_loader, tracker)
+            state = engine.fit(fit, resumed_state(setup, fit, tracker))
+            result = finish(setup, fit, state, data.info, tracker)
             if setup.ctx.main:  # a finished run keeps what train.keep_checkpoints says
                 checkpoint.prune(setup.output_dir, setup.cfg.train.keep_checkpoints)
     finally:
         distributed.shutdown(ctx)
     result.wall_time = time.perf_counter() - started
     uri = tracking.resolve_uri(setup.cfg.tracking.uri)
-    say(f"done in {result.wall_time:.0f}s: best {result.primary} {result.best:.4f}; checkpoints in "
+    log.info(f"done in {result.wall_time:.0f}s: best {result.primary} {result.best:.4f}; checkpoints in "
         f"{setup.output_dir}/; MLflow run {result.run_id} in {uri}")
     if ctx.main:  # the other ranks' tracker knows no experiment
-        say(f"MLflow UI: {tracking.experiment_link(tracking.ui_address(uri), tracker.experiment_id)}"
+        log.info(f"MLflow UI: {tracking.experiment_link(tracking.ui_address(uri), tracker.experiment_id)}"
             f"{tracking.start_hint(uri)}")
     return result
-
-
-def _silent(*_) -> None:
-    """`say` of ranks other than 0."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 1. prepare: config, folders, device, tracking
 
 
-def prepare(task_file: str | Path, overrides=(), resume: bool = False, ctx: distributed.Context = distributed.Context(),
-            say=print) -> Setup:
+def prepare(task_file: str | Path, overrides=(), resume: bool = False, ctx: distributed.Context = distributed.Context()) -> Setup:
     cfg = config.load(task_file, overrides)
     cpu_kernels.prepare_process(cfg.train.cpu_kernels)  # a training process reuses its memory every step
     experiment = placement.experiment(task_file, cfg)  # other data than the task file's: a place of its own
     output_dir = placement.output_dir(cfg, experiment)
     if not cfg.tracking.experiment and experiment != Path(task_file).stem:
-        say(f"data.root {cfg.data.root} is not {Path(task_file).name}'s own data: experiment '{experiment}', "
+        log.info(f"data.root {cfg.data.root} is not {Path(task_file).name}'s own data: experiment '{experiment}', "
             f"checkpoints in {output_dir} (tracking.experiment and train.output_dir choose others)")
     placement.check_folder(output_dir, cfg.data.root, checkpoints=(checkpoint.LAST, checkpoint.BEST))
-    last = checkpoint.load_resumable(output_dir, say) if resume else None
+    last = checkpoint.load_resumable(output_dir) if resume else None
     backbones.check_name(cfg.model.backbone.name)
     device = distributed.device_for(ctx, devices.resolve_device(cfg.train.device))
     if device.type == "cuda":
@@ -127,7 +126,7 @@ def prepare(task_file: str | Path, overrides=(), resume: bool = False, ctx: dist
                  threads.Governor(cfg.train.threads) if device.type == "cpu" else None)
 
 
-def open_run(setup: Setup, parent_run_id: str | None = None, tags: dict[str, str] | None = None, say=print):
+def open_run(setup: Setup, parent_run_id: str | None = None, tags: dict[str, str] | None = None):
     """The MLflow run (rank 0; the other ranks get a `Silent` tracker with its id), with params and early tags, and
     the run's folder with the resolved config."""
     cfg, ctx = setup.cfg, setup.ctx
@@ -154,10 +153,10 @@ def open_run(setup: Setup, parent_run_id: str | None = None, tags: dict[str, str
         setup.primary.best_key, "model/depth", "model/gflops", "model/num_params", "train/wall_time_s"],
         order_by="model/depth"))
     if setup.last is None and (setup.output_dir / checkpoint.LAST).exists():
-        say(f"note: {setup.output_dir} holds an earlier run's checkpoints; this run replaces them "
+        log.info(f"note: {setup.output_dir} holds an earlier run's checkpoints; this run replaces them "
               "(--resume continues it)")
     setup.output_dir.mkdir(parents=True, exist_ok=True)
-    tracker.keep_offline(setup.output_dir / outbox.NAME, say)  # a server lost mid-run no longer stops training
+    tracker.keep_offline(setup.output_dir / outbox.NAME)  # a server lost mid-run no longer stops training
     (setup.output_dir / "config.yaml").write_text(config.to_yaml(cfg))
     tracker.log_artifact(setup.output_dir / "config.yaml")
     return tracker
@@ -167,7 +166,7 @@ def open_run(setup: Setup, parent_run_id: str | None = None, tags: dict[str, str
 # 2. data and model
 
 
-def build_data(setup: Setup, say=print) -> TaskData:
+def build_data(setup: Setup) -> TaskData:
     """The task's datasets; its synthetic data is generated first where the config asks for it. The transforms are
     checked before anything trains (pipeline/data/transform_checks.py): validation that would corrupt the metric is
     refused before any data is read, train and val images of different sizes after the first of each is read."""
@@ -183,11 +182,11 @@ def build_data(setup: Setup, say=print) -> TaskData:
     data = task.build_data(cfg.data, mean=cfg.data.mean or default_mean, std=cfg.data.std or default_std,
                            seed=cfg.seed)
     transform_checks.check_sizes(task, data, cfg.data, cfg.seed)
-    say(f"data: {len(data.train)} train / {len(data.val)} val images from {cfg.data.root}")
+    log.info(f"data: {len(data.train)} train / {len(data.val)} val images from {cfg.data.root}")
     return data
 
 
-def build_model(setup: Setup, info: DataInfo, say=print) -> nn.Module:
+def build_model(setup: Setup, info: DataInfo) -> nn.Module:
     """The task's model with its configured weights; a resumed run's weights on top. `runs:/` and `models:/` weights
     come from the run's own tracking store (pipeline/models/tracked.py). What the backbone loaded is printed."""
     cfg = setup.cfg
@@ -195,13 +194,13 @@ def build_model(setup: Setup, info: DataInfo, say=print) -> nn.Module:
     if tracking.is_tracked(weights):
         with tracked.fetch(weights, tracking.resolve_uri(cfg.tracking.uri), cfg.model.backbone.name) as fetched:
             backbone = cfg.model.backbone.model_copy(update={"weights": str(fetched.path)})
-            model = setup.task.build_model(cfg.model.model_copy(update={"backbone": backbone}), info, say=say)
+            model = setup.task.build_model(cfg.model.model_copy(update={"backbone": backbone}), info)
             tracked.relabel(model.backbone, fetched)
     else:
-        model = setup.task.build_model(cfg.model, info, say=say)
+        model = setup.task.build_model(cfg.model, info)
     lineage = model.backbone.lineage
     if lineage.loaded and lineage.source == model.backbone.weights:  # not replaced by a task's own init (coco)
-        say(lineage.line())
+        log.info(lineage.line())
     if setup.last:
         model.load_state_dict(setup.last["model"])
     return model
@@ -221,7 +220,7 @@ def plan_finetune(setup: Setup, model: nn.Module) -> finetune.Plan:
     return plan
 
 
-def place_model(setup: Setup, model: nn.Module, plan: finetune.Plan, say=print) -> nn.Module:
+def place_model(setup: Setup, model: nn.Module, plan: finetune.Plan) -> nn.Module:
     """The model on its device and memory format, with the CPU fast paths (train.cpu_kernels) and torch.compile."""
     t = setup.cfg.train
     if setup.ctx.active:
@@ -238,14 +237,14 @@ def place_model(setup: Setup, model: nn.Module, plan: finetune.Plan, say=print) 
     return model
 
 
-def make_optimizer(setup: Setup, model: nn.Module, plan: finetune.Plan, tracker=None, say=print):
+def make_optimizer(setup: Setup, model: nn.Module, plan: finetune.Plan, tracker=None):
     """SGD or AdamW over the param groups of the stages trainable so far; their table is printed and logged."""
     t = setup.cfg.train
     groups = finetune.groups_until(model, plan, t.lr, t.weight_decay, epochs_done(setup))
     optimizer = optim.build_optimizer(groups, t.optimizer, t.lr, t.momentum, t.nesterov, t.betas,
                                        dense_adamw=cpu_kernels.enabled(t.cpu_kernels, setup.device))
     table = finetune.group_table(groups, plan, model)
-    say(table)
+    log.info(table)
     if tracker is not None:
         tracker.log_text(table + "\n", "param_groups.txt")
     return optimizer
@@ -255,7 +254,7 @@ def make_optimizer(setup: Setup, model: nn.Module, plan: finetune.Plan, tracker=
 # 3. loaders and fit
 
 
-def make_loaders(setup: Setup, data: TaskData, model: nn.Module, plan: finetune.Plan, say=print):
+def make_loaders(setup: Setup, data: TaskData, model: nn.Module, plan: finetune.Plan):
     """Train and val loaders; with finetune.cache_features, loaders over the backbone's cached features instead."""
     cfg, task = setup.cfg, setup.task
     train, val = loaders(task, data.train, data.val, cfg.data.batch_size, cfg.data.num_workers, setup.device,
@@ -270,7 +269,7 @@ def make_loaders(setup: Setup, data: TaskData, model: nn.Module, plan: finetune.
     started = time.perf_counter()
     train, val = feature_cache.cached_loaders(model, train, val, step_settings(setup), ft.cached_views, cfg.seed)
     model.input_is_features = True
-    say(f"cached backbone features of {len(train.dataset)} train / {len(val.dataset)} val images in "
+    log.info(f"cached backbone features of {len(train.dataset)} train / {len(val.dataset)} val images in "
         f"{time.perf_counter() - started:.1f}s; the head trains on them")
     return train, val
 
@@ -284,7 +283,7 @@ def step_settings(setup: Setup) -> engine.StepSettings:
 
 
 def make_fit(setup: Setup, model: nn.Module, info: DataInfo, plan: finetune.Plan, optimizer, train_loader, val_loader,
-             tracker, say=print) -> engine.Fit:
+             tracker) -> engine.Fit:
     """Everything `engine.fit` needs: loaders, optimizer, lr schedule, checkpoint contents, logging."""
     cfg, t, task = setup.cfg, setup.cfg.train, setup.task
     steps_per_epoch = -(-len(train_loader) // t.accum_steps)  # the last, partial accumulation steps too
@@ -293,7 +292,7 @@ def make_fit(setup: Setup, model: nn.Module, info: DataInfo, plan: finetune.Plan
     on = f"{setup.ctx.world} processes ({setup.device.type}), global batch {cfg.data.batch_size * setup.ctx.world}" \
         if setup.ctx.active else str(setup.device)
     on += setup.threads.summary() if setup.device.type == "cpu" and setup.threads else ""
-    say(f"training {cfg.model.backbone.name} on {on} ({setup.precision}{', channels_last' if t.channels_last else ''})"
+    log.info(f"training {cfg.model.backbone.name} on {on} ({setup.precision}{', channels_last' if t.channels_last else ''})"
         f" for {t.epochs} epochs, {steps_per_epoch} steps each")
     return engine.Fit(
         model=distributed.wrap(setup.ctx, model, setup.device), loss=task.loss, predict=task.predict,
@@ -305,10 +304,10 @@ def make_fit(setup: Setup, model: nn.Module, info: DataInfo, plan: finetune.Plan
         scaler=torch.amp.GradScaler(setup.device.type) if setup.precision == "fp16" else None,
         extra={"run_id": tracker.run_id, "config": cfg.model_dump(mode="json"), "info": info.to_dict(),
                "task_file": setup.task_file},
-        log=tracker.log_metrics, say=say)
+        log=tracker.log_metrics)
 
 
-def resumed_state(setup: Setup, fit: engine.Fit, tracker, say=print) -> engine.FitState:
+def resumed_state(setup: Setup, fit: engine.Fit, tracker) -> engine.FitState:
     """A new run's empty state, or a resumed run's: optimizer, scaler, RNG and history from its last checkpoint."""
     last = setup.last
     if not last:
@@ -318,7 +317,7 @@ def resumed_state(setup: Setup, fit: engine.Fit, tracker, say=print) -> engine.F
         fit.scaler.load_state_dict(last["scaler"])
     state = engine.FitState(**last["fit"])
     checkpoint.set_rng_state(last["rng"])
-    say(f"resuming {setup.output_dir} after epoch {state.epoch} (MLflow run {tracker.run_id})")
+    log.info(f"resuming {setup.output_dir} after epoch {state.epoch} (MLflow run {tracker.run_id})")
     # Epochs checkpointed but killed before their metrics reached MLflow; the tracker skips those it has.
     for epoch, entry in enumerate(state.history, start=1):
         tracker.log_metrics(engine.epoch_metrics(entry), epoch)
@@ -329,7 +328,7 @@ def resumed_state(setup: Setup, fit: engine.Fit, tracker, say=print) -> engine.F
 # 4. finish: the best checkpoint's report, the logged model
 
 
-def finish(setup: Setup, fit: engine.Fit, state: engine.FitState, info: DataInfo, tracker, say=print) -> RunResult:
+def finish(setup: Setup, fit: engine.Fit, state: engine.FitState, info: DataInfo, tracker) -> RunResult:
     """Evaluate the best checkpoint once more for its report; log report, checkpoint and model."""
     distributed.barrier(setup.ctx)  # rank 0 has written the last checkpoint
     cfg, task = setup.cfg, setup.task
@@ -351,15 +350,16 @@ def finish(setup: Setup, fit: engine.Fit, state: engine.FitState, info: DataInfo
     if cfg.tracking.log_checkpoint:
         tracker.log_artifact(setup.output_dir / checkpoint.BEST, "checkpoints")
     if cfg.tracking.log_model:
-        say("logging the model to MLflow ...")
+        log.info("logging the model to MLflow ...")
         # the served pyfunc rebuilds the model from best.pt (pipeline/use/serve.py): stock modules, any image size
         logged = tracker.log_model(tracking.served_pyfunc(setup.output_dir / checkpoint.BEST, cfg.data.image_size,
                                                           params=dataclasses.asdict(PredictOptions())))
         if cfg.tracking.register and logged:  # not logged: the tracker has said why (server unreachable)
-            primary = {cfg.task: (setup.primary.name, setup.primary.best_key)}
-            say(tracking.register_run(tracking.resolve_uri(cfg.tracking.uri), tracker.run_id, cfg.tracking.register,
-                                      primary, what="tracking.register").line())
-    say(_summary(state, metrics, primary.name))
+            registered = tracking.register_run(tracking.resolve_uri(cfg.tracking.uri), tracker.run_id,
+                                               cfg.tracking.register, {cfg.task: (primary.name, primary.best_key)},
+                                               what="tracking.register")
+            log.info(registered.line())
+    log.info(describe.summary(state.history, state.best_epoch, metrics, primary.name))
     return result
 
 
@@ -387,46 +387,3 @@ def loaders(task: Task, train_ds, val_ds, batch_size: int, num_workers, device: 
     val = DataLoader(Subset(val_ds, range(ctx.rank, len(val_ds), ctx.world)) if shard else val_ds,
                      batch_size=batch_size, shuffle=False, **common)
     return train, val
-
-
-def model_tags(model: nn.Module, info: DataInfo, setup: Setup, plan: finetune.Plan) -> dict[str, str]:
-    frozen = [s for s in plan.parts if s in plan.frozen]
-    lineage = model.backbone.lineage  # stale when a task's own init (coco) replaced the backbone's weights
-    # gflops: multiply-accumulates per image at the task's input size (see profile.gflops), for depth comparisons
-    return {**(lineage.tags() if lineage.source == model.backbone.weights else {}),
-            "num_params": str(profile.num_params(model)),
-            "gflops": f"{profile.gflops(model, setup.cfg.data.image_size):.4f}",
-            "trainable_params": str(finetune.trainable_params(model)), "frozen_stages": ",".join(frozen) or "none",
-            "num_classes": str(info.num_classes), "weights": model.backbone.weights, "device": str(setup.device),
-            "precision": setup.precision}
-
-
-def model_metrics(setup: Setup, described: dict[str, str]) -> dict[str, float]:
-    """The model's cost from `model_tags` as numbers, for chart axes: depth, parameters, GFLOPs at the task's size."""
-    depth = backbones.depth(setup.cfg.model.backbone.name)
-    return {**({"model/depth": float(depth)} if depth else {}), "model/num_params": float(described["num_params"]),
-            "model/gflops": float(described["gflops"])}
-
-
-def dataset_records(setup: Setup, data: TaskData) -> list[tracking.DatasetRecord]:
-    """The train and val sets as the run's MLflow dataset inputs: named after the data root's last two folders
-    (`shapes/classification train`), with a digest of the files each split reads (pipeline/data/fingerprint.py)."""
-    root = Path(os.path.abspath(setup.cfg.data.root))  # as the datasets' own paths are joined: no symlinks resolved
-    records = []
-    for split, context, dataset in (("train", "training", data.train), ("val", "validation", data.val)):
-        records.append(tracking.DatasetRecord(
-            name=f"{'/'.join(root.parts[-2:])} {split}", digest=fingerprint.digest(dataset.files(), root, len(dataset)),
-            source=str(root), context=context, rows=len(dataset)))
-    return records
-
-
-def _summary(state: engine.FitState, metrics: dict, primary: str) -> str:
-    rows = [("epoch", "train loss", primary, "img/s", "time")]
-    for i, h in enumerate(state.history, start=1):
-        rows.append((str(i), f"{h.get('train/loss_epoch', float('nan')):.4f}", f"{h.get(primary, float('nan')):.4f}",
-                     f"{h.get('train/throughput', 0):.0f}", f"{h.get('epoch_time', 0):.1f}s"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    extras = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                       if k.startswith("val/") and k.count("/") == 1 and isinstance(v, float))
-    return "\n".join(lines + [f"best epoch {state.best_epoch}: {extras}"])

@@ -12,6 +12,7 @@ is checked, and (detection) how the module becomes TorchScript where tracing alo
 from __future__ import annotations
 
 import importlib.util
+import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,8 @@ from pipeline.errors import UserError
 from pipeline.tasks import saved
 from pipeline.tasks.export_checks import Agreement, ExportMismatch
 from pipeline.use import inference
+
+log = logging.getLogger(__name__)
 
 Format = Literal["onnx", "torchscript"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript")
@@ -47,7 +50,7 @@ class ExportResult:
 
 
 def run(source: str, fmt: Format, out: str | Path | None = None, uri: str | None = None, log_to_run: bool = False,
-        say=print) -> ExportResult:
+) -> ExportResult:
     """Export the model behind `source` (checkpoint, run id or models:/ URI) and check it; optionally log it."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: unknown format; use one of {', '.join(FORMATS)}")
@@ -78,8 +81,8 @@ def run(source: str, fmt: Format, out: str | Path | None = None, uri: str | None
         path.unlink(missing_ok=True)  # a file that computes something else must not be picked up by mistake
         raise ExportMismatch(f"{err} (on {_shapes(checks)}; {path} deleted)") from None
     size_note = "any image size" if spec.dynamic_size else f"{size}x{size} images only"
-    say(f"wrote {path} ({fmt}, dynamic batch, {size_note}); {agreement.summary} on {_shapes(checks)}")
-    logged_to = _log(loaded, path, say) if log_to_run else None
+    log.info(f"wrote {path} ({fmt}, dynamic batch, {size_note}); {agreement.summary} on {_shapes(checks)}")
+    logged_to = _log(loaded, path) if log_to_run else None
     return ExportResult(path, agreement, [tuple(x.shape) for x in checks], spec.dynamic_size, logged_to)
 
 
@@ -103,11 +106,11 @@ def _require_onnx() -> None:
                         "pip install 'resnet-transfer-pipeline[export]' (or use --format torchscript)")
 
 
-def _log(loaded: inference.Loaded, path: Path, say) -> str:
+def _log(loaded: inference.Loaded, path: Path) -> str:
     if not loaded.run_id:
         raise UserError("--log-to-run: the checkpoint names no MLflow run; export from the run id instead")
     tracking.Tracker.attach(loaded.uri, loaded.run_id).log_artifact(path, "export")
-    say(f"logged {path.name} to run {loaded.run_id} (artifacts: export/)")
+    log.info(f"logged {path.name} to run {loaded.run_id} (artifacts: export/)")
     return loaded.run_id
 
 

@@ -5,6 +5,7 @@ above the threshold the run chose on its validation folds.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ from pipeline.data.images import IMAGE_EXTENSIONS
 from pipeline.errors import UserError
 from pipeline.tasks.face.identify import Gallery, Verdict, threshold
 from pipeline.use import inference
+
+log = logging.getLogger(__name__)
 
 
 def embed(session: inference.Session, paths: list[Path], batch_size: int,
@@ -47,13 +50,13 @@ def verify(source: str, first: str | Path, second: str | Path, uri: str | None =
     return Verdict(score > limit, score, limit)
 
 
-def build_gallery(session: inference.Session, folder: Path, limit: float, batch_size: int, say=print) -> Gallery:
+def build_gallery(session: inference.Session, folder: Path, limit: float, batch_size: int) -> Gallery:
     """The identities in `folder` (<identity>/<image>), each the mean of its readable images' embeddings."""
     identities = _scan(folder)
     owner = {path: name for name, paths in identities for path in paths}
     kept, embeddings, skipped = embed(session, list(owner), batch_size, desc="gallery")
     if skipped:
-        say(inference.skipped_line(skipped, "gallery files"))
+        log.warning(inference.skipped_line(skipped, "gallery files"))
     if not kept:
         raise UserError(f"--gallery: no image under '{folder}' could be read; give readable images in "
                         f"{folder}/<identity>/")
@@ -77,10 +80,10 @@ def _scan(folder: Path) -> list[tuple[str, list[Path]]]:
     return identities
 
 
-def open_gallery(session: inference.Session, folder: str | Path, batch_size: int, say=print) -> Gallery:
+def open_gallery(session: inference.Session, folder: str | Path, batch_size: int) -> Gallery:
     """The identities in `folder` as the face model behind `session` sees them, with its run's threshold."""
     session.require("face", "--gallery")
     limit = threshold(session.loaded.fit, session.source)
-    gallery = build_gallery(session, Path(folder), limit, batch_size, say)
-    say(f"gallery: {len(gallery.names)} identities from {folder}; threshold {limit:.4f}")
+    gallery = build_gallery(session, Path(folder), limit, batch_size)
+    log.info(f"gallery: {len(gallery.names)} identities from {folder}; threshold {limit:.4f}")
     return gallery

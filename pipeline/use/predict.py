@@ -10,6 +10,7 @@ Unreadable files are skipped and named; the rest are predicted.
 from __future__ import annotations
 
 import glob
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from pipeline.platform import cpu_kernels
 from pipeline.tasks.base import PredictOptions
 from pipeline.tasks.face.identify import Identities
 from pipeline.use import identify, inference
+
+log = logging.getLogger(__name__)
 
 SKIPPED_LIST = "skipped.txt"  # every unreadable file, one per line, when there were any
 
@@ -66,7 +69,7 @@ class PredictResult:
 
 def run(source: str, inputs: list[str], out: str | Path, uri: str | None = None, batch_size: int = 32,
         top_k: int = 5, score: float = 0.5, gallery: str | Path | None = None, device: str = "auto",
-        say=print) -> PredictResult:
+) -> PredictResult:
     """Predict every image of `inputs` in batches on the best device and write the task's files into `out`; with
     `gallery` (face), also name each image's identity."""
     if batch_size < 1 or top_k < 1:
@@ -78,7 +81,7 @@ def run(source: str, inputs: list[str], out: str | Path, uri: str | None = None,
     session = inference.open_session(source, uri, device)
     # every batch frees what the next allocates: kept for reuse, unless the run switched the CPU paths off
     cpu_kernels.prepare_process(session.loaded.cfg.train.cpu_kernels)
-    known = identify.open_gallery(session, gallery, batch_size, say) if gallery is not None else None
+    known = identify.open_gallery(session, gallery, batch_size) if gallery is not None else None
     writer = session.task.writer(out, session.info, PredictOptions(top_k=top_k, score=score))
     if known is not None:
         writer = Identities(writer, known, out)
@@ -92,8 +95,8 @@ def run(source: str, inputs: list[str], out: str | Path, uri: str | None = None,
         files.append(out / SKIPPED_LIST)
         files[-1].write_text("".join(f"{p}\n" for p in skipped))
     result = PredictResult(files, len(paths) - len(skipped), skipped)
-    say(f"predicted {result.predicted} images on {session.device} with {session.loaded.cfg.model.backbone.name}; "
+    log.info(f"predicted {result.predicted} images on {session.device} with {session.loaded.cfg.model.backbone.name}; "
         f"wrote {', '.join(str(f) for f in files)}")
     if skipped:
-        say(f"{inference.skipped_line(skipped)} (all listed in {out / SKIPPED_LIST})")
+        log.info(f"{inference.skipped_line(skipped)} (all listed in {out / SKIPPED_LIST})")
     return result

@@ -29,7 +29,7 @@ SMALL = {"min_size": 64, "max_size": 64, "anchor_sizes": [8, 16, 32, 64, 128], "
 
 def _model(backbone: str = "resnet18", **model):
     cfg = validate({"task": "detection", "model": {"backbone": {"name": backbone, "weights": "none"}, **model}})
-    return detection.build_model(cfg.model, INFO, say=lambda *_: None)
+    return detection.build_model(cfg.model, INFO)
 
 
 def _batch():

@@ -73,7 +73,7 @@ def test_run_logs_reports_and_model(scenes: Path, uri: str, tmp_path: Path, monk
             "tracking": {"uri": uri, "log_model": True}}
     path = tmp_path / "shapes_detection.yaml"
     path.write_text(yaml.safe_dump(task))
-    result = runner.run(path, say=lambda *_: None)
+    result = runner.run(path)
     client = MlflowClient(uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["task"] == "detection"
@@ -100,7 +100,7 @@ def test_coco_task_validates_and_fails_clearly_without_coco(uri: str, tmp_path: 
     assert cfg.model.backbone.name == "resnet50" and cfg.train.step_milestones == [16, 22]
     with pytest.raises(UserError, match=r"data.train_ann: annotation file 'data/coco/annotations/"
                                         r"instances_train2017.json' not found"):
-        runner.run(REPO / "tasks" / "detection_coco.yaml", (f"tracking.uri={uri}",), say=lambda *_: None)
+        runner.run(REPO / "tasks" / "detection_coco.yaml", (f"tracking.uri={uri}",))
     run = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("detection_coco").experiment_id])[0]
     assert run.info.status == "FAILED"
 

@@ -51,7 +51,7 @@ def _initial_model(path: Path):
     cfg = config.load(path)
     loading.seed_everything(cfg.seed)
     data = face.build_data(cfg.data, mean=cfg.data.mean, std=cfg.data.std, seed=cfg.seed)
-    return face.build_model(cfg.model, data.info, say=lambda *_: None), data.val, data.info
+    return face.build_model(cfg.model, data.info), data.val, data.info
 
 
 def _untrained_accuracy(path: Path) -> float:
@@ -65,7 +65,7 @@ def test_training_raises_verification_accuracy_and_logs_roc_and_embedding_model(
     monkeypatch.chdir(tmp_path)  # MLflow artifacts go under ./mlruns
     path = _task(tmp_path, faces, uri, tracking={"log_model": True})
     before = _untrained_accuracy(path)
-    result = runner.run(path, say=lambda *_: None)
+    result = runner.run(path)
     assert result.primary == "val/verif_acc"
     assert result.best >= before + 0.15, (before, result.best)  # measured: 0.47 -> 0.86 (seeds 1, 2: 0.76, 0.83)
     client = MlflowClient(uri)
@@ -87,7 +87,7 @@ def test_training_raises_verification_accuracy_and_logs_roc_and_embedding_model(
     torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(3))
 
 
-def test_head_trains_on_cached_features_with_the_backbone_frozen(faces, uri, tmp_path, monkeypatch):
+def test_head_trains_on_cached_features_with_the_backbone_frozen(said, faces, uri, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     resize = [{"name": "Resize", "height": SIZE, "width": SIZE}]  # deterministic: one cached view is exact
     path = _task(tmp_path, faces, uri, data={"train_transforms": resize},
@@ -96,8 +96,7 @@ def test_head_trains_on_cached_features_with_the_backbone_frozen(faces, uri, tmp
                  model={"margin": {"type": "arcface", "s": 32, "m": 0.5}},  # no warm-up: the loss only falls
                  train={"epochs": 2, "lr": 5e-3})
     initial = _initial_model(path)[0].state_dict()
-    said = []
-    result = runner.run(path, say=said.append)
+    result = runner.run(path)
     assert any("cached backbone features of 128 train /" in line for line in said)
     client = MlflowClient(uri)
     losses = [m.value for m in client.get_metric_history(result.run_id, "train/loss")]
@@ -117,4 +116,4 @@ def test_face_arcface_task_validates_and_fails_clearly_without_its_data(uri, tmp
     assert cfg.model.backbone.name == "resnet50" and cfg.data.verification == ["lfw", "cfp_fp", "agedb_30"]
     assert cfg.model.margin.margins() == (1.0, 0.5, 0.0) and cfg.model.margin.s == 64
     with pytest.raises(UserError, match=r"data.train_dir: folder 'data/faces/train' does not exist"):
-        runner.run(REPO / "tasks" / "face_arcface.yaml", (f"tracking.uri={uri}",), say=lambda *_: None)
+        runner.run(REPO / "tasks" / "face_arcface.yaml", (f"tracking.uri={uri}",))

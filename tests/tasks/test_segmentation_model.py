@@ -24,7 +24,7 @@ def _model(name="resnet18", output_stride=16, aux=False, classes=SHAPES, **model
                               "aux_loss": aux, **model}})
     info = DataInfo(classes=list(classes), train_size=0, val_size=0, mean=(0.485, 0.456, 0.406),
                     std=(0.229, 0.224, 0.225), image_size=32, facts=SegmentationFacts(255))
-    return seg.build_model(cfg.model, info, say=lambda *_: None)
+    return seg.build_model(cfg.model, info)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])

@@ -42,7 +42,7 @@ def _task(tmp_path: Path, root: Path, uri: str, **sections) -> Path:
 def test_training_raises_miou_and_logs_metrics_report_and_model(scenes, uri, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MLflow artifacts go under ./mlruns
     path = _task(tmp_path, scenes, uri, tracking={"log_model": True})
-    result = runner.run(path, say=lambda *_: None)
+    result = runner.run(path)
     client = MlflowClient(uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["task"] == "segmentation"

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.data import synth
 from pipeline.models import backbones
 from pipeline.tasks.base import TRAIN_ERROR, DataInfo, ExportSpec, PredictOptions, Task, TaskData
 from pipeline.tasks.classification.config import ClassificationData, ClassificationModel
@@ -82,9 +83,9 @@ class Classification(Task):
                         std=tuple(std), image_size=data.image_size, random_train_transforms=random)
         return TaskData(train, val, info)
 
-    def build_model(self, model: ClassificationModel, info: DataInfo, say=print) -> Classifier:
+    def build_model(self, model: ClassificationModel, info: DataInfo) -> Classifier:
         b = model.backbone
-        backbone = backbones.build_or_random(b.name, b.weights, b.fallback_to_random, say=say)
+        backbone = backbones.build_or_random(b.name, b.weights, b.fallback_to_random)
         return Classifier(backbone, info.num_classes, model.dropout, model.label_smoothing)
 
     def loss(self, model: Classifier, batch) -> dict[str, torch.Tensor]:
@@ -98,6 +99,11 @@ class Classification(Task):
 
     def make_evaluator(self, info: DataInfo) -> Evaluator:
         return Evaluator(info.classes)
+
+    def tiny(self, folder: Path) -> dict[str, dict]:
+        root = synth.generate(folder, image_size=32, train_per_class=2, val_per_class=1)
+        return {"data": {"root": str(root), "image_size": 32, "batch_size": 2, "num_workers": 0},
+                "model": {"backbone": {"name": "resnet18", "weights": "none"}}}
 
     def report(self, metrics: dict, info: DataInfo, out_dir: Path) -> list[Path]:
         """The confusion matrix plot and a per-class accuracy table."""

@@ -1,6 +1,7 @@
 """The detection task: the contract of pipeline/tasks/base.py for Faster R-CNN with an FPN on the backbone."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import albumentations as A
 import torch
 from torch import nn
 
+from pipeline.data import synth_coco
 from pipeline.data.transform_checks import RESIZES
 from pipeline.errors import UserError
 from pipeline.models import backbones
@@ -20,6 +22,8 @@ from pipeline.tasks.detection.data import CocoDetection, drop_unreadable, read_c
 from pipeline.tasks.detection.evaluate import Evaluator
 from pipeline.tasks.detection.model import Detector, build_detector, frozen_bn, load_coco
 from pipeline.tasks.detection.report import boxes_figure, per_class_table, write_results
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -95,7 +99,7 @@ class Detection(Task):
     def batch_sampler(self, dataset: CocoDetection, sampler, batch_size: int):
         return dataset.group_batches(sampler, batch_size)
 
-    def build_model(self, model: DetectionModel, info: DataInfo, say=print) -> Detector:
+    def build_model(self, model: DetectionModel, info: DataInfo) -> Detector:
         b = model.backbone
         if model.init == "coco":
             if b.name != "resnet50":
@@ -104,9 +108,9 @@ class Detection(Task):
                                 f"{b.name}")
             backbone = backbones.build(b.name, "none")  # the detector's weights replace the backbone's
         else:
-            backbone = backbones.build_or_random(b.name, b.weights, b.fallback_to_random, say=say)
+            backbone = backbones.build_or_random(b.name, b.weights, b.fallback_to_random)
             if model.frozen_bn and backbone.weights == "none":
-                say("note: model.frozen_bn with a random-init backbone leaves it without normalisation; "
+                log.info("note: model.frozen_bn with a random-init backbone leaves it without normalisation; "
                     "set model.frozen_bn: false to train its BatchNorm")
         if model.frozen_bn:
             backbone = frozen_bn(backbone)
@@ -127,6 +131,15 @@ class Detection(Task):
 
     def make_evaluator(self, info: DataInfo) -> Evaluator:
         return Evaluator(info.classes, info.facts.category_ids, info.mean, info.std)
+
+    def tiny(self, folder: Path) -> dict[str, dict]:
+        root = synth_coco.generate(folder, image_size=64, train_images=4, val_images=2)
+        # a small detector: 64 px, few channels, proposals and sampled RoIs
+        model = {"backbone": {"name": "resnet18", "weights": "none"}, "frozen_bn": False, "min_size": 64,
+                 "max_size": 64, "anchor_sizes": [8, 16, 32, 64, 128], "fpn_channels": 32, "representation_size": 64,
+                 "box_batch_size_per_image": 32, "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 50,
+                 "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 50}
+        return {"data": {"root": str(root), "batch_size": 2, "num_workers": 0}, "model": model}
 
     def report(self, metrics: dict, info: DataInfo, out_dir: Path) -> list[Path]:
         """The validation predictions (COCO results json), per-class AP table and a picture of predicted and true

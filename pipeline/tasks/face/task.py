@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.data import synth_faces
 from pipeline.models import backbones
 from pipeline.tasks import export_checks
 from pipeline.tasks.base import DataInfo, ExportSpec, Facts, PredictOptions, Task, TaskData
@@ -53,9 +54,9 @@ class Face(Task):
                         std=tuple(std), image_size=data.image_size, random_train_transforms=random, facts=facts)
         return TaskData(train, val, info)
 
-    def build_model(self, model: FaceModelConfig, info: DataInfo, say=print) -> FaceModel:
+    def build_model(self, model: FaceModelConfig, info: DataInfo) -> FaceModel:
         b = model.backbone
-        backbone = backbones.build_or_random(b.name, b.weights, b.fallback_to_random, say=say)
+        backbone = backbones.build_or_random(b.name, b.weights, b.fallback_to_random)
         m1, m2, m3 = model.margin.margins()
         warmup = round(model.margin.warmup_epochs * info.facts.batches_per_epoch)
         margin = MarginHead(model.embedding_dim, info.num_classes, model.margin.s, m1, m2, m3, warmup_steps=warmup)
@@ -70,6 +71,13 @@ class Face(Task):
 
     def make_evaluator(self, info: DataInfo) -> verification.Evaluator:
         return verification.Evaluator(info.facts.verification)
+
+    def tiny(self, folder: Path) -> dict[str, dict]:
+        root = synth_faces.generate(folder, image_size=32, train_identities=4, images_per_identity=2,
+                                    holdout_identities=4, holdout_images=2, pairs_per_fold=1)
+        return {"data": {"root": str(root), "verification": ["holdout"], "image_size": 32, "batch_size": 2,
+                         "num_workers": 0},
+                "model": {"backbone": {"name": "resnet18", "weights": "none"}, "embedding_dim": 16}}
 
     def report(self, metrics: dict, info: DataInfo, out_dir: Path) -> list[Path]:
         """A ROC curve per verification set."""

@@ -80,7 +80,7 @@ def upsample(logits: torch.Tensor, size) -> torch.Tensor:
 
 def build(name: str, weights: str, fallback_to_random: bool, *, num_classes: int, output_stride: int,
           atrous_rates: tuple[int, ...] | None, aux: bool, aux_weight: float, ignore_index: int,
-          class_weights: list[float] | None, init: str, keep_classifier: bool, say=print) -> DeepLabV3:
+          class_weights: list[float] | None, init: str, keep_classifier: bool) -> DeepLabV3:
     """The model with backbone weights (`init: backbone`) or torchvision's COCO-with-VOC DeepLabV3 (`coco_voc`).
 
     `keep_classifier`: with coco_voc, keep the pretrained final convolutions too (the dataset has the VOC classes).
@@ -91,7 +91,7 @@ def build(name: str, weights: str, fallback_to_random: bool, *, num_classes: int
     state_dict = coco_voc_state_dict(name) if init == "coco_voc" else None
     try:
         if state_dict is None:
-            backbone = backbones.build_or_random(name, weights, fallback_to_random, say=say,
+            backbone = backbones.build_or_random(name, weights, fallback_to_random,
                                                  output_stride=output_stride)
         else:  # the backbone's weights come with the rest of the model
             backbone = backbones.build(name, "none", output_stride=output_stride)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.data import synth_coco
 from pipeline.data.transform_checks import RESIZES
 from pipeline.errors import UserError
 from pipeline.tasks import export_checks
@@ -93,13 +94,13 @@ class Segmentation(Task):
                         facts=SegmentationFacts(data.ignore_index))
         return TaskData(train, val, info)
 
-    def build_model(self, model: SegmentationModel, info: DataInfo, say=print) -> M.DeepLabV3:
+    def build_model(self, model: SegmentationModel, info: DataInfo) -> M.DeepLabV3:
         b = model.backbone
         voc = [c.lower() for c in info.classes[1:]] == list(VOC_CLASSES[1:])
         return M.build(b.name, b.weights, b.fallback_to_random, num_classes=info.num_classes,
                        output_stride=model.output_stride, atrous_rates=model.atrous_rates, aux=model.aux_loss,
                        aux_weight=model.aux_weight, ignore_index=info.facts.ignore_index,
-                       class_weights=model.class_weights, init=model.init, keep_classifier=voc, say=say)
+                       class_weights=model.class_weights, init=model.init, keep_classifier=voc)
 
     def loss(self, model: M.DeepLabV3, batch) -> dict[str, torch.Tensor]:
         images, masks = batch
@@ -116,6 +117,11 @@ class Segmentation(Task):
 
     def make_evaluator(self, info: DataInfo) -> seg_metrics.Evaluator:
         return seg_metrics.Evaluator(info.classes, info.facts.ignore_index)
+
+    def tiny(self, folder: Path) -> dict[str, dict]:
+        root = synth_coco.generate(folder, image_size=64, train_images=4, val_images=2)
+        return {"data": {"root": str(root), "format": "coco", "image_size": 64, "batch_size": 2, "num_workers": 0},
+                "model": {"backbone": {"name": "resnet18", "weights": "none"}}}
 
     def report(self, metrics: dict, info: DataInfo, out_dir: Path) -> list[Path]:
         """The overlay grid of validation images, the per-class IoU bar chart and the per-class table."""
