@@ -140,3 +140,54 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(said, tmp_path
     (tmp_path / checkpoint.PREVIOUS).unlink()
     with pytest.raises(UserError, match="not found; run without --resume"):
         checkpoint.load_resumable(tmp_path)
+
+
+class Scripted:
+    """An evaluator that reports the next of a list of values, whatever the model does."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.value = values.pop(0)
+
+    def update(self, outputs, batch) -> None:
+        pass
+
+    def compute(self) -> dict:
+        return {"val/mae": self.value}
+
+
+@pytest.mark.parametrize("goal, values, best_epoch, epochs_run", [
+    ("min", [0.5, 0.3, 0.4, 0.35, 0.1], 2, 4),  # lower is better: epoch 2, then two worse epochs stop it
+    ("max", [0.5, 0.3, 0.4, 0.35, 0.1], 1, 3),  # the same numbers read as accuracy: epoch 1
+    ("min", [float("nan"), 0.9, float("nan"), 1.0, 2.0], 2, 4),  # NaN never holds the best checkpoint
+])
+def test_the_primary_metric_s_goal_picks_the_best_epoch_and_stops(goal, values, best_epoch, epochs_run, tmp_path):
+    from pipeline.tasks.metric import Metric
+    from pipeline.train import finetune
+
+    model = torch.nn.Linear(2, 1)
+    loader = [(torch.randn(4, 2), torch.zeros(4, 1))]
+    plan = finetune.Plan(parts=(), backbone_stages=(), frozen=frozenset(), unfreeze={}, bn="train", lr_mult={},
+                         no_decay_norm_bias=False)
+    opt = torch.optim.SGD([{"params": list(model.parameters()), "lr": 0.01, "base_lr": 0.01}])
+    f = engine.Fit(model=model, loss=lambda m, b: {"mse": ((m(b[0]) - b[1]) ** 2).mean()},
+                   predict=lambda m, b: m(b[0]), make_evaluator=lambda: Scripted(values),
+                   primary=Metric("val/mae", goal), merge_evaluators=False, train_loader=loader, val_loader=loader,
+                   optimizer=opt, schedule=optim.Schedule("constant", 5), plan=plan, base_lr=0.01, weight_decay=0.0,
+                   settings=engine.StepSettings(device=torch.device("cpu"), precision="fp32"), epochs=5,
+                   output_dir=tmp_path, patience=2)
+    state = engine.fit(f, engine.FitState())
+    assert (state.best_epoch, state.epoch) == (best_epoch, epochs_run)
+    assert checkpoint.load(tmp_path / checkpoint.BEST)["fit"]["best_epoch"] == best_epoch
+
+
+def test_metric_goal_and_best_key():
+    from pipeline.tasks.metric import Metric
+
+    top1, loss = Metric("val/top1"), Metric("val/loss", goal="min")
+    assert top1.better(0.9, 0.8) and not top1.better(0.8, 0.9) and top1.better(0.1, None)
+    assert loss.better(0.8, 0.9) and not loss.better(0.9, 0.8)
+    assert not loss.better(float("nan"), 0.9) and loss.better(0.9, float("nan"))
+    assert loss.best([0.5, float("nan"), 0.2, 0.4]) == 0.2 and top1.best([0.5, 0.2]) == 0.5 and top1.best([]) is None
+    assert (top1.best_key, loss.best_key) == ("best/top1", "best/loss")
+    with pytest.raises(ValueError, match="goal"):
+        Metric("val/x", goal="up")

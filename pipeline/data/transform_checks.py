@@ -9,7 +9,7 @@ rules (`fixed_input_size`, `val_geometry`, `val_transform_problem` in pipeline/t
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from albumentations.core.composition import BaseCompose
@@ -20,15 +20,24 @@ from pipeline.data.dataset import TaskDataset
 from pipeline.data.transforms import transform_class
 from pipeline.errors import UserError
 
-if TYPE_CHECKING:  # the tasks import this module
-    from pipeline.tasks.base import Task, TaskData
+
+class TransformRules(Protocol):
+    """What these checks ask of a task: its transform rules, as the task contract declares them
+    (pipeline/tasks/base.py)."""
+
+    name: str
+    fixed_input_size: bool
+
+    def specs(self, data: DataConfig) -> tuple[list[dict], list[dict]]: ...
+
+    def val_transform_problem(self, entry: dict, data: DataConfig) -> str | None: ...
 
 # The spatial transforms that only rescale: an evaluator maps predictions back by each axis' scale.
 RESIZES = frozenset({"Resize", "LongestMaxSize", "SmallestMaxSize"})
 _CHILDREN_KEY = "transforms"
 
 
-def check_val_spec(task: Task, data: DataConfig) -> None:
+def check_val_spec(task: TransformRules, data: DataConfig) -> None:
     """Refuse a validation transform that would corrupt `task`'s metric, naming its place in data.val_transforms.
 
     Pixel-level transforms (albumentations' ImageOnlyTransform: colour, blur, noise) never move anything; every other
@@ -45,15 +54,15 @@ def check_val_spec(task: Task, data: DataConfig) -> None:
             raise UserError(f"{where}: {problem}")
 
 
-def check_sizes(task: Task, data: TaskData, config: DataConfig, seed: int) -> None:
+def check_sizes(task: TransformRules, train: TaskDataset, val: TaskDataset, config: DataConfig, seed: int) -> None:
     """Pass the first training and the first validation image through their transforms; refuse sizes that differ from
     each other or from data.image_size, naming both specs and the sizes they gave.
 
     Tasks without `fixed_input_size` (detection: the model resizes each image) are not checked.
     """
-    if not task.fixed_input_size or len(data.train) == 0 or len(data.val) == 0:
+    if not task.fixed_input_size or len(train) == 0 or len(val) == 0:
         return
-    train, val = _first_image_size(data.train, seed), _first_image_size(data.val, seed)
+    train, val = _first_image_size(train, seed), _first_image_size(val, seed)
     size = config.image_size
     if train is None or val is None or train == val == (size, size):  # (None: no image tensor to measure)
         return

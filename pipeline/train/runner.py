@@ -181,7 +181,7 @@ def build_data(setup: Setup) -> TaskData:
     default_mean, default_std = backbones.pretrained_mean_std(cfg.model.backbone.name)
     data = task.build_data(cfg.data, mean=cfg.data.mean or default_mean, std=cfg.data.std or default_std,
                            seed=cfg.seed)
-    transform_checks.check_sizes(task, data, cfg.data, cfg.seed)
+    transform_checks.check_sizes(task, data.train, data.val, cfg.data, cfg.seed)
     log.info(f"data: {len(data.train)} train / {len(data.val)} val images from {cfg.data.root}")
     return data
 
