@@ -20,14 +20,14 @@ from torch.utils.data import DataLoader  # noqa: E402
 from pipeline.platform import devices  # noqa: E402
 from pipeline.tasks import registry  # noqa: E402
 from pipeline.tasks.base import TRAIN_ERROR  # noqa: E402
-from pipeline.train import distributed, engine, optim, runner  # noqa: E402
+from pipeline.train import builders, distributed, engine, optim, runner  # noqa: E402
 
 
 def load_task(task_file: str, overrides: tuple[str, ...] = ()):
     """Config, task, datasets and data info of a task file, through the runner's own builders (runner.prepare,
-    runner.build_data); its synthetic data is generated when missing."""
+    builders.build_data); its synthetic data is generated when missing."""
     setup = runner.prepare(task_file, overrides)
-    data = runner.build_data(setup)
+    data = builders.build_data(setup)
     return setup.cfg, setup.task, data.train, data.val, data.info
 
 
@@ -42,17 +42,17 @@ def first_batches(dataset, batch_size: int, n: int, task=None) -> list:
 
 
 def build_model(cfg, task, info, backbone: str | None, device: torch.device, channels_last: bool):
-    """The task's model as `pipeline run` trains it (runner.build_model, plan_finetune, place_model with the CPU fast
+    """The task's model as `pipeline run` trains it (builders.build_model, plan_finetune, place_model with the CPU fast
     paths, make_optimizer), random init."""
     b = cfg.model.backbone.model_copy(update={"name": backbone or cfg.model.backbone.name, "weights": "none"})
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"backbone": b}),
                                  "train": cfg.train.model_copy(update={"channels_last": channels_last})})
-    setup = runner.Setup(cfg, task, registry.entry(cfg.task).primary, task_file="", experiment="", output_dir=Path("."), last=None, device=device,
+    setup = builders.Setup(cfg, task, registry.entry(cfg.task).primary, task_file="", experiment="", output_dir=Path("."), last=None, device=device,
                          precision=devices.resolve_precision(cfg.train.precision, device), ctx=distributed.Context())
-    model = runner.build_model(setup, info)
-    plan = runner.plan_finetune(setup, model)
-    model = runner.place_model(setup, model, plan)
-    optimizer = runner.make_optimizer(setup, model, plan)
+    model = builders.build_model(setup, info)
+    plan = builders.plan_finetune(setup, model)
+    model = builders.place_model(setup, model, plan)
+    optimizer = builders.make_optimizer(setup, model, plan)
     BENCH_SCHEDULE.apply(optimizer, 0)
     return model, optimizer
 

@@ -5,6 +5,9 @@ function down. The CLI calls `show`, which gives the `pipeline` logger one conso
 on stdout; warnings and errors on stderr, behind `warning: `. Without it (the package used as a library) only warnings
 reach the terminal, through Python's last-resort handler.
 
+A run also keeps what was said in a log file of its own (`recording`): the console's lines with their times, and
+whatever other loggers it names (MLflow's, whose INFO lines stay off the console).
+
 Progress bars show only on a terminal: tqdm redraws its line with carriage returns, and a log redirected to a file
 would keep every redraw. Off a terminal the per-epoch line of the engine is the progress report.
 """
@@ -12,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -44,6 +49,63 @@ def show(level: int = logging.INFO) -> None:
 def quiet() -> None:
     """Only errors from the `pipeline` logger in this process (data-parallel ranks other than 0: one voice)."""
     logging.getLogger(LOGGER).setLevel(logging.ERROR)
+
+
+class Recording(logging.Handler):
+    """Log records kept in memory until `to(path)` names their file, then written there as they come."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.pending: list[logging.LogRecord] = []
+        self.file = None
+
+    def to(self, path: Path) -> None:
+        """Write what was said so far to `path`, and everything said from now on (the file is appended to: a resumed
+        run's log continues)."""
+        self.file = Path(path).open("a")
+        for record in self.pending:
+            self._write(record)
+        self.pending.clear()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.file is None:
+            self.pending.append(record)
+        else:
+            self._write(record)
+
+    def _write(self, record: logging.LogRecord) -> None:
+        try:
+            self.file.write(self.format(record) + "\n")
+            self.file.flush()
+        except Exception:  # noqa: BLE001 - a full disk must not stop the run it logs
+            self.handleError(record)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        super().close()
+
+
+@contextmanager
+def recording(extra_loggers: Sequence[str] = ()) -> Iterator[Recording]:
+    """Keep the `pipeline` logger's records (from INFO up) and those of `extra_loggers` while the block runs; they
+    reach a file once `to(path)` is called, and are dropped if it never is (a run that never started)."""
+    handler = Recording()
+    loggers = [logging.getLogger(name) for name in (LOGGER, *extra_loggers)]
+    ours = loggers[0]
+    level = ours.level
+    if ours.getEffectiveLevel() > logging.INFO:
+        ours.setLevel(logging.INFO)  # info records must exist to be kept; without a console handler none prints
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        ours.setLevel(level)
+        handler.close()
 
 
 def bar(iterable: Iterable, desc: str, show: bool = True, **options) -> tqdm:

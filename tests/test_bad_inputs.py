@@ -32,7 +32,7 @@ def _missing_task_file(tmp_path, path):
 
 
 def _missing_data_root(tmp_path, path):
-    return [str(path), "data.root=/nonexistent/images"], "/nonexistent/images", True
+    return [str(path), "data.root=/nonexistent/images"], "data.root: '/nonexistent/images' is not a folder", False
 
 
 def _empty_dataset(tmp_path, path):
@@ -64,7 +64,7 @@ def _unknown_backbone(tmp_path, path):
 
 
 def _missing_weights_file(tmp_path, path):
-    return [str(path), "model.backbone.weights=/nonexistent/w.pth"], "'/nonexistent/w.pth' not found", True
+    return [str(path), "model.backbone.weights=/nonexistent/w.pth"], "'/nonexistent/w.pth' not found", False
 
 
 def _unknown_stage(tmp_path, path):
@@ -90,8 +90,9 @@ def _expect_clean_failure(result, culprit: str, uri: str, run_opened: bool) -> N
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     if run_opened:
         assert len(runs) == 1 and runs[0].info.status == "FAILED" and culprit in runs[0].data.tags["error"]
-    else:
-        assert runs == []
+    else:  # checked before a run exists: no run, no experiment of its own, no folder
+        assert runs == [] and [e.name for e in client.search_experiments()] == ["Default"]
+        assert not (Path.cwd() / "out").exists() and not (Path.cwd() / "outputs").exists()
 
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda f: f.__name__.strip("_"))
@@ -131,6 +132,8 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(task
 
 def test_config_of_a_failed_run_is_still_saved(task_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(main, ["run", str(task_file()), "data.root=/nonexistent"])
+    (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)  # there, but nothing to read: fails after the start
+    result = CliRunner().invoke(main, ["run", str(task_file()), f"data.root={tmp_path / 'empty'}"])
     assert result.exit_code == 1
-    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["data"]["root"] == "/nonexistent"
+    saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert saved["data"]["root"] == str(tmp_path / "empty")

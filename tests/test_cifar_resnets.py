@@ -257,7 +257,8 @@ def test_degradation_shapes_runs(tmp_path: Path, uri: str, shapes: Path, monkeyp
     # the MLflow UI opens on what the experiment is about: training error and loss by depth, then the rest
     experiment = client.get_experiment(run.info.experiment_id)
     view = json.loads(experiment.tags["mlflow.sharedViewState.pipeline"])
-    columns = [c.removeprefix("metrics.`").removesuffix("`") for c in view["selectedColumns"][:-1]]
+    columns = [c.removeprefix("metrics.`").removesuffix("`") for c in view["selectedColumns"]
+               if c.startswith("metrics.")]
     assert columns[:2] == ["train/error", "train/loss_epoch"] and "grad_norm/stem" in columns
     assert experiment.tags["mlflow.experiment.primaryMetric.name"] == "train/error"
     assert view["orderByKey"] == "metrics.`model/depth`"

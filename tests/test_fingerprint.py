@@ -8,7 +8,7 @@ import yaml
 
 from pipeline.data import fingerprint, synth_coco, synth_faces
 from pipeline.tasks.classification.data import build_datasets
-from pipeline.train import describe, runner
+from pipeline.train import builders, describe, runner
 
 
 def splits(root: Path):
@@ -69,7 +69,7 @@ def test_every_task_records_the_files_each_split_reads(task, data, scenes_and_fa
         "model": {"backbone": {"name": "resnet18", "weights": "none"}},
         "train": {"output_dir": str(tmp_path / "out")}, "tracking": {"uri": uri}}))
     setup = runner.prepare(path)
-    built = runner.build_data(setup)
+    built = builders.build_data(setup)
     assert all(split.files() for split in (built.train, built.val))
     train, val = describe.dataset_records(setup.cfg.data.root, built.train, built.val)
     assert (train.context, val.context) == ("training", "validation") and train.digest != val.digest

@@ -95,7 +95,8 @@ def test_resume_continues_the_same_run(task_file, uri: str, tmp_path: Path, monk
     experiment_id = client.get_experiment_by_name("tiny").experiment_id
     # the link that opens the experiment's runs, as the view that compares them (served by `pipeline ui --uri`)
     assert (f"MLflow UI: http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-            f"&viewStateShareKey=pipeline (serve it with: pipeline ui --uri {uri})") in result.output
+            f"&viewStateShareKey=pipeline&compareRunsMode=CHART (serve it with: pipeline ui --uri {uri})") \
+        in result.output
     runs = client.search_runs([experiment_id])
     assert len(runs) == 1 and runs[0].info.run_id == first.run_id and runs[0].info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(first.run_id, "val/top1")] == [1, 2, 3]
@@ -199,3 +200,23 @@ def test_compile_and_small_conv_are_wired_into_the_run(compile_, task_file, uri:
     assert [m.source_run_id for m in models] == [result.run_id]
     logged = {type(m).__name__ for m in tracking.load_model(uri, models[0].model_uri).modules()}
     assert "Conv2d" in logged and "SmallMapConv2d" not in logged
+
+
+def test_mlflow_s_own_info_lines_stay_in_the_run_s_log(task_file, tmp_path: Path, monkeypatch):
+    """A new store: MLflow creates its tables and says so at INFO, as it validates a logged model's example; the
+    console keeps to the run's own lines, and run.log beside the checkpoints keeps both."""
+    monkeypatch.chdir(tmp_path)
+    fresh = f"sqlite:///{tmp_path}/fresh.db"
+    path = task_file(train={"epochs": 1}, tracking={"uri": fresh, "log_model": True, "system_metrics_every": 0})
+    result = run_cli("run", str(path))
+    assert result.exit_code == 0, result.output
+    assert "Creating initial MLflow database tables" not in result.output
+    assert "Validating input example" not in result.output and "INFO mlflow" not in result.output
+    log = (tmp_path / "out" / "run.log").read_text()
+    assert "mlflow.store.db.utils: Creating initial MLflow database tables" in log
+    assert "mlflow.pyfunc: Validating input example" in log
+    assert "pipeline.train.engine: epoch 1/1  loss" in log and "done in" in log  # and every line of the console
+    # the best weights are in the store once: the logged model holds them, no separate checkpoint artifact
+    client = MlflowClient(fresh)
+    run_id = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])[0].info.run_id
+    assert "checkpoints" not in [a.path for a in client.list_artifacts(run_id)]

@@ -1,4 +1,5 @@
 """`pipeline sweep` and `pipeline compare` end to end: tiny backbones at 32 px, one epoch, a real sqlite store."""
+import json
 import shutil
 from pathlib import Path
 
@@ -79,14 +80,22 @@ def test_sweep_makes_one_parent_and_a_tagged_child_per_value(swept):
         assert {i.dataset.name.rsplit(" ", 1)[-1] for i in child.inputs.dataset_inputs} == {"train", "val"}
     # deeper costs more, on the model itself at the task's 32 px
     assert float(children[1].data.tags["gflops"]) > float(children[0].data.tags["gflops"])
-    dirs = {Path(r.data.params["train.output_dir"]) for r in children}
-    assert len(dirs) == 2 and all((swept["folder"] / d / "best.pt").is_file() for d in dirs)
+    # a finished child keeps its config, report and log; its best weights live once, in its MLflow run
+    dirs = {swept["folder"] / Path(r.data.params["train.output_dir"]) for r in children}
+    assert len(dirs) == 2 and all((d / "config.yaml").is_file() and (d / "run.log").is_file() for d in dirs)
+    assert not [p for d in dirs for p in d.rglob("*.pt")]
+    assert all("checkpoints/best.pt" in [a.path for a in client.list_artifacts(r.info.run_id, "checkpoints")]
+               for r in children)
     assert "resnet18" in swept["output"] and "FINISHED" in swept["output"].split("sweep ")[-1]
-    # the sweep's last lines link its children side by side in MLflow's compare page
-    experiment_id = parent.info.experiment_id
-    runs = "%5B" + "%2C".join(f"%22{r.info.run_id}%22" for r in children) + "%5D"
-    assert (f"compare: http://127.0.0.1:5000/#/compare-runs?runs={runs}&experiments=%5B%22{experiment_id}%22%5D"
-            "&workflowType=machine_learning") in swept["output"]
+    # the sweep's last line links its children's charts in MLflow's UI: a view of this sweep alone
+    experiment_id, key = parent.info.experiment_id, f"pipeline-sweep-{parent.info.run_id[:8]}"
+    assert swept["output"].rstrip().endswith(
+        f"MLflow UI: http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        f"&viewStateShareKey={key}&compareRunsMode=CHART (serve it with: pipeline ui --uri {swept['uri']})")
+    view = json.loads(client.get_experiment(experiment_id).tags[f"mlflow.sharedViewState.{key}"])
+    assert view["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    assert view["compareRunCharts"][0]["yaxis"]["key"] == "best/top1"  # the primary metric's chart first
+    assert "compare:" not in swept["output"]
 
 
 def test_compare_prints_both_depths_and_logs_plots_to_the_parent(swept, tmp_path: Path):

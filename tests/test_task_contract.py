@@ -26,7 +26,7 @@ from pipeline.tasks import registry, saved
 from pipeline.tasks.base import DataInfo, ExportSpec, PredictOptions, Task, TaskData
 from pipeline.tasks.common import write_csv
 from pipeline.tasks.metric import Metric
-from pipeline.train import checkpoint, engine, optim, runner
+from pipeline.train import builders, checkpoint, engine, optim, runner
 from pipeline.use import export, predict
 
 
@@ -42,12 +42,12 @@ def check_contract(name: str, folder: Path, uri: str) -> None:
                                     "tracking": {"uri": uri, "log_model": False}}))
     setup = runner.prepare(path)
     assert isinstance(setup.cfg, entry.schema) and setup.primary == entry.primary
-    data = runner.build_data(setup)
-    model = runner.build_model(setup, data.info)
-    plan = runner.plan_finetune(setup, model)
-    model = runner.place_model(setup, model, plan)
-    optimizer = runner.make_optimizer(setup, model, plan)
-    train_loader, val_loader = runner.make_loaders(setup, data, model, plan)
+    data = builders.build_data(setup)
+    model = builders.build_model(setup, data.info)
+    plan = builders.plan_finetune(setup, model)
+    model = builders.place_model(setup, model, plan)
+    optimizer = builders.make_optimizer(setup, model, plan)
+    train_loader, val_loader = builders.make_loaders(setup, data, model, plan)
 
     # the data: datasets that list the files they read and reseed their own augmentation; what it says survives
     for dataset in (data.train, data.val):
@@ -66,7 +66,7 @@ def check_contract(name: str, folder: Path, uri: str) -> None:
 
     # train one step: the loss dict sums to a finite scalar and the step moves the weights
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    settings = runner.step_settings(setup)
+    settings = builders.step_settings(setup)
     one_step = [next(iter(train_loader))]
     for g in optimizer.param_groups:
         g["base_lr"] = g["lr"]

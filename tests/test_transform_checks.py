@@ -19,7 +19,7 @@ from pipeline.tasks import registry
 from pipeline.tasks.detection.config import DetectionData
 from pipeline.tasks.segmentation.config import SegmentationData
 from pipeline.tasks.segmentation.metrics import Evaluator
-from pipeline.train import runner
+from pipeline.train import builders, runner
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "tasks" / "quickstart.yaml"
@@ -43,7 +43,7 @@ def image_folder(root: Path, width: int, height: int) -> Path:
 def quickstart_data(tmp_path: Path, overrides: list[str]):
     """The quickstart's config and datasets through the runner's own stages, on the data its overrides name."""
     setup = runner.prepare(QUICKSTART, [f"train.output_dir={tmp_path / 'out'}", *overrides])
-    return runner.build_data(setup)
+    return builders.build_data(setup)
 
 
 # -- the size check -------------------------------------------------------------------------------------------------

@@ -93,7 +93,8 @@ def test_the_view_opens_on_the_table_sorted_by_depth_and_on_scatter_plots_agains
     state = json.loads(tags["mlflow.sharedViewState.pipeline"])
     assert tags["mlflow.experiment.primaryMetric.name"] == "best/mAP"
     assert state["orderByKey"] == "metrics.`model/depth`" and state["orderByAsc"] is True
-    assert state["selectedColumns"][-1] == "attributes.`Dataset`"
+    assert state["selectedColumns"][-2:] == ["params.`train.epochs`", "attributes.`Dataset`"]  # runs' lengths told apart
+    assert state["searchFilter"] == "metrics.`model/num_params` > 0"  # training runs: a sweep's parent logs no metrics
     # one section, kept first, of one scatter plot per metric that is not the model's own, each against depth
     [section] = state["compareRunSections"]
     assert state["isAccordionReordered"] is True and section["display"] is True
@@ -102,6 +103,11 @@ def test_the_view_opens_on_the_table_sorted_by_depth_and_on_scatter_plots_agains
         ("SCATTER", "model/depth", "best/mAP"), ("SCATTER", "model/depth", "train/wall_time_s")]
     assert {c["metricSectionId"] for c in charts} == {section["uuid"]}
     assert len({c["uuid"] for c in charts}) == len(charts)
+    # a sweep's own view: its children alone
+    sweep = tracking.view_tags(["best/mAP", "model/depth"], "model/depth", key="pipeline-sweep-0123abcd",
+                               parent_run_id="0123abcd" * 4)
+    assert json.loads(sweep["mlflow.sharedViewState.pipeline-sweep-0123abcd"])["searchFilter"] == (
+        f"tags.`mlflow.parentRunId` = '{'0123abcd' * 4}'")
     # nothing to plot against depth: no section (an empty one would sit above MLflow's own charts)
     state = json.loads(tracking.view_tags(["model/depth"], "model/depth")["mlflow.sharedViewState.pipeline"])
     assert "compareRunCharts" not in state and "compareRunSections" not in state

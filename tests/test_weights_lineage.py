@@ -78,7 +78,7 @@ def task_config(task: str, weights: str, **model):
 
 
 def build(task: str, weights: str, uri: str, **model):
-    """The task's model as the runner builds it from runs:/ or models:/ weights (runner.build_model)."""
+    """The task's model as the runner builds it from runs:/ or models:/ weights (builders.build_model)."""
     cfg = task_config(task, weights, **model)
     with tracked.fetch(weights, uri, cfg.model.backbone.name) as fetched:
         backbone = cfg.model.backbone.model_copy(update={"weights": str(fetched.path)})

@@ -84,7 +84,7 @@ class TrainConfig(Section):
     output_dir: str | None = None
     # What a finished run leaves in output_dir (pipeline/train/checkpoint.py): best = best.pt (model weights only); last =
     # best.pt and last.pt (model, optimizer, RNG: what --resume needs); all = also last.prev.pt, the one before last.pt.
-    keep_checkpoints: Literal["best", "last", "all"] = "last"
+    keep_checkpoints: Literal["none", "best", "last", "all"] = "last"
     log_every: int = Field(10, gt=0)
     max_nonfinite: int = Field(5, gt=0)
     # Under torchrun: BatchNorm statistics over the global batch instead of each process's share.

@@ -5,11 +5,14 @@ through a scratch folder, so an interrupted generation never looks finished. A t
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.data import synth, synth_coco, synth_faces
 from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
 
 KINDS = {
     "classification": synth.generate,  # ImageFolder: one shape per image
@@ -32,7 +35,10 @@ def ensure(out: Path, kind: str, seed: int = 0) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         with _exclusive(out / f".{kind}.lock"):
             if not root.is_dir():  # another process may have generated it while this one waited
+                log.info(f"generating the synthetic {kind} dataset in {root} (first use; later runs reuse it) ...")
                 KINDS[kind](out, seed=seed, overwrite=True)
+                files = [p for p in root.rglob("*") if p.is_file()]
+                log.info(f"wrote {len(files)} files, {sum(p.stat().st_size for p in files) / 2**20:.1f} MB, in {root}")
     except OSError as e:
         raise UserError(f"data.root: the synthetic {kind} data cannot be written under '{out}' "
                         f"({e.strerror or e}); point data.root at a folder you can write to, ending in /{kind}, "

@@ -177,8 +177,8 @@ def build_or_random(name: str, weights: str, fallback_to_random: bool, output_st
     except UserError as err:
         if not fallback_to_random or weights == "none" or W.is_path(weights) or W.is_tracked(weights):
             raise
-        log.warning(f"\n!!! {err}\n!!! continuing from RANDOM INIT (weights=none); accuracy will be lower than with "
-            f"pretrained weights\n")
+        log.warning(f"!!! {err}\n!!! continuing from RANDOM INIT (weights=none); accuracy will be lower than with "
+                    "pretrained weights")
         return build(name, "none", output_stride=output_stride)
 
 

@@ -112,6 +112,21 @@ def _pretrained_cfg(name: str):
         return None
 
 
+def check_available(arch: str, weights: str, fallback_to_random: bool = False) -> None:
+    """Refuse weights that cannot be had, before anything else of a run happens: a file that is not there, hub weights
+    neither cached nor downloadable (downloaded now when they can be). `runs:/` and `models:/` weights are checked
+    where their tracking store is known (pipeline/models/tracked.py); a quickstart that falls back to random init is
+    let through (it says so loudly when it builds the model)."""
+    if weights == "none" or is_tracked(weights) or fallback_to_random:
+        return
+    if is_path(weights):
+        if not Path(weights).is_file():
+            raise UserError(f"model.backbone.weights: file '{weights}' not found; give the path of a state_dict "
+                            "(.pth / .safetensors) or none")
+        return
+    hub_file(resolve_tag(arch, weights))
+
+
 def hub_state_dict(tagged_name: str, download: bool = True) -> dict[str, torch.Tensor]:
     """The state_dict of a timm pretrained tag, from the cache if there, else downloaded into the standard cache."""
     return read_state_dict(hub_file(tagged_name, download=download), what=f"weights {tagged_name}")

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from pipeline import tracking
 from pipeline.errors import UserError
-from pipeline.study.rows import NOT_COMPARED, PER_STEP_NAMES, PER_STEP_PREFIXES, Row, table, write_csv
+from pipeline.study.rows import NOT_COMPARED, PER_STEP_NAMES, PER_STEP_PREFIXES, Row, better, table, write_csv
+from pipeline.study.settled import advice, judge
 from pipeline.tasks import registry
 from pipeline.tasks.metric import Metric
 
@@ -90,10 +91,14 @@ def run(experiment: str, uri: str | None = None, metric: str | Sequence[str] | N
                         "(e.g. --metric val/top1)")
     metrics = metrics or [primary.name]
     newest = _newest_start(runs)
-    rows = sorted((_row(uri, r, metrics, by, at) for r in runs), key=lambda row: _order(row, newest))
+    judged_by = primary or _heuristic(metrics[0])  # whether a run had settled: by the task's primary metric
+    rows = sorted((_row(uri, r, metrics, by, at, judged_by) for r in runs), key=lambda row: _order(row, newest))
     _check_logged(rows, runs, metrics, experiment)
     readings = {m: reading(rows, m, at) for m in metrics}
     log.info(table(rows, readings, by))
+    for row in rows:
+        if row.settled is not None and not row.settled.settled:
+            log.info(advice(row.backbone, row.settled, judged_by.name))
     if out is None:
         return CompareResult(metrics[0], rows, [], None, metrics)
     from pipeline.study import plots  # matplotlib only when there is something to draw
@@ -186,7 +191,14 @@ def _primary(runs: list[tracking.RunRecord]) -> Metric | None:
     return registry.TASKS[task].primary if task in registry.TASKS else None
 
 
-def _row(uri: str, run: tracking.RunRecord, metrics: list[str], by: str | None = None, at: str = "best") -> Row:
+def _heuristic(metric: str) -> Metric | None:
+    """A metric no task declares: higher is better unless its name says loss or error; none for per-step values."""
+    direction = better(metric)
+    return Metric(metric, "max" if direction > 0 else "min") if direction else None
+
+
+def _row(uri: str, run: tracking.RunRecord, metrics: list[str], by: str | None = None, at: str = "best",
+         judged_by: Metric | None = None) -> Row:
     throughput = [v for _, v in tracking.metric_history(uri, run.run_id, "train/throughput")]
     tags = run.tags
     epochs = _int(run.params.get("train.epochs"))
@@ -197,11 +209,15 @@ def _row(uri: str, run: tracking.RunRecord, metrics: list[str], by: str | None =
     per_step = {m: is_per_step(m, curve, ran) for m, curve in curves.items()}
     values = {m: last_epoch_mean(curve, ran) if per_step[m] else value_of(curve, at, run.metrics.get("best/epoch"))
               for m, curve in curves.items()}
+    judged = None
+    if judged_by is not None:
+        history = curves.get(judged_by.name) or tracking.metric_history(uri, run.run_id, judged_by.name)
+        judged = judge([v for _, v in history], judged_by) if history else None
     return Row(run_id=run.run_id, backbone=tags["backbone"], depth=_int(tags.get("depth")),
                num_params=_int(tags.get("num_params")), gflops=_float(tags.get("gflops")), values=values,
                throughput=statistics.median(throughput) if throughput else None, wall_time=run.wall_time,
                parent_run_id=run.parent_run_id, curves=curves, per_step=per_step,
-               group=(run.tags.get(by) or run.params.get(by) or "-") if by else None, epochs=epochs)
+               group=(run.tags.get(by) or run.params.get(by) or "-") if by else None, epochs=epochs, settled=judged)
 
 
 def is_per_step(metric: str, curve: list[tuple[int, float]], epochs: int | None) -> bool:

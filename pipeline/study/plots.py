@@ -13,7 +13,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from pipeline.study.rows import PER_STEP_PREFIXES, Row, number, sweep_label
+from pipeline.study.rows import Row, better, number, sweep_label
 
 
 def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[int]:
@@ -29,15 +29,6 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = Tru
             front.append(i)
             best = sign * points[i][1]
     return front
-
-
-def better(metric: str) -> int:
-    """1 when higher is better (accuracy, mAP, IoU), -1 when lower is (loss, error), 0 when neither is (a gradient
-    norm, a learning rate)."""
-    if metric.startswith(PER_STEP_PREFIXES):
-        return 0
-    leaf = metric.rsplit("/", 1)[-1].lower()
-    return -1 if "loss" in leaf or "err" in leaf else 1
 
 
 def file_stem(metric: str) -> str:
@@ -98,8 +89,25 @@ def _by_depth(rows: list[Row], y) -> Figure:
         members = sorted(members, key=lambda r: r.depth)
         joined = len(members) > 1 and len({r.depth for r in members}) == len(members)
         label = _label(members, with_family) + ("" if joined or len(members) == 1 else " (not joined: repeated depths)")
-        ax.plot([r.depth for r in members], [y(r) for r in members], "o-" if joined else "o", label=label)
+        (line,) = ax.plot([r.depth for r in members], [y(r) for r in members], "o-" if joined else "o", label=label)
+        _hollow(ax, [(r.depth, y(r)) for r in members if unsettled(r)], line.get_color())
     return fig
+
+
+def unsettled(row: Row) -> bool:
+    return row.settled is not None and not row.settled.settled
+
+
+def _hollow(ax, points: list[tuple[float, float]], color: str) -> None:
+    """Runs still improving when they stopped, as hollow markers over their points (the legend says so once)."""
+    if not points:
+        return
+    labelled = any(text == _HOLLOW for text in ax.get_legend_handles_labels()[1])
+    ax.plot(*zip(*points), "o", markerfacecolor="white", markeredgecolor=color, markeredgewidth=1.5, zorder=3,
+            label=None if labelled else _HOLLOW)
+
+
+_HOLLOW = "hollow: still improving (train longer)"
 
 
 def _vs_depth(rows: list[Row], metric: str, how: str = "best epoch") -> Figure:
@@ -132,6 +140,7 @@ def _vs_gflops(rows: list[Row], metric: str, how: str = "best epoch", direction:
     ax = fig.add_subplot()
     shown = [r for r in rows if r.gflops is not None and r.values.get(metric) is not None]
     ax.scatter([r.gflops for r in shown], [r.values[metric] for r in shown], color="tab:gray", label="runs")
+    _hollow(ax, [(r.gflops, r.values[metric]) for r in shown if unsettled(r)], "tab:gray")
     direction = better(metric) if direction is None else direction
     budgets: dict[tuple, list[Row]] = {}
     for r in shown:

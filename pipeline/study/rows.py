@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.study.settled import Verdict
+
 # What the engine logs per optimizer step (MLflow step = optimizer step): read as the mean of the last epoch's values.
 PER_STEP_PREFIXES = ("grad_norm/", "lr/")
 PER_STEP_NAMES = ("train/loss",)
@@ -30,6 +32,7 @@ class Row:
     per_step: dict[str, bool] = field(default_factory=dict)  # metric -> its steps are optimizer steps, not epochs
     group: str | None = None  # the run's value of the `by` tag or param
     epochs: int | None = None  # train.epochs as configured
+    settled: Verdict | None = None  # whether the primary metric had stopped improving (pipeline/study/settled.py)
 
     @property
     def value(self) -> float | None:
@@ -49,6 +52,15 @@ class Row:
         """What a plot line holds in common: sweep, epochs, backbone family and `by` value (sortable text and
         numbers)."""
         return self.parent_run_id or "", self.epochs or 0, self.family, self.group or ""
+
+
+def better(metric: str) -> int:
+    """1 when higher is better (accuracy, mAP, IoU), -1 when lower is (loss, error), 0 when neither is (a gradient
+    norm, a learning rate)."""
+    if metric.startswith(PER_STEP_PREFIXES):
+        return 0
+    leaf = metric.rsplit("/", 1)[-1].lower()
+    return -1 if "loss" in leaf or "err" in leaf else 1
 
 
 def family(backbone: str) -> str:
@@ -72,6 +84,8 @@ def table(rows: list[Row], readings: dict[str, str], by: str | None = None) -> s
                 ("params", [_fmt(r.num_params, "{:,}") for r in rows], False),
                 ("GFLOPs", [_fmt(r.gflops, "{:.2f}") for r in rows], False)]
     columns += [(f"{m} ({how})", [number(r.values.get(m), 4) for r in rows], False) for m, how in readings.items()]
+    if any(r.settled is not None for r in rows):
+        columns.append(("settled", [r.settled.cell if r.settled else "-" for r in rows], True))
     columns += [("train img/s", [_fmt(r.throughput, "{:.0f}") for r in rows], False),
                 ("wall time", [_fmt(r.wall_time, "{:.0f}s") for r in rows], False)]
     if len({r.parent_run_id for r in rows}) > 1:
@@ -107,10 +121,11 @@ def write_csv(rows: list[Row], readings: dict[str, str], path: Path, by: str | N
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run_id", "backbone", *([by] if by else []), "depth", "epochs", "num_params", "gflops",
-                         *(f"{m} ({how})" for m, how in readings.items()), "train_img_s", "wall_time_s",
-                         "parent_run_id"])
+                         *(f"{m} ({how})" for m, how in readings.items()), "settled", "train_img_s",
+                         "wall_time_s", "parent_run_id"])
         for r in rows:
             writer.writerow([r.run_id, r.backbone, *([r.group] if by else []), r.depth, r.epochs, r.num_params,
-                             r.gflops, *(r.values.get(m) for m in readings), r.throughput, r.wall_time,
+                             r.gflops, *(r.values.get(m) for m in readings),
+                             "" if r.settled is None else r.settled.settled, r.throughput, r.wall_time,
                              r.parent_run_id or ""])
     return path

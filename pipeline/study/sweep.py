@@ -20,6 +20,7 @@ from pipeline import config, tracking
 from pipeline.config import placement
 from pipeline.errors import UserError
 from pipeline.models import backbones
+from pipeline.study.settled import Verdict, advice, judge
 from pipeline.tasks import registry
 from pipeline.tasks.metric import Metric
 from pipeline.train import checkpoint, runner
@@ -42,6 +43,7 @@ class Child:
     best: float | None = None
     wall_time: float | None = None
     error: str = ""
+    settled: Verdict | None = None  # whether its primary metric had stopped improving
 
 
 @dataclass
@@ -61,6 +63,7 @@ def run(task_file: str | Path, args: tuple[str, ...], resume: bool = False) -> S
     Raises `UserError` after the summary when any child failed, which also marks the parent run FAILED.
     """
     fixed, swept = parse_args(args)
+    tracking.quiet_console()  # MLflow's INFO lines stay in the runs' logs
     combos = [dict(zip(swept, values)) for values in itertools.product(*swept.values())]
     cfg = _validate(task_file, fixed, combos)
     experiment = placement.experiment(task_file, cfg)  # the children's: other data than the file's gets its own
@@ -78,11 +81,14 @@ def run(task_file: str | Path, args: tuple[str, ...], resume: bool = False) -> S
             previous = next((r for r in done if all(r.tags.get(k) == v for k, v in combo.items())), None)
             if previous is not None:
                 log.info(f"{label}: FINISHED earlier in run {previous.run_id}, skipped")
-                children.append(_from_record(combo, previous, primary))
+                children.append(_from_record(uri, combo, previous, primary))
             else:
                 children.append(_run_child(task_file, fixed, combo, label, base_dir / child_dir_name(combo),
-                                           parent.run_id, resume))
+                                           parent.run_id, resume, primary))
         result = SweepResult(parent.run_id, primary, children)
+        parent.set_experiment_tags(tracking.view_tags(runner.ui_metrics(cfg, primary), order_by="model/depth",
+                                                      key=tracking.sweep_view(parent.run_id),
+                                                      parent_run_id=parent.run_id))
         log.info(summary(result))
         log.info(links(uri, parent.experiment_id, result))
         if result.failed:
@@ -175,19 +181,23 @@ def _overrides(combo: dict[str, str]) -> list[str]:
 
 
 def _run_child(task_file, fixed: list[str], combo: dict[str, str], label: str, output_dir: Path, parent_id: str,
-               resume: bool) -> Child:
+               resume: bool, primary: Metric) -> Child:
     child = Child(values=combo)
     # An interrupted child continues in its own MLflow run from its last checkpoint.
     continue_child = resume and (output_dir / checkpoint.LAST).exists()
     log.info(f"\n{label} -> {output_dir}" + (" (continuing)" if continue_child else ""))
+    # A finished child keeps no weights of its own: its MLflow run holds them, which compare, predict (runs:/...) and
+    # serving read; its last.pt lasts until it finishes, for --resume. A fixed train.keep_checkpoints wins.
+    keep = [] if any(arg.startswith("train.keep_checkpoints=") for arg in fixed) else ["train.keep_checkpoints=none"]
     try:
-        result = runner.run(task_file, (*fixed, *_overrides(combo), f"train.output_dir={output_dir}"),
+        result = runner.run(task_file, (*keep, *fixed, *_overrides(combo), f"train.output_dir={output_dir}"),
                             resume=continue_child, parent_run_id=parent_id, tags=combo)
     except Exception as err:  # noqa: BLE001 - the runner marked the child FAILED; the sweep goes on
         child.status, child.error = "FAILED", _one_line(err)
         log.info(f"{label} FAILED: {child.error}")
         return child
     child.status, child.run_id, child.best, child.wall_time = "FINISHED", result.run_id, result.best, result.wall_time
+    child.settled = judge(result.curve, primary)
     return child
 
 
@@ -197,9 +207,11 @@ def child_dir_name(combo: dict[str, str]) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "-", name)
 
 
-def _from_record(combo: dict[str, str], record: tracking.RunRecord, primary: Metric) -> Child:
+def _from_record(uri: str, combo: dict[str, str], record: tracking.RunRecord, primary: Metric) -> Child:
     best = record.metrics.get(primary.best_key)  # the runner logs the best checkpoint's score there
-    return Child(values=combo, status="SKIPPED", run_id=record.run_id, best=best, wall_time=record.wall_time)
+    history = [v for _, v in tracking.metric_history(uri, record.run_id, primary.name)]
+    return Child(values=combo, status="SKIPPED", run_id=record.run_id, best=best, wall_time=record.wall_time,
+                 settled=judge(history, primary) if history else None)
 
 
 def _previous_parent(uri: str, experiment: str, spec: str) -> str | None:
@@ -226,25 +238,24 @@ def _one_line(err: BaseException) -> str:
 
 
 def links(uri: str, experiment_id: str, result: SweepResult) -> str:
-    """The MLflow UI pages of the sweep: its experiment's runs, and its children side by side."""
-    base = tracking.ui_address(uri)
-    lines = [f"MLflow UI{tracking.start_hint(uri)}:", f"  runs:    {tracking.experiment_link(base, experiment_id)}"]
-    run_ids = [c.run_id for c in result.children if c.run_id]
-    if len(run_ids) > 1:
-        lines.append(f"  compare: {tracking.compare_link(base, experiment_id, run_ids)}")
-    return "\n".join(lines)
+    """The MLflow UI page of the sweep: its children's charts, the metric against depth first (`view_tags`)."""
+    link = tracking.experiment_link(tracking.ui_address(uri), experiment_id, tracking.sweep_view(result.parent_run_id))
+    return f"MLflow UI: {link}{tracking.start_hint(uri)}"
 
 
 def summary(result: SweepResult) -> str:
     keys = list(result.children[0].values) if result.children else []
-    header = [*keys, "status", f"best {result.primary}", "time", "run id"]
+    header = [*keys, "status", f"best {result.primary}", "settled", "time", "run id"]
     rows = [header]
     for c in result.children:
         best = f"{c.best:.4f}" if c.best is not None else "-"
         took = f"{c.wall_time:.0f}s" if c.wall_time is not None else "-"
-        rows.append([*c.values.values(), c.status, best, took, c.run_id or "-"])
+        rows.append([*c.values.values(), c.status, best, c.settled.cell if c.settled else "-", took, c.run_id or "-"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    for c in result.children:
+        if c.settled is not None and not c.settled.settled:
+            lines.append(advice(" ".join(c.values.values()), c.settled, result.primary.name))
     for c in result.failed:
         lines.append(f"FAILED {' '.join(_overrides(c.values))}: {c.error}")
     return "\n".join([f"\nsweep {result.parent_run_id}:", *lines])

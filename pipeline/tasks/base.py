@@ -239,6 +239,21 @@ class Task(ABC):
         data under `folder` and return the `data` and `model` sections of a task file that trains on them in
         seconds (random init, small batches, no loader workers)."""
 
+    def missing_data(self, data: DataConfig) -> str | None:
+        """Why the data cannot be there, as far as a look at the file system tells before a run opens (None: it may
+        be). The runner asks before it creates an MLflow run or a folder, so a mistyped data.root leaves nothing
+        behind. Tasks whose data lives in files beside the root (annotation files, pairs lists) say so."""
+        root = Path(data.root)
+        if not root.is_dir():
+            return (f"data.root: '{data.root}' is not a folder ({root.resolve()} does not exist); point data.root at "
+                    f"your {self.name} data")
+        return None
+
+    def backbone_weights(self, model: ModelConfig) -> str:
+        """The backbone weights `build_model` loads: model.backbone.weights, unless the task's own initialisation
+        replaces them (detection's model.init: coco)."""
+        return model.backbone.weights
+
     def batch_sampler(self, dataset: Dataset, sampler, batch_size: int):
         """The training sampler, or one that reorders it so that batches share a trait."""
         return sampler

@@ -16,13 +16,15 @@ is an MLflow pyfunc). One module per job:
                 versions apart), `register`, `version_run`
     served.py   what a run logs as its model: `pyfunc` (the served model's code file, checkpoint, signature)
     outbox.py   records kept on disk while the server is unreachable, sent later
+    logs.py     MLflow's own log lines: `quiet_console` keeps its INFO lines for the run's log only
     ui.py       `ui`: MLflow's web UI on a local store, stopped with all its processes; `experiment_link` and
-                `compare_link`, the UI pages printed at the end of runs and sweeps; `view_tags`, what the first opens
+                `sweep_view`, the UI pages printed at the end of runs and sweeps; `view_tags`, what they open on
 
 Callers use the names below (`from pipeline import tracking; tracking.Tracker.start(...)`). Constants that tune
 behaviour (`run.RETRY_EVERY`, `run.FINAL_RETRY_WAIT`, ...) are read from their own module: set or patch them there.
 `tracking.ui` is the function, which hides the `ui` module; reach the module as `sys.modules["pipeline.tracking.ui"]`.
 """
+from pipeline.tracking.logs import LOGGERS, quiet_console
 from pipeline.tracking.models import Pyfunc, load_model, model_source_run
 from pipeline.tracking.params import TRUNCATION_MARK, flatten
 from pipeline.tracking.query import RunRecord, download_artifact, get_run, metric_history, search_runs
@@ -33,14 +35,14 @@ from pipeline.tracking.sources import CHECKPOINT_ARTIFACT, RunFile, downloaded, 
 from pipeline.tracking.sources import resolve as resolve_source
 from pipeline.tracking.sync import sync
 from pipeline.tracking.ui import address as ui_address
-from pipeline.tracking.ui import compare_link, experiment_link, start_hint, ui, view_tags
+from pipeline.tracking.ui import experiment_link, start_hint, sweep_view, ui, view_tags
 from pipeline.tracking.uri import DEFAULT_URI, check_reachable, process_tracking_uri, resolve_uri, server_up
 
 __all__ = [
-    "CHECKPOINT_ARTIFACT", "DEFAULT_URI", "RUN_STATUSES", "TRUNCATION_MARK", "DatasetRecord", "Pyfunc", "RunFile",
-    "RunRecord", "Silent", "Tracker", "check_reachable", "compare_link", "download_artifact", "downloaded",
+    "CHECKPOINT_ARTIFACT", "DEFAULT_URI", "LOGGERS", "quiet_console", "RUN_STATUSES", "TRUNCATION_MARK", "DatasetRecord", "Pyfunc", "RunFile",
+    "RunRecord", "Silent", "Tracker", "check_reachable", "download_artifact", "downloaded",
     "experiment_link", "flatten", "get_run", "is_tracked", "load_model", "metric_history", "model_source_run",
     "process_tracking_uri", "Registered", "register", "register_run", "version_tags", "resolve_source", "resolve_uri", "search_runs", "served_pyfunc", "server_up",
-    "start_hint",
+    "start_hint", "sweep_view",
     "sync", "ui", "ui_address", "view_tags",
 ]

@@ -79,6 +79,38 @@ def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in history)
 
 
+def has_artifact(uri: str, run_id: str, artifact_path: str) -> bool:
+    folder = str(Path(artifact_path).parent) if "/" in artifact_path else None
+    return artifact_path in [a.path for a in mlflow.MlflowClient(uri).list_artifacts(run_id, folder)]
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One file of the artifacts a logged model carries (`artifacts/best.pt` of the runner's served model)."""
+
+    uri: str
+    model_id: str
+    location: str  # the logged model's artifact location
+    path: str  # the file, relative to it
+
+    def download(self, dst_dir: str | Path) -> Path:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{self.location}/{self.path}",
+                                                        dst_path=str(dst_dir), tracking_uri=self.uri))
+
+
+def logged_model_file(uri: str, run: RunRecord, suffix: str) -> ModelFile | None:
+    """The file ending in `suffix` among the artifacts of the model `run` logged (the newest, if several), or None."""
+    client = mlflow.MlflowClient(uri)
+    found = client.search_logged_models([run.experiment_id], filter_string=f"source_run_id = '{run.run_id}'",
+                                        order_by=[{"field_name": "creation_timestamp", "ascending": False}])
+    for model in found:
+        files = [a.path for a in client.list_logged_model_artifacts(model.model_id, "artifacts")
+                 if a.path.endswith(suffix)]
+        if files:
+            return ModelFile(uri, model.model_id, model.artifact_location, files[0])
+    return None
+
+
 def download_artifact(uri: str, run_id: str, artifact_path: str, dst_dir: str | Path) -> Path:
     """Copy one artifact file of a run into `dst_dir`; a `UserError` names what the run holds when it is missing."""
     client = mlflow.MlflowClient(uri)
@@ -86,6 +118,7 @@ def download_artifact(uri: str, run_id: str, artifact_path: str, dst_dir: str | 
     present = [a.path for a in client.list_artifacts(run_id, folder)]
     if artifact_path not in present:
         raise UserError(f"run {run_id} has no artifact '{artifact_path}' ({folder or 'its root'} holds: "
-                        f"{', '.join(present) or 'nothing'}); the run may have failed before saving it, be a sweep's "
-                        "parent, or have run with tracking.log_checkpoint: false")
+                        f"{', '.join(present) or 'nothing'}) and logged no model that holds it; the run may have failed "
+                        "before saving it, be a sweep's parent, or have run with tracking.log_checkpoint and "
+                        "tracking.log_model false")
     return Path(client.download_artifacts(run_id, artifact_path, str(dst_dir)))

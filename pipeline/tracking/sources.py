@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.tracking.models import model_source_run
-from pipeline.tracking.query import download_artifact, get_run
+from pipeline.tracking.query import download_artifact, get_run, has_artifact, logged_model_file
 
 CHECKPOINT_ARTIFACT = "checkpoints/best.pt"  # where the runner logs a run's best checkpoint (tracking.log_checkpoint)
 RUNS_PREFIX = "runs:/"
@@ -50,7 +50,14 @@ def resolve(source: str, uri: str) -> RunFile:
 
 @contextmanager
 def downloaded(uri: str, ref: RunFile) -> Iterator[Path]:
-    """`ref` copied into a temporary folder, removed when the block ends."""
-    get_run(uri, ref.run_id)  # a clear error for an unknown run id before looking for its artifacts
+    """`ref` copied into a temporary folder, removed when the block ends. A run that logged a model keeps its best
+    checkpoint there only (one copy per run, pipeline/train/runner.py); one logged before that, or without a model,
+    as its own `checkpoints/best.pt` artifact."""
+    run = get_run(uri, ref.run_id)  # a clear error for an unknown run id before looking for its artifacts
     with tempfile.TemporaryDirectory(prefix="pipeline-ckpt-") as tmp:
+        if ref.artifact == CHECKPOINT_ARTIFACT and not has_artifact(uri, ref.run_id, CHECKPOINT_ARTIFACT):
+            found = logged_model_file(uri, run, ".pt")
+            if found is not None:
+                yield found.download(tmp)
+                return
         yield download_artifact(uri, ref.run_id, ref.artifact, tmp)

@@ -25,6 +25,8 @@ LISTED = 10  # experiments `pipeline ui` prints a link for, most recently active
 # MLflow 3.17's UI picks GenAI mode (traces, token usage) or model-training mode (the runs table, metrics, charts) from
 # this query parameter, else from its GenAI / Model training switch; the experiment's kind tag does not decide it.
 _TRAINING_MODE = "workflowType=machine_learning"
+_CHART_MODE = "compareRunsMode=CHART"  # the runs page's charts rather than its table
+NUM_PARAMS = "model/num_params"  # logged by every training run at its start (pipeline/train/describe.py)
 # The runs table shows no metric columns until a user picks some, and only in that browser. A view saved the way the
 # UI's own Share button saves one (an experiment tag) and named in the link is what the link opens, for anyone.
 VIEW_KEY = "pipeline"
@@ -41,30 +43,34 @@ def address(uri: str) -> str:
     return uri.rstrip("/") if is_server(uri) else f"http://{HOST}:{PORT}"
 
 
-def experiment_link(base: str, experiment_id: str, view: bool = True) -> str:
-    """The experiment's runs table in model-training mode; with `view`, as `view_tags` set it up."""
+def experiment_link(base: str, experiment_id: str, view: str | None = VIEW_KEY) -> str:
+    """The experiment's runs in model-training mode; with `view` (a key of `view_tags`), as that view set them up:
+    its charts, the metric-against-depth section first (the table is a click away)."""
     link = f"{base}/#/experiments/{experiment_id}/runs?{_TRAINING_MODE}"
-    return f"{link}&viewStateShareKey={VIEW_KEY}" if view else link
+    return f"{link}&viewStateShareKey={view}&{_CHART_MODE}" if view else link
 
 
-def compare_link(base: str, experiment_id: str, run_ids: list[str]) -> str:
-    """MLflow's compare-runs page: the runs side by side (params, metrics, parallel coordinates, scatter plots)."""
-    query = urllib.parse.urlencode({"runs": json.dumps(run_ids, separators=(",", ":")),
-                                    "experiments": json.dumps([experiment_id])}, quote_via=urllib.parse.quote)
-    return f"{base}/#/compare-runs?{query}&{_TRAINING_MODE}"
+def sweep_view(parent_run_id: str) -> str:
+    """The key of a sweep's own view: its children only."""
+    return f"{VIEW_KEY}-sweep-{parent_run_id[:8]}"
 
 
-def view_tags(metrics: list[str], order_by: str) -> dict[str, str]:
-    """Experiment tags for the view `experiment_link` opens: the runs table sorted by metric `order_by` (ascending;
-    runs without it last, a sweep's children no longer folded under their parent), with a column per metric in
-    `metrics` (MLflow 3.17 shows them in name order) and the Dataset column. Its charts (the chart icon above the
-    table) open on a section of scatter plots, each metric but the model's own against `order_by`, above the charts
-    MLflow makes for every metric. The first metric becomes the experiment's primary one."""
-    state = {"orderByKey": _column("metrics", order_by), "orderByAsc": True,
-             "selectedColumns": [*(_column("metrics", m) for m in metrics), _column("attributes", "Dataset")],
+def view_tags(metrics: list[str], order_by: str, key: str = VIEW_KEY, parent_run_id: str | None = None
+              ) -> dict[str, str]:
+    """Experiment tags for the view `experiment_link(..., view=key)` opens: the training runs (a sweep's parent logs
+    no metrics and stays out), or with `parent_run_id` that sweep's children alone, sorted by metric `order_by`
+    (ascending; runs without it last). Its charts open on a section of scatter plots, each metric but the model's own
+    against `order_by`, the first one first, above the charts MLflow makes for every metric; its table shows a column
+    per metric in `metrics` (MLflow 3.17 shows them in name order), the epochs each run trained (runs of other lengths
+    are told apart) and the Dataset column. The first metric becomes the experiment's primary one."""
+    search = (f"tags.`mlflow.parentRunId` = '{parent_run_id}'" if parent_run_id else
+              f"metrics.`{NUM_PARAMS}` > 0")  # every training run logs its parameter count; a sweep's parent none
+    state = {"searchFilter": search, "orderByKey": _column("metrics", order_by), "orderByAsc": True,
+             "selectedColumns": [*(_column("metrics", m) for m in metrics), _column("params", "train.epochs"),
+                                 _column("attributes", "Dataset")],
              **_scatter_section(f"vs {order_by.split('/')[-1]}", order_by,
                                 [m for m in metrics if m != order_by and not m.startswith("model/")])}
-    return {_SHARED_VIEW_TAG + VIEW_KEY: json.dumps(state), _PRIMARY_METRIC_TAG: metrics[0]}
+    return {_SHARED_VIEW_TAG + key: json.dumps(state), _PRIMARY_METRIC_TAG: metrics[0]}
 
 
 def _scatter_section(name: str, x: str, ys: list[str]) -> dict:
@@ -77,9 +83,11 @@ def _scatter_section(name: str, x: str, ys: list[str]) -> dict:
     charts = [{"uuid": f"pipeline-chart-{i}", "type": "SCATTER", "runsCountToCompare": 100, "metricSectionId": section,
                "deleted": False, "isGenerated": False, "xaxis": {"key": x, "type": "METRIC"},
                "yaxis": {"key": y, "type": "METRIC"}} for i, y in enumerate(ys)]
+    # two wide, tall cards a row (MLflow's default: three of 360 px), beside no run list (the legends name the runs):
+    # a point at the top left stays clear of the plot's toolbar
     return {"compareRunSections": [{"uuid": section, "name": name, "display": True, "isReordered": True,
-                                    "deleted": False, "isGenerated": False}],
-            "compareRunCharts": charts, "isAccordionReordered": True}
+                                    "deleted": False, "isGenerated": False, "columns": 2, "cardHeight": 480}],
+            "compareRunCharts": charts, "isAccordionReordered": True, "runListHidden": True}
 
 
 def _column(kind: str, key: str) -> str:
@@ -111,7 +119,7 @@ def ui(uri: str | None, host: str = HOST, port: int = PORT) -> int:
     base = f"http://{host}:{port}"
     log.info(f"MLflow UI for {uri} on {base} (Ctrl-C stops it)")
     for name, experiment_id, has_view in _experiments(uri):
-        log.info(f"  {name}: {experiment_link(base, experiment_id, has_view)}")
+        log.info(f"  {name}: {experiment_link(base, experiment_id, VIEW_KEY if has_view else None)}")
     # Its own process group: MLflow's server runs uvicorn (and job runners) in child processes, which a signal to
     # the `mlflow ui` process alone leaves running. One worker: a local UI has one user; MLflow's default is 4. No job
     # runners unless asked for: seven processes that serve GenAI features (judges, issue detection), not training runs.

@@ -4,6 +4,8 @@ A run folder holds `best.pt` (the best epoch's model weights and fit state, no o
 `runs:/` weights read) and, while training, `last.pt` (model, optimizer, grad scaler, RNG: what --resume needs).
 `train.keep_checkpoints` says what stays once the run has finished:
 
+- `none`: no weights; the run's MLflow store holds its best weights (the logged model, else `checkpoints/best.pt`),
+  which `runs:/<run id>` and `models:/` reach: a sweep's children keep this by default;
 - `best`: best.pt only (resnet18: 45 MB); the finished run can no longer be continued with --resume;
 - `last` (default): best.pt and last.pt (resnet18 with AdamW: 45 + 134 MB), so a finished run can be continued with
   more epochs;
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 LAST = "last.pt"
 PREVIOUS = "last.prev.pt"  # the checkpoint before `last.pt`, with keep_checkpoints=all (see the module docstring)
 BEST = "best.pt"
-KEEP = ("best", "last", "all")
+KEEP = ("none", "best", "last", "all")
 
 
 def save(state: dict, path: Path, keep_previous: bool = False) -> None:
@@ -65,10 +67,11 @@ def save_last(state: dict, folder: Path, keep: str = "last") -> None:
 
 
 def prune(folder: Path, keep: str) -> None:
-    """At the end of a finished run: remove what `keep` does not keep (best: last.pt and last.prev.pt)."""
+    """At the end of a finished run: remove what `keep` does not keep (best: last.pt and last.prev.pt; none: best.pt
+    too, once the tracking store holds it)."""
     if keep not in KEEP:
         raise ValueError(f"keep={keep!r}: one of {', '.join(KEEP)}")
-    drop = {"best": (LAST, PREVIOUS), "last": (PREVIOUS,), "all": ()}[keep]
+    drop = {"none": (LAST, PREVIOUS, BEST), "best": (LAST, PREVIOUS), "last": (PREVIOUS,), "all": ()}[keep]
     for name in drop:
         (folder / name).unlink(missing_ok=True)
 

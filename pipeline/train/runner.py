@@ -1,8 +1,11 @@
-"""The stage runner: `run` chains public builders, prepare -> data -> model -> finetune -> optimizer -> fit -> finish.
+"""The stage runner: `run` chains the public builders (pipeline/train/builders.py), prepare -> preflight -> data ->
+model -> finetune -> optimizer -> fit -> finish.
 
-Each builder gets the few config fields it needs and is public: predict, export, the benchmarks and the tests call
-them instead of copying their steps. The MLflow run opens right after the config is validated, so any later failure
-marks it FAILED (Ctrl-C: KILLED) with the reason as a tag; checkpoints written so far stay on disk.
+What can be checked before a run exists is checked first (`prepare`, `preflight`: the config, the backbone's name, the
+data's folder, the weights), so a mistake there leaves no MLflow run, no experiment and no folder behind. The MLflow run
+opens right after, so any later failure marks it FAILED (Ctrl-C: KILLED) with the reason as a tag; checkpoints written
+so far stay on disk. Every line said on the console, and MLflow's own messages, go to the run's log file
+(`run.log` in its folder), which MLflow's INFO lines reach instead of the console.
 """
 from __future__ import annotations
 
@@ -14,24 +17,32 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Subset
 
 from pipeline import config, console, tracking
 from pipeline.config import placement
-from pipeline.data import loading, shapes, transform_checks
-from pipeline.data.sampling import EpochSampler, SeededDataset
-from pipeline.data.transforms import reseed_worker
 from pipeline.errors import UserError
-from pipeline.models import backbones, tracked
+from pipeline.models import backbones
+from pipeline.models import weights as W
 from pipeline.platform import cpu_kernels, devices, threads
 from pipeline.tasks import registry
-from pipeline.tasks.base import DataInfo, PredictOptions, Task, TaskData
-from pipeline.tasks.metric import Metric
+from pipeline.tasks.base import DataInfo, PredictOptions
 from pipeline.tracking import outbox
-from pipeline.train import checkpoint, checks, describe, distributed, engine, feature_cache, finetune, optim
+from pipeline.train import checkpoint, checks, describe, distributed, engine
+from pipeline.train.builders import (
+    Setup,
+    build_data,
+    build_model,
+    make_fit,
+    make_loaders,
+    make_optimizer,
+    place_model,
+    plan_finetune,
+    resumed_state,
+)
 
 log = logging.getLogger(__name__)
+
+RUN_LOG = "run.log"  # in the run's folder: what the console showed, and MLflow's own messages
 
 
 @dataclass
@@ -42,23 +53,8 @@ class RunResult:
     primary: str
     metrics: dict
     wall_time: float
-
-
-@dataclass
-class Setup:
-    """What a run decided before reading any data: its validated config, task, folders, device and precision."""
-
-    cfg: config.TaskConfig
-    task: Task
-    primary: Metric  # the task's, as its registry entry declares it
-    task_file: str
-    experiment: str
-    output_dir: Path
-    last: dict | None  # the checkpoint to resume from
-    device: torch.device
-    precision: str
-    ctx: distributed.Context
-    threads: threads.Governor | None = None  # intra-op CPU threads, chosen and kept up to date (prepare)
+    curve: list[float] = dataclasses.field(default_factory=list)  # the primary metric of each epoch
+    weights_in_store: bool = False  # the tracking store holds the best weights (logged model or checkpoint)
 
 
 def run(task_file: str | Path, overrides: tuple[str, ...] = (), resume: bool = False,
@@ -68,62 +64,90 @@ def run(task_file: str | Path, overrides: tuple[str, ...] = (), resume: bool = F
     ctx = distributed.init()  # one process unless started by torchrun
     if not ctx.main:
         console.quiet()  # one voice on the console: rank 0's
+    tracking.quiet_console()  # MLflow's INFO lines go to the run's log only
     try:
-        setup = prepare(task_file, overrides, resume, ctx)
-        tracker = open_run(setup, parent_run_id, tags)
-        with tracker:  # FAILED / KILLED with the error as a tag on any exception
-            data = build_data(setup)
-            tracker.log_datasets(describe.dataset_records(setup.cfg.data.root, data.train, data.val))
-            for line in checks.at_start(setup.cfg, setup.task, data, setup.ctx.world):  # settings that waste a run
-                log.warning(line)
-            model = build_model(setup, data.info)
-            plan = plan_finetune(setup, model)
-            model = place_model(setup, model, plan)
-            optimizer = make_optimizer(setup, model, plan, tracker)
-            described = describe.model_tags(model, data.info, plan, setup.cfg.data.image_size, setup.device,
-                                            setup.precision)
-            tracker.set_tags(described)
-            tracker.log_metrics(describe.model_metrics(setup.cfg.model.backbone.name, described), 0)  # charts plot metrics
-            train_loader, val_loader = make_loaders(setup, data, model, plan)
-            fit = make_fit(setup, model, data.info, plan, optimizer, train_loader, val_loader, tracker)
-            state = engine.fit(fit, resumed_state(setup, fit, tracker))
-            result = finish(setup, fit, state, data.info, tracker)
-            if setup.ctx.main:  # a finished run keeps what train.keep_checkpoints says
-                checkpoint.prune(setup.output_dir, setup.cfg.train.keep_checkpoints)
+        with console.recording(extra_loggers=tracking.LOGGERS) as recorded:
+            setup = prepare(task_file, overrides, resume, ctx)
+            preflight(setup)
+            tracker = open_run(setup, parent_run_id, tags)
+            if ctx.main:
+                recorded.to(setup.output_dir / RUN_LOG)
+            with tracker:  # FAILED / KILLED with the error as a tag on any exception
+                result = _train(setup, tracker)
+            result.wall_time = time.perf_counter() - started
+            uri = tracking.resolve_uri(setup.cfg.tracking.uri)
+            log.info(f"done in {result.wall_time:.0f}s: best {result.primary} {result.best:.4f}; checkpoints in "
+                     f"{setup.output_dir}/; MLflow run {result.run_id} in {uri}")
+            if ctx.main:  # the other ranks' tracker knows no experiment
+                log.info(f"MLflow UI: {tracking.experiment_link(tracking.ui_address(uri), tracker.experiment_id)}"
+                         f"{tracking.start_hint(uri)}")
     finally:
         distributed.shutdown(ctx)
-    result.wall_time = time.perf_counter() - started
-    uri = tracking.resolve_uri(setup.cfg.tracking.uri)
-    log.info(f"done in {result.wall_time:.0f}s: best {result.primary} {result.best:.4f}; checkpoints in "
-        f"{setup.output_dir}/; MLflow run {result.run_id} in {uri}")
-    if ctx.main:  # the other ranks' tracker knows no experiment
-        log.info(f"MLflow UI: {tracking.experiment_link(tracking.ui_address(uri), tracker.experiment_id)}"
-            f"{tracking.start_hint(uri)}")
+    return result
+
+
+def _train(setup: Setup, tracker) -> RunResult:
+    data = build_data(setup)
+    tracker.log_datasets(describe.dataset_records(setup.cfg.data.root, data.train, data.val))
+    for line in checks.at_start(setup.cfg, setup.task, data, setup.ctx.world):  # settings that waste a run
+        log.warning(line)
+    model = build_model(setup, data.info)
+    plan = plan_finetune(setup, model)
+    model = place_model(setup, model, plan)
+    optimizer = make_optimizer(setup, model, plan, tracker)
+    described = describe.model_tags(model, data.info, plan, setup.cfg.data.image_size, setup.device, setup.precision)
+    tracker.set_tags(described)
+    tracker.log_metrics(describe.model_metrics(setup.cfg.model.backbone.name, described), 0)  # charts plot metrics
+    train_loader, val_loader = make_loaders(setup, data, model, plan)
+    fit = make_fit(setup, model, data.info, plan, optimizer, train_loader, val_loader, tracker)
+    state = engine.fit(fit, resumed_state(setup, fit, tracker))
+    result = finish(setup, fit, state, data.info, tracker)
+    if setup.ctx.main:  # a finished run keeps what train.keep_checkpoints says
+        keep = setup.cfg.train.keep_checkpoints
+        if keep == "none" and not result.weights_in_store:
+            keep = "best"
+            log.warning(f"train.keep_checkpoints=none, but the tracking store did not get this run's weights; "
+                        f"{setup.output_dir / checkpoint.BEST} stays")
+        checkpoint.prune(setup.output_dir, keep)
     return result
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 1. prepare: config, folders, device, tracking
+# 1. prepare and preflight: what a run decides, and what it checks, before it exists
 
 
-def prepare(task_file: str | Path, overrides=(), resume: bool = False, ctx: distributed.Context = distributed.Context()) -> Setup:
+def prepare(task_file: str | Path, overrides=(), resume: bool = False,
+            ctx: distributed.Context = distributed.Context()) -> Setup:
     cfg = config.load(task_file, overrides)
     cpu_kernels.prepare_process(cfg.train.cpu_kernels)  # a training process reuses its memory every step
     experiment = placement.experiment(task_file, cfg)  # other data than the task file's: a place of its own
     output_dir = placement.output_dir(cfg, experiment)
     if not cfg.tracking.experiment and experiment != Path(task_file).stem:
         log.info(f"data.root {cfg.data.root} is not {Path(task_file).name}'s own data: experiment '{experiment}', "
-            f"checkpoints in {output_dir} (tracking.experiment and train.output_dir choose others)")
+                 f"checkpoints in {output_dir} (tracking.experiment and train.output_dir choose others)")
     placement.check_folder(output_dir, cfg.data.root, checkpoints=(checkpoint.LAST, checkpoint.BEST))
     last = checkpoint.load_resumable(output_dir) if resume else None
     backbones.check_name(cfg.model.backbone.name)
     device = distributed.device_for(ctx, devices.resolve_device(cfg.train.device))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
-    return Setup(cfg, registry.get(cfg.task), registry.entry(cfg.task).primary, str(task_file), experiment, output_dir, last, device,
-                 devices.resolve_precision(cfg.train.precision, device), ctx,
-                 # CPU threads beside other processes; a GPU run's few CPU threads feed the device, and torch's are left
-                 threads.Governor(cfg.train.threads) if device.type == "cpu" else None)
+    # CPU threads beside other processes; a GPU run's few CPU threads feed the device, and torch's own count stays
+    governor = threads.Governor(cfg.train.threads) if device.type == "cpu" else None
+    return Setup(cfg, registry.get(cfg.task), registry.entry(cfg.task).primary, str(task_file), experiment,
+                 output_dir, last, device, devices.resolve_precision(cfg.train.precision, device), ctx, governor)
+
+
+def preflight(setup: Setup) -> None:
+    """Refuse, before an MLflow run or a folder exists, what is sure to fail: data that is not there (unless it is
+    the synthetic set the run generates) and weights that cannot be had (a missing file; hub weights neither cached nor
+    downloadable, which are downloaded now when they can be)."""
+    cfg, task = setup.cfg, setup.task
+    generated = cfg.data.synth_if_missing and Path(cfg.data.root).name == task.synth
+    problem = None if generated else task.missing_data(cfg.data)
+    if problem:
+        raise UserError(problem)
+    b = cfg.model.backbone
+    W.check_available(b.name, task.backbone_weights(cfg.model), b.fallback_to_random)
 
 
 def open_run(setup: Setup, parent_run_id: str | None = None, tags: dict[str, str] | None = None):
@@ -149,12 +173,10 @@ def open_run(setup: Setup, parent_run_id: str | None = None, tags: dict[str, str
     if cfg.tracking.system_metrics_every:
         tracker.log_system_metrics(cfg.tracking.system_metrics_every)
     # what the printed link opens: each run's best score and model cost, by depth (pipeline/tracking/ui.py)
-    tracker.set_experiment_tags(tracking.view_tags(cfg.tracking.ui_metrics or [
-        setup.primary.best_key, "model/depth", "model/gflops", "model/num_params", "train/wall_time_s"],
-        order_by="model/depth"))
+    tracker.set_experiment_tags(tracking.view_tags(ui_metrics(cfg, setup.primary), order_by="model/depth"))
     if setup.last is None and (setup.output_dir / checkpoint.LAST).exists():
         log.info(f"note: {setup.output_dir} holds an earlier run's checkpoints; this run replaces them "
-              "(--resume continues it)")
+                 "(--resume continues it)")
     setup.output_dir.mkdir(parents=True, exist_ok=True)
     tracker.keep_offline(setup.output_dir / outbox.NAME)  # a server lost mid-run no longer stops training
     (setup.output_dir / "config.yaml").write_text(config.to_yaml(cfg))
@@ -162,184 +184,27 @@ def open_run(setup: Setup, parent_run_id: str | None = None, tags: dict[str, str
     return tracker
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# 2. data and model
-
-
-def build_data(setup: Setup) -> TaskData:
-    """The task's datasets; its synthetic data is generated first where the config asks for it. The transforms are
-    checked before anything trains (pipeline/data/transform_checks.py): validation that would corrupt the metric is
-    refused before any data is read, train and val images of different sizes after the first of each is read."""
-    cfg, task = setup.cfg, setup.task
-    transform_checks.check_val_spec(task, cfg.data)
-    root = Path(cfg.data.root)
-    # Only where data.root is the synthetic set's own folder: the quickstart pointed at your images generates nothing.
-    if cfg.data.synth_if_missing and root.name == task.synth and setup.ctx.main:
-        shapes.ensure(root.parent, task.synth, seed=0)
-    distributed.barrier(setup.ctx)
-    loading.seed_everything(cfg.seed)
-    default_mean, default_std = backbones.pretrained_mean_std(cfg.model.backbone.name)
-    data = task.build_data(cfg.data, mean=cfg.data.mean or default_mean, std=cfg.data.std or default_std,
-                           seed=cfg.seed)
-    transform_checks.check_sizes(task, data.train, data.val, cfg.data, cfg.seed)
-    log.info(f"data: {len(data.train)} train / {len(data.val)} val images from {cfg.data.root}")
-    return data
-
-
-def build_model(setup: Setup, info: DataInfo) -> nn.Module:
-    """The task's model with its configured weights; a resumed run's weights on top. `runs:/` and `models:/` weights
-    come from the run's own tracking store (pipeline/models/tracked.py). What the backbone loaded is printed."""
-    cfg = setup.cfg
-    weights = cfg.model.backbone.weights
-    if tracking.is_tracked(weights):
-        with tracked.fetch(weights, tracking.resolve_uri(cfg.tracking.uri), cfg.model.backbone.name) as fetched:
-            backbone = cfg.model.backbone.model_copy(update={"weights": str(fetched.path)})
-            model = setup.task.build_model(cfg.model.model_copy(update={"backbone": backbone}), info)
-            tracked.relabel(model.backbone, fetched)
-    else:
-        model = setup.task.build_model(cfg.model, info)
-    lineage = model.backbone.lineage
-    if lineage.loaded and lineage.source == model.backbone.weights:  # not replaced by a task's own init (coco)
-        log.info(lineage.line())
-    if setup.last:
-        model.load_state_dict(setup.last["model"])
-    return model
-
-
-def epochs_done(setup: Setup) -> int:
-    return setup.last["fit"]["epoch"] if setup.last else 0
-
-
-def plan_finetune(setup: Setup, model: nn.Module) -> finetune.Plan:
-    """Frozen stages, BatchNorm policy and learning-rate multipliers, applied to the model as of the epochs done."""
-    ft = setup.cfg.finetune
-    plan = finetune.make_plan(model, freeze=ft.freeze, bn=ft.bn, lr_mult=ft.lr_mult, layer_decay=ft.layer_decay,
-                              unfreeze=ft.unfreeze, no_decay_norm_bias=ft.no_decay_norm_bias,
-                              epochs=setup.cfg.train.epochs, cache_features=ft.cache_features)
-    finetune.apply(model, plan, epochs_done(setup))
-    return plan
-
-
-def place_model(setup: Setup, model: nn.Module, plan: finetune.Plan) -> nn.Module:
-    """The model on its device and memory format, with the CPU fast paths (train.cpu_kernels) and torch.compile."""
-    t = setup.cfg.train
-    if setup.ctx.active:
-        _check_data_parallel(plan)
-        if t.sync_bn:
-            if setup.device.type != "cuda":
-                raise UserError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm); on CPU set "
-                                "train.sync_bn=false, or finetune.bn=frozen for the same result on any split")
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(setup.device, memory_format=torch.channels_last if t.channels_last else torch.contiguous_format)
-    cpu_kernels.apply(model, setup.device, t.cpu_kernels, compile=t.compile)
-    if t.compile:
-        model.compile()  # in place: the same module, parameters and state_dict, its calls go through torch.compile
-    return model
-
-
-def make_optimizer(setup: Setup, model: nn.Module, plan: finetune.Plan, tracker=None):
-    """SGD or AdamW over the param groups of the stages trainable so far; their table is printed and logged."""
-    t = setup.cfg.train
-    groups = finetune.groups_until(model, plan, t.lr, t.weight_decay, epochs_done(setup))
-    optimizer = optim.build_optimizer(groups, t.optimizer, t.lr, t.momentum, t.nesterov, t.betas,
-                                       dense_adamw=cpu_kernels.enabled(t.cpu_kernels, setup.device))
-    table = finetune.group_table(groups, plan, model)
-    log.info(table)
-    if tracker is not None:
-        tracker.log_text(table + "\n", "param_groups.txt")
-    return optimizer
+def ui_metrics(cfg: config.TaskConfig, primary) -> list[str]:
+    """What the MLflow UI opens on (tracking.ui_metrics, else the best primary score and the model's cost)."""
+    return cfg.tracking.ui_metrics or [primary.best_key, "model/depth", "model/gflops", "model/num_params",
+                                       "train/wall_time_s"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 3. loaders and fit
-
-
-def make_loaders(setup: Setup, data: TaskData, model: nn.Module, plan: finetune.Plan):
-    """Train and val loaders; with finetune.cache_features, loaders over the backbone's cached features instead."""
-    cfg, task = setup.cfg, setup.task
-    train, val = loaders(task, data.train, data.val, cfg.data.batch_size, cfg.data.num_workers, setup.device,
-                         cfg.seed, setup.ctx)
-    if len(train) == 0:
-        raise UserError(f"data.batch_size={cfg.data.batch_size} is larger than the {len(data.train)} training "
-                        "images; lower it")
-    if not plan.cache_features:
-        return train, val
-    ft = cfg.finetune
-    feature_cache.check(task, data.info.random_train_transforms, ft.cached_views)
-    started = time.perf_counter()
-    train, val = feature_cache.cached_loaders(model, train, val, step_settings(setup), ft.cached_views, cfg.seed)
-    model.input_is_features = True
-    log.info(f"cached backbone features of {len(train.dataset)} train / {len(val.dataset)} val images in "
-        f"{time.perf_counter() - started:.1f}s; the head trains on them")
-    return train, val
-
-
-def step_settings(setup: Setup) -> engine.StepSettings:
-    t = setup.cfg.train
-    return engine.StepSettings(device=setup.device, precision=setup.precision, channels_last=t.channels_last,
-                               accum_steps=t.accum_steps, clip_grad_norm=t.clip_grad_norm, log_every=t.log_every,
-                               max_nonfinite=t.max_nonfinite, ctx=setup.ctx, grad_norms=t.log_grad_norms,
-                               threads=setup.threads)
-
-
-def make_fit(setup: Setup, model: nn.Module, info: DataInfo, plan: finetune.Plan, optimizer, train_loader, val_loader,
-             tracker) -> engine.Fit:
-    """Everything `engine.fit` needs: loaders, optimizer, lr schedule, checkpoint contents, logging."""
-    cfg, t, task = setup.cfg, setup.cfg.train, setup.task
-    steps_per_epoch = -(-len(train_loader) // t.accum_steps)  # the last, partial accumulation steps too
-    schedule = optim.make_schedule(t.schedule, t.epochs, steps_per_epoch, t.warmup_epochs, t.min_lr_ratio,
-                                    t.step_milestones, t.step_gamma, t.poly_power)
-    on = f"{setup.ctx.world} processes ({setup.device.type}), global batch {cfg.data.batch_size * setup.ctx.world}" \
-        if setup.ctx.active else str(setup.device)
-    on += setup.threads.summary() if setup.device.type == "cpu" and setup.threads else ""
-    log.info(f"training {cfg.model.backbone.name} on {on} ({setup.precision}{', channels_last' if t.channels_last else ''})"
-        f" for {t.epochs} epochs, {steps_per_epoch} steps each")
-    return engine.Fit(
-        model=distributed.wrap(setup.ctx, model, setup.device), loss=task.loss, predict=task.predict,
-        make_evaluator=lambda: task.make_evaluator(info), primary=setup.primary,
-        merge_evaluators=task.merges_evaluators,
-        train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, schedule=schedule, plan=plan,
-        base_lr=t.lr, weight_decay=t.weight_decay, settings=step_settings(setup), epochs=t.epochs,
-        output_dir=setup.output_dir, patience=t.patience, keep_checkpoints=t.keep_checkpoints,
-        scaler=torch.amp.GradScaler(setup.device.type) if setup.precision == "fp16" else None,
-        extra={"run_id": tracker.run_id, "config": cfg.model_dump(mode="json"), "info": info.to_dict(),
-               "task_file": setup.task_file},
-        log=tracker.log_metrics)
-
-
-def resumed_state(setup: Setup, fit: engine.Fit, tracker) -> engine.FitState:
-    """A new run's empty state, or a resumed run's: optimizer, scaler, RNG and history from its last checkpoint."""
-    last = setup.last
-    if not last:
-        return engine.FitState()
-    fit.optimizer.load_state_dict(last["optimizer"])
-    if fit.scaler is not None and last.get("scaler"):
-        fit.scaler.load_state_dict(last["scaler"])
-    state = engine.FitState(**last["fit"])
-    checkpoint.set_rng_state(last["rng"])
-    log.info(f"resuming {setup.output_dir} after epoch {state.epoch} (MLflow run {tracker.run_id})")
-    # Epochs checkpointed but killed before their metrics reached MLflow; the tracker skips those it has.
-    for epoch, entry in enumerate(state.history, start=1):
-        tracker.log_metrics(engine.epoch_metrics(entry), epoch)
-    return state
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 4. finish: the best checkpoint's report, the logged model
+# 2. finish: the best checkpoint's report, the logged model
 
 
 def finish(setup: Setup, fit: engine.Fit, state: engine.FitState, info: DataInfo, tracker) -> RunResult:
     """Evaluate the best checkpoint once more for its report; log report, checkpoint and model."""
     distributed.barrier(setup.ctx)  # rank 0 has written the last checkpoint
-    cfg, task = setup.cfg, setup.task
+    cfg, task, primary = setup.cfg, setup.task, setup.primary
     model = distributed.unwrap(fit.model)
     model.load_state_dict(checkpoint.load(setup.output_dir / checkpoint.BEST)["model"])
     metrics = engine.evaluate(model, task.predict, task.make_evaluator(info), fit.val_loader, fit.settings,
                               desc="best", merge=task.merges_evaluators)
-    primary = setup.primary
     result = RunResult(run_id=tracker.run_id, output_dir=setup.output_dir, best=metrics[primary.name],
-                       primary=primary.name,
-                       metrics={k: v for k, v in metrics.items() if isinstance(v, float)}, wall_time=0.0)
+                       primary=primary.name, metrics={k: v for k, v in metrics.items() if isinstance(v, float)},
+                       wall_time=0.0, curve=[h.get(primary.name, float("nan")) for h in state.history])
     if not setup.ctx.main:
         return result
     # train/wall_time_s: the training passes of every epoch, a resumed run's earlier ones too (not validation)
@@ -347,8 +212,7 @@ def finish(setup: Setup, fit: engine.Fit, state: engine.FitState, info: DataInfo
                          "train/wall_time_s": sum(h.get("epoch_time", 0.0) for h in state.history)}, state.epoch)
     for path in task.report(metrics, info, setup.output_dir / "report"):
         tracker.log_artifact(path, "report")
-    if cfg.tracking.log_checkpoint:
-        tracker.log_artifact(setup.output_dir / checkpoint.BEST, "checkpoints")
+    logged = None
     if cfg.tracking.log_model:
         log.info("logging the model to MLflow ...")
         # the served pyfunc rebuilds the model from best.pt (pipeline/use/serve.py): stock modules, any image size
@@ -359,31 +223,8 @@ def finish(setup: Setup, fit: engine.Fit, state: engine.FitState, info: DataInfo
                                                cfg.tracking.register, {cfg.task: (primary.name, primary.best_key)},
                                                what="tracking.register")
             log.info(registered.line())
+    if cfg.tracking.log_checkpoint and not logged:  # the logged model holds best.pt already: one copy per run
+        tracker.log_artifact(setup.output_dir / checkpoint.BEST, "checkpoints")
+    result.weights_in_store = bool(logged) or (cfg.tracking.log_checkpoint and not tracker.offline)
     log.info(describe.summary(state.history, state.best_epoch, metrics, primary.name))
     return result
-
-
-def _check_data_parallel(plan: finetune.Plan) -> None:
-    if plan.cache_features:
-        raise UserError("finetune.cache_features runs in one process; drop torchrun or set "
-                        "finetune.cache_features=false")
-    if plan.unfreeze:
-        raise UserError("finetune.unfreeze (gradual unfreezing) runs in one process: DistributedDataParallel cannot "
-                        "add parameters mid-run; drop torchrun or the unfreeze schedule")
-
-
-def loaders(task: Task, train_ds, val_ds, batch_size: int, num_workers, device: torch.device, seed: int,
-            ctx: distributed.Context = distributed.Context()) -> tuple[DataLoader, DataLoader]:
-    workers = loading.auto_workers(device) if num_workers == "auto" else num_workers
-    common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
-              "worker_init_fn": reseed_worker, "collate_fn": task.collate_fn}
-    # Order and augmentation are functions of (seed, epoch, index): see pipeline/data/sampling.py.
-    sampler = task.batch_sampler(train_ds, EpochSampler(len(train_ds), seed, rank=ctx.rank, world=ctx.world),
-                                 batch_size)
-    train = DataLoader(SeededDataset(train_ds), batch_size=batch_size, sampler=sampler,
-                       drop_last=len(train_ds) > batch_size, generator=torch.Generator().manual_seed(seed), **common)
-    # Evaluators that merge let each rank score a shard of the validation set (see engine.evaluate).
-    shard = ctx.active and task.merges_evaluators
-    val = DataLoader(Subset(val_ds, range(ctx.rank, len(val_ds), ctx.world)) if shard else val_ds,
-                     batch_size=batch_size, shuffle=False, **common)
-    return train, val

@@ -147,3 +147,18 @@ def test_shapes_are_clearly_lighter_than_their_background():
         shape, background = synth.random_colors(rng)
         luma = np.array([0.299, 0.587, 0.114])
         assert np.all(np.dot(shape, luma) - background @ luma >= synth.MIN_CONTRAST - 1e-6)
+
+
+def test_generating_says_where_and_how_big(tmp_path, monkeypatch, said):
+    def two_files(out, seed, overwrite):
+        (out / "classification" / "train").mkdir(parents=True)
+        for name in ("a.png", "b.png"):
+            (out / "classification" / "train" / name).write_bytes(b"x" * 2**19)
+
+    monkeypatch.setitem(shapes.KINDS, "classification", two_files)
+    shapes.ensure(tmp_path, "classification")
+    assert said == [f"generating the synthetic classification dataset in {tmp_path / 'classification'} (first use; "
+                    "later runs reuse it) ...",
+                    f"wrote 2 files, 1.0 MB, in {tmp_path / 'classification'}"]
+    shapes.ensure(tmp_path, "classification")  # there: nothing to say
+    assert len(said) == 2

@@ -73,6 +73,15 @@ class Classification(Task):
                {"name": "CenterCrop", "height": size, "width": size}]
         return train, val
 
+    def missing_data(self, data: ClassificationData) -> str | None:
+        if data.format != "imagefolder" and data.download:
+            return None  # fetched into data.root when missing
+        problem = super().missing_data(data)
+        if problem and data.format == "imagefolder":
+            problem += (" (an ImageFolder: train/<class>/ and val/<class>/ image folders, or one folder of class "
+                        "folders with data.val_fraction)")
+        return problem
+
     def build_data(self, data: ClassificationData, *, mean, std, seed: int) -> TaskData:
         train_tf, val_tf, random = self.transforms(data, mean=mean, std=std, seed=seed)
         train, val, classes = build_datasets(

@@ -71,6 +71,19 @@ class Detection(Task):
         # The detector resizes to model.min_size / max_size itself; the data side only augments.
         return [{"name": "HorizontalFlip", "p": 0.5}], []
 
+    def missing_data(self, data: DetectionData) -> str | None:
+        problem = super().missing_data(data)
+        if problem:
+            return problem + " (COCO format: images and annotations/<split>.json)"
+        for key in ("train_ann", "val_ann"):
+            path = Path(data.root) / getattr(data, key)
+            if not path.is_file():
+                return f"data.{key}: '{path}' does not exist; give the COCO annotation file (relative to data.root)"
+        return None
+
+    def backbone_weights(self, model: DetectionModel) -> str:
+        return "none" if model.init == "coco" else model.backbone.weights  # the COCO detector brings its own
+
     def build_data(self, data: DetectionData, *, mean, std, seed: int) -> TaskData:
         root = Path(data.root)
         # Boxes follow every geometric transform; one that leaves less than a pixel of a box drops the box.

@@ -40,6 +40,16 @@ class Face(Task):
         resize = {"name": "Resize", "height": data.image_size, "width": data.image_size}
         return [resize, {"name": "HorizontalFlip", "p": 0.5}], [resize]
 
+    def missing_data(self, data: FaceData) -> str | None:
+        problem = super().missing_data(data)
+        if problem:
+            return problem + " (identity folders under data.train_dir, verification sets beside them)"
+        train = Path(data.root) / data.train_dir
+        if not train.is_dir():
+            return (f"data.train_dir: '{train}' is not a folder; give the folder of identity folders "
+                    "(<identity>/<image>), relative to data.root")
+        return None
+
     def build_data(self, data: FaceData, *, mean, std, seed: int) -> TaskData:
         train_tf, val_tf, random = self.transforms(data, mean=mean, std=std, seed=seed)
         root = Path(data.root)
