@@ -86,14 +86,19 @@ def _task_file(_ctx: click.Context, _param: click.Parameter, value: Path) -> Pat
 @click.argument("task_file", type=click.Path(path_type=Path), callback=_task_file)
 @click.argument("overrides", nargs=-1)
 @click.option("--resume", is_flag=True, help="Continue the run in train.output_dir from its last checkpoint.")
-def run(task_file: Path, overrides: tuple[str, ...], resume: bool) -> None:
+# A sweep started with --jobs or --ray runs each child as this command: nested under its parent, with its swept values.
+@click.option("--parent-run-id", default=None, hidden=True)
+@click.option("--tag", "tags", multiple=True, hidden=True)
+def run(task_file: Path, overrides: tuple[str, ...], resume: bool, parent_run_id: str | None,
+        tags: tuple[str, ...]) -> None:
     """Train TASK_FILE (a path or a built-in task name), with optional key.path=value OVERRIDES (e.g. train.lr=0.01).
 
     `pipeline config TASK_FILE` prints every key with its value; `pipeline tasks` lists the built-in task files.
     """
     from pipeline.train import runner
 
-    runner.run(task_file, overrides, resume=resume)
+    runner.run(task_file, overrides, resume=resume, parent_run_id=parent_run_id,
+               tags=dict(tag.split("=", 1) for tag in tags) or None)
 
 
 @main.command("config")
@@ -170,14 +175,18 @@ def pull(names: tuple[str, ...]) -> None:
 @click.argument("task_file", type=click.Path(path_type=Path), callback=_task_file)
 @click.argument("args", nargs=-1, required=True)
 @click.option("--resume", is_flag=True, help="Reopen the same sweep and skip the runs it already FINISHED.")
-def sweep(task_file: Path, args: tuple[str, ...], resume: bool) -> None:
+@click.option("--jobs", type=int, default=None, help="Run this many children at once on this machine, each on GPUs "
+              "or CPU cores of its own.")
+@click.option("--ray", "ray_address", default=None, help="Run the children as Ray tasks: local (a Ray instance on "
+              "this machine), auto (the cluster this machine belongs to) or ray://HOST:PORT.")
+def sweep(task_file: Path, args: tuple[str, ...], resume: bool, jobs: int | None, ray_address: str | None) -> None:
     """Run TASK_FILE once per combination of swept values (key=v1,v2,...) under one parent MLflow run.
 
     Arguments with one value (train.epochs=5) apply to every run.
     """
     from pipeline.study import sweep as sweep_runs
 
-    sweep_runs.run(task_file, args, resume=resume)
+    sweep_runs.run(task_file, args, resume=resume, jobs=jobs, ray=ray_address)
 
 
 @main.command()

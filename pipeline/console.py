@@ -95,8 +95,8 @@ def recording(extra_loggers: Sequence[str] = ()) -> Iterator[Recording]:
     loggers = [logging.getLogger(name) for name in (LOGGER, *extra_loggers)]
     ours = loggers[0]
     level = ours.level
-    if ours.getEffectiveLevel() > logging.INFO:
-        ours.setLevel(logging.INFO)  # info records must exist to be kept; without a console handler none prints
+    if level == logging.NOTSET:  # info records must exist to be kept (a process that is `quiet` keeps its level)
+        ours.setLevel(logging.INFO)  # without a console handler, none of them prints
     for logger in loggers:
         logger.addHandler(handler)
     try:

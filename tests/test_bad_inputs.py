@@ -32,7 +32,7 @@ def _missing_task_file(tmp_path, path):
 
 
 def _missing_data_root(tmp_path, path):
-    return [str(path), "data.root=/nonexistent/images"], "data.root: '/nonexistent/images' is not a folder", False
+    return [str(path), "data.root=/nonexistent/images"], "data.root: '/nonexistent/images' does not exist", False
 
 
 def _empty_dataset(tmp_path, path):

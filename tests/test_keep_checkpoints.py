@@ -43,5 +43,5 @@ def test_save_last_keeps_the_previous_one_only_when_asked(tmp_path: Path):
     assert not (tmp_path / checkpoint.PREVIOUS).exists() and checkpoint.load(tmp_path / checkpoint.LAST)["epoch"] == 3
     checkpoint.prune(tmp_path, "best")
     assert not (tmp_path / checkpoint.LAST).exists()
-    with pytest.raises(ValueError, match="one of best, last, all"):
+    with pytest.raises(ValueError, match="one of none, best, last, all"):
         checkpoint.prune(tmp_path, "some")

@@ -132,3 +132,13 @@ def test_wheel_carries_tasks_and_configs(tmp_path: Path):
         assert {f"pipeline/config/fragments/{f}" for f in FRAGMENTS} <= names
         assert {f"pipeline/config/task_files/{t}.yaml" for t in TASKS} <= names
         assert zf.read("pipeline/config/task_files/quickstart.yaml") == (REPO / "tasks/quickstart.yaml").read_bytes()
+
+
+def test_the_readme_and_pipeline_tasks_agree_on_the_quickstart():
+    """What `pipeline tasks` says of the quickstart (its file's first sentence) and what the README's first screen and
+    tasks table say: the same top-1 and the same minutes."""
+    readme = (REPO / "README.md").read_text()
+    said = shipped.first_sentence((REPO / "tasks" / "quickstart.yaml").read_text())
+    assert "0.98 in 3-4 minutes" in said
+    assert "val top-1 0.98 in 3-4 minutes" in readme.split("## Using it")[0]
+    assert "| top-1 0.98 in 3-4 min |" in readme

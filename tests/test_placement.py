@@ -77,5 +77,5 @@ def test_a_sweep_on_your_data_keeps_its_runs_together(task_file, own_data: Path,
     client = MlflowClient(uri)
     runs = [result.parent_run_id, *(c.run_id for c in result.children)]
     assert {client.get_experiment(client.get_run(r).info.experiment_id).name for r in runs} == {"tiny-my_images"}
-    assert sorted(p.parent.name for p in Path("outputs/tiny-my_images").glob("sweep-*/*/best.pt")) == \
+    assert sorted(p.parent.name for p in Path("outputs/tiny-my_images").glob("sweep-*/*/config.yaml")) == \
         ["lr=0.001", "lr=0.002"]

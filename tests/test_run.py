@@ -68,7 +68,8 @@ def test_run_trains_and_logs_everything(task_file, uri: str, tmp_path: Path, mon
         assert client.get_metric_history(result.run_id, f"lr/{group}")
     assert not client.get_metric_history(result.run_id, "lr/stem")  # frozen: no group
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"config.yaml", "param_groups.txt", "report", "checkpoints"} <= artifacts
+    assert {"config.yaml", "param_groups.txt", "report"} <= artifacts
+    assert "checkpoints" not in artifacts  # the logged model holds best.pt: one copy of the weights per run
     assert {a.path for a in client.list_artifacts(result.run_id, "report")} == \
            {"report/confusion_matrix.png", "report/per_class_accuracy.csv"}
     # the logged model is linked to the run and predicts like the best checkpoint

@@ -72,8 +72,8 @@ def test_compare_marks_runs_still_improving_in_its_table_plots_and_lines(sweep_s
     assert not any(line.startswith("resnet18: still improving") for line in said)
     # the plot draws the run still improving as a hollow marker, and says what hollow means
     ax = plots._vs_depth(result.rows, "val/top1").axes[0]
-    hollow = [line for line in ax.get_lines() if to_rgba(line.get_markerfacecolor()) == to_rgba("white")]
-    assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [50]
+    hollow = [c for c in ax.collections if tuple(c.get_facecolors()[0]) == to_rgba("white")]
+    assert len(hollow) == 1 and [x for x, _ in hollow[0].get_offsets()] == [50]
     assert any(text.startswith("hollow: still improving") for text in ax.get_legend_handles_labels()[1])
     assert "settled" in (tmp_path / "plots" / "runs.csv").read_text().splitlines()[0]
 

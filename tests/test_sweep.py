@@ -101,7 +101,7 @@ def test_sweep_makes_one_parent_and_a_tagged_child_per_value(swept):
 def test_compare_prints_both_depths_and_logs_plots_to_the_parent(swept, tmp_path: Path):
     result = cli("compare", "tiny", "--uri", swept["uri"], "--out", tmp_path / "plots")
     assert result.exit_code == 0, result.output
-    rows = [line for line in result.output.splitlines() if line.startswith("resnet")]
+    rows = [line for line in result.output.splitlines() if line.startswith("resnet") and ": " not in line]
     assert [r.split()[:2] for r in rows] == [["resnet18", "18"], ["resnet34", "34"]]  # sorted by depth
     for name in ("metric_vs_depth.png", "metric_vs_gflops.png", "curves.png"):
         data = (tmp_path / "plots" / name).read_bytes()

@@ -148,6 +148,22 @@ class TrackingConfig(Section):
         return name
 
 
+class Resources(Section):
+    cpus: float | None = Field(None, gt=0)
+    gpus: float | None = Field(None, ge=0)
+
+
+class SweepConfig(Section):
+    """How `pipeline sweep` runs its children with --jobs or --ray (pipeline/study/)."""
+
+    # What each child asks Ray for; unset: one GPU where the cluster has GPUs, else the cores of one --jobs slot.
+    resources: Resources = Resources()
+    # Ray: how many times a child whose worker died (a node lost, an out-of-memory kill) is started again.
+    retries: int = Field(0, ge=0)
+    # Each child on this many GPUs of its own, data-parallel under torchrun.
+    gpus_per_child: int = Field(1, ge=1)
+
+
 class TaskConfig(Section):
     """The sections every task shares; each task subclasses it with its own `data` and `model` sections."""
 
@@ -158,3 +174,4 @@ class TaskConfig(Section):
     finetune: FinetuneConfig = FinetuneConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    sweep: SweepConfig = SweepConfig()

@@ -103,8 +103,8 @@ def _hollow(ax, points: list[tuple[float, float]], color: str) -> None:
     if not points:
         return
     labelled = any(text == _HOLLOW for text in ax.get_legend_handles_labels()[1])
-    ax.plot(*zip(*points), "o", markerfacecolor="white", markeredgecolor=color, markeredgewidth=1.5, zorder=3,
-            label=None if labelled else _HOLLOW)
+    ax.scatter(*zip(*points), s=40, facecolors="white", edgecolors=color, linewidths=1.5, zorder=3,
+               label="_nolegend_" if labelled else _HOLLOW)
 
 
 _HOLLOW = "hollow: still improving (train longer)"

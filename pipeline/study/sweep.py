@@ -4,8 +4,10 @@
 
 An override whose value holds a comma outside brackets and quotes is swept (`a=1,2`); the others (`train.epochs=5`,
 `"finetune.freeze=[stem,layer1]"`) apply to every child. Children are the cross product of the swept values, run one
-after another in this process; each is tagged with its swept values and writes checkpoints to its own folder.
-A failing child is marked FAILED by the runner and the sweep goes on; `--resume` skips children already FINISHED.
+after another in this process, or as processes of their own: `--jobs N` at a time on this machine's GPUs or cores
+(pipeline/study/jobs.py), or as Ray tasks on a cluster with `--ray ADDRESS` (pipeline/study/on_ray.py). Each is tagged
+with its swept values and works in its own folder (pipeline/study/children.py). A failing child is marked FAILED and
+the sweep goes on; `--resume` skips children already FINISHED and continues interrupted ones.
 """
 from __future__ import annotations
 
@@ -20,10 +22,13 @@ from pipeline import config, tracking
 from pipeline.config import placement
 from pipeline.errors import UserError
 from pipeline.models import backbones
-from pipeline.study.settled import Verdict, advice, judge
+from pipeline.study import children, on_ray
+from pipeline.study import jobs as jobs_
+from pipeline.study.children import Child
+from pipeline.study.settled import advice, judge
 from pipeline.tasks import registry
 from pipeline.tasks.metric import Metric
-from pipeline.train import checkpoint, runner
+from pipeline.train import runner
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +37,7 @@ ROLE_TAG = "pipeline.sweep"
 SPEC_TAG = "pipeline.sweep_spec"
 # Keys a sweep cannot vary: the children must share the parent's store and experiment (data.root names the
 # experiment of other data, pipeline/config/placement.py), and each gets its own folder.
-_FIXED_KEYS = ("tracking.", "train.output_dir", "task", "data.root")
-
-
-@dataclass
-class Child:
-    values: dict[str, str]  # swept key -> value, as typed
-    status: str = "PENDING"  # FINISHED, FAILED, KILLED, or SKIPPED (finished in an earlier sweep)
-    run_id: str = ""
-    best: float | None = None
-    wall_time: float | None = None
-    error: str = ""
-    settled: Verdict | None = None  # whether its primary metric had stopped improving
+_FIXED_KEYS = ("tracking.", "train.output_dir", "task", "data.root", "sweep.")
 
 
 @dataclass
@@ -57,17 +51,29 @@ class SweepResult:
         return [c for c in self.children if c.status not in ("FINISHED", "SKIPPED")]
 
 
-def run(task_file: str | Path, args: tuple[str, ...], resume: bool = False) -> SweepResult:
-    """Run every combination of the swept values in `args`; the last lines said are a summary table.
+def run(task_file: str | Path, args: tuple[str, ...], resume: bool = False, jobs: int | None = None,
+        ray: str | None = None) -> SweepResult:
+    """Run every combination of the swept values in `args`, one after another, `jobs` at a time, or on Ray at
+    address `ray`; the last lines said are a summary table.
 
     Raises `UserError` after the summary when any child failed, which also marks the parent run FAILED.
     """
+    if jobs is not None and ray is not None:
+        raise UserError("--jobs and --ray both say how to run the children; give one of them (Ray decides how many "
+                        "run at once from the resources each asks for)")
+    if jobs is not None and jobs < 1:
+        raise UserError(f"--jobs {jobs}: give the number of children to run at once, 1 or more")
     fixed, swept = parse_args(args)
     tracking.quiet_console()  # MLflow's INFO lines stay in the runs' logs
     combos = [dict(zip(swept, values)) for values in itertools.product(*swept.values())]
     cfg = _validate(task_file, fixed, combos)
     experiment = placement.experiment(task_file, cfg)  # the children's: other data than the file's gets its own
     uri = tracking.resolve_uri(cfg.tracking.uri)
+    if ray is not None:
+        on_ray.check(ray, uri)
+    if jobs is not None and jobs > len(combos):
+        log.info(f"note: --jobs {jobs} for {len(combos)} runs: {len(combos)} at once")
+        jobs = len(combos)
     parent = _open_parent(uri, experiment, cfg.task, task_file, fixed, swept, resume)
     log.info(f"sweep of {len(combos)} runs under parent run {parent.run_id} in experiment '{experiment}'")
     # one folder per sweep, so that no sweep overwrites or resumes another one's checkpoints
@@ -75,24 +81,37 @@ def run(task_file: str | Path, args: tuple[str, ...], resume: bool = False) -> S
     primary = registry.entry(cfg.task).primary
     with parent:  # FAILED when a child failed (the UserError below), KILLED on Ctrl-C
         done = _finished_children(uri, experiment, parent.run_id) if resume else []
-        children = []
+        results: dict[int, Child] = {}
+        todo = []
         for i, combo in enumerate(combos, start=1):
-            label = f"[{i}/{len(combos)}] {' '.join(_overrides(combo))}"
+            child = children.spec(i, len(combos), combo, fixed, base_dir / child_dir_name(combo), resume)
             previous = next((r for r in done if all(r.tags.get(k) == v for k, v in combo.items())), None)
             if previous is not None:
-                log.info(f"{label}: FINISHED earlier in run {previous.run_id}, skipped")
-                children.append(_from_record(uri, combo, previous, primary))
+                log.info(f"{child.label}: FINISHED earlier in run {previous.run_id}, skipped")
+                results[i] = _from_record(uri, combo, previous, primary)
             else:
-                children.append(_run_child(task_file, fixed, combo, label, base_dir / child_dir_name(combo),
-                                           parent.run_id, resume, primary))
-        result = SweepResult(parent.run_id, primary, children)
+                todo.append(child)
+
+        def collect(child: children.Spec, returncode: int, reason: str = "") -> Child:
+            return children.collect(uri, experiment, parent.run_id, child, returncode, primary, reason)
+
+        if ray is not None and todo:
+            found = on_ray.run_on_ray(ray, task_file, todo, parent.run_id, cfg.sweep.resources.model_dump(),
+                                      cfg.sweep.retries, cfg.sweep.gpus_per_child, collect)
+        elif jobs is not None and todo:
+            places = jobs_.slots(jobs, cfg.sweep.gpus_per_child)
+            found = jobs_.run_parallel(task_file, todo, places, parent.run_id, cfg.sweep.gpus_per_child, collect)
+        else:
+            found = [children.run_here(task_file, child, parent.run_id, primary) for child in todo]
+        results.update((child.index, c) for child, c in zip(todo, found))
+        result = SweepResult(parent.run_id, primary, [results[i] for i in range(1, len(combos) + 1)])
         parent.set_experiment_tags(tracking.view_tags(runner.ui_metrics(cfg, primary), order_by="model/depth",
                                                       key=tracking.sweep_view(parent.run_id),
                                                       parent_run_id=parent.run_id))
         log.info(summary(result))
         log.info(links(uri, parent.experiment_id, result))
         if result.failed:
-            raise UserError(f"{len(result.failed)} of {len(children)} sweep runs failed (table above); fix the cause "
+            raise UserError(f"{len(result.failed)} of {len(combos)} sweep runs failed (table above); fix the cause "
                             f"and rerun the same command with --resume to run only those")
     return result
 
@@ -180,27 +199,6 @@ def _overrides(combo: dict[str, str]) -> list[str]:
 # Children
 
 
-def _run_child(task_file, fixed: list[str], combo: dict[str, str], label: str, output_dir: Path, parent_id: str,
-               resume: bool, primary: Metric) -> Child:
-    child = Child(values=combo)
-    # An interrupted child continues in its own MLflow run from its last checkpoint.
-    continue_child = resume and (output_dir / checkpoint.LAST).exists()
-    log.info(f"\n{label} -> {output_dir}" + (" (continuing)" if continue_child else ""))
-    # A finished child keeps no weights of its own: its MLflow run holds them, which compare, predict (runs:/...) and
-    # serving read; its last.pt lasts until it finishes, for --resume. A fixed train.keep_checkpoints wins.
-    keep = [] if any(arg.startswith("train.keep_checkpoints=") for arg in fixed) else ["train.keep_checkpoints=none"]
-    try:
-        result = runner.run(task_file, (*keep, *fixed, *_overrides(combo), f"train.output_dir={output_dir}"),
-                            resume=continue_child, parent_run_id=parent_id, tags=combo)
-    except Exception as err:  # noqa: BLE001 - the runner marked the child FAILED; the sweep goes on
-        child.status, child.error = "FAILED", _one_line(err)
-        log.info(f"{label} FAILED: {child.error}")
-        return child
-    child.status, child.run_id, child.best, child.wall_time = "FINISHED", result.run_id, result.best, result.wall_time
-    child.settled = judge(result.curve, primary)
-    return child
-
-
 def child_dir_name(combo: dict[str, str]) -> str:
     """A folder name from the swept values: {model.backbone.name: resnet18, train.lr: 0.01} -> name=resnet18_lr=0.01."""
     name = "_".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in combo.items())
@@ -226,11 +224,6 @@ def _previous_parent(uri: str, experiment: str, spec: str) -> str | None:
 
 def _finished_children(uri: str, experiment: str, parent_id: str) -> list[tracking.RunRecord]:
     return [r for r in tracking.search_runs(uri, experiment, parent_run_id=parent_id) if r.status == "FINISHED"]
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if not isinstance(err, UserError) else text
 
 
 # ---------------------------------------------------------------------------------------------------------------------

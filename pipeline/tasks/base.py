@@ -245,8 +245,8 @@ class Task(ABC):
         behind. Tasks whose data lives in files beside the root (annotation files, pairs lists) say so."""
         root = Path(data.root)
         if not root.is_dir():
-            return (f"data.root: '{data.root}' is not a folder ({root.resolve()} does not exist); point data.root at "
-                    f"your {self.name} data")
+            return (f"data.root: '{data.root}' does not exist ({root.resolve()}); point data.root at your {self.name} "
+                    "data")
         return None
 
     def backbone_weights(self, model: ModelConfig) -> str:

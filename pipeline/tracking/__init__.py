@@ -29,8 +29,9 @@ from pipeline.tracking.models import Pyfunc, load_model, model_source_run
 from pipeline.tracking.params import TRUNCATION_MARK, flatten
 from pipeline.tracking.query import RunRecord, download_artifact, get_run, metric_history, search_runs
 from pipeline.tracking.registry import Registered, register, register_run, version_tags
-from pipeline.tracking.run import RUN_STATUSES, DatasetRecord, Silent, Tracker
+from pipeline.tracking.run import RUN_STATUSES, DatasetRecord, Tracker, mark_failed
 from pipeline.tracking.served import pyfunc as served_pyfunc
+from pipeline.tracking.silent import Silent
 from pipeline.tracking.sources import CHECKPOINT_ARTIFACT, RunFile, downloaded, is_tracked
 from pipeline.tracking.sources import resolve as resolve_source
 from pipeline.tracking.sync import sync
@@ -39,10 +40,10 @@ from pipeline.tracking.ui import experiment_link, start_hint, sweep_view, ui, vi
 from pipeline.tracking.uri import DEFAULT_URI, check_reachable, process_tracking_uri, resolve_uri, server_up
 
 __all__ = [
-    "CHECKPOINT_ARTIFACT", "DEFAULT_URI", "LOGGERS", "quiet_console", "RUN_STATUSES", "TRUNCATION_MARK", "DatasetRecord", "Pyfunc", "RunFile",
-    "RunRecord", "Silent", "Tracker", "check_reachable", "download_artifact", "downloaded",
-    "experiment_link", "flatten", "get_run", "is_tracked", "load_model", "metric_history", "model_source_run",
-    "process_tracking_uri", "Registered", "register", "register_run", "version_tags", "resolve_source", "resolve_uri", "search_runs", "served_pyfunc", "server_up",
-    "start_hint", "sweep_view",
-    "sync", "ui", "ui_address", "view_tags",
+    "CHECKPOINT_ARTIFACT", "DEFAULT_URI", "LOGGERS", "RUN_STATUSES", "TRUNCATION_MARK", "check_reachable",
+    "DatasetRecord", "download_artifact", "downloaded", "experiment_link", "flatten", "get_run", "is_tracked",
+    "load_model", "mark_failed", "metric_history", "model_source_run", "process_tracking_uri", "Pyfunc",
+    "quiet_console", "register", "register_run", "Registered", "resolve_source", "resolve_uri", "RunFile",
+    "RunRecord", "search_runs", "served_pyfunc", "server_up", "Silent", "start_hint", "sweep_view", "sync", "Tracker",
+    "ui", "ui_address", "version_tags", "view_tags",
 ]

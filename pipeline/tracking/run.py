@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 RETRY_EVERY = 30.0  # seconds between attempts to reach a lost tracking server mid-run
+# An sqlite store takes one writer at a time. MLflow waits 20 s for the lock, but a transaction that read before it
+# wrote can be refused at once (SQLITE_BUSY): with several runs logging to one file (`pipeline sweep --jobs`), each
+# such write is tried again after these waits (s) before it counts as an error, so no point of a history is lost.
+LOCKED_WAITS = (0.1, 0.3, 1.0, 2.0, 5.0, 10.0)
 FINAL_RETRIES, FINAL_RETRY_WAIT = 3, 5.0  # at the end of a run: a last chance before leaving records to `sync`
 
 
@@ -147,7 +151,7 @@ class Tracker:
     def set_experiment_tags(self, tags: dict[str, str]) -> None:
         """Tags of the run's experiment (not kept by the outbox: set them before `keep_offline`)."""
         for key, value in tags.items():
-            self._client.set_experiment_tag(self._experiment_id, key, value)
+            set_experiment_tag(self._client, self._experiment_id, key, value)
 
     def log_datasets(self, datasets: list[DatasetRecord]) -> None:
         """Record the datasets as the run's inputs. MLflow keeps one input per dataset and context, so a resumed run
@@ -228,6 +232,17 @@ class Tracker:
         return True
 
     def _apply(self, record: dict) -> None:
+        """Send one record; a store locked by another writer (sqlite, several runs at once) is waited for."""
+        for wait in LOCKED_WAITS:
+            try:
+                return self._write(record)
+            except Exception as err:
+                if not locked(err):
+                    raise
+                time.sleep(wait)
+        self._write(record)
+
+    def _write(self, record: dict) -> None:
         op, run_id = record["op"], self._run_id
         if op == "metrics":
             self._client.log_batch(run_id, metrics=[Metric(k, v, record["timestamp"], record["step"])
@@ -315,35 +330,31 @@ class Tracker:
             self.finish(status, error="".join(traceback.format_exception_only(exc)).strip())
 
 
-class Silent:
-    """The tracker of ranks other than 0 under torchrun: rank 0 logs for every rank, these calls do nothing."""
+def set_experiment_tag(client: mlflow.MlflowClient, experiment_id: str, key: str, value: str) -> None:
+    """MLflow's set_experiment_tag, when several runs set the same tag at once (a sweep's children starting together):
+    its insert-or-update reads first, so the slower writer's insert is refused as a duplicate, and a locked sqlite store
+    refuses a writer; both are tried again (the second time the row is there and is updated)."""
+    for wait in LOCKED_WAITS:
+        try:
+            return client.set_experiment_tag(experiment_id, key, value)
+        except MlflowException as err:
+            if not (locked(err) or "UNIQUE constraint failed" in str(err) or "duplicate key" in str(err)):
+                raise
+            time.sleep(wait)
+    client.set_experiment_tag(experiment_id, key, value)
 
-    def __init__(self, run_id: str) -> None:
-        self.run_id = run_id
 
-    def __enter__(self) -> Silent:
-        return self
+def locked(err: BaseException) -> bool:
+    """Whether `err` says the store was busy with another writer (sqlite's `database is locked`)."""
+    return "database is locked" in str(err) or "database is locked" in str(getattr(err, "__cause__", ""))
 
-    def __exit__(self, *exc) -> None:
-        return None
 
-    def keep_offline(self, outbox_path: Path) -> None:
-        return None
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        return None
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        return None
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        return None
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        return None
-
-    def log_datasets(self, datasets: list[DatasetRecord]) -> None:
-        return None
+def mark_failed(uri: str, run_id: str, error: str) -> None:
+    """End a run whose process could not end it (killed, its node lost) as FAILED, with the reason as its `error`
+    tag, as the runner itself does for a failure it sees."""
+    client = mlflow.MlflowClient(uri)
+    client.set_tag(run_id, "error", shorten(error, MAX_TAG_VAL_LENGTH, what="tag error"))
+    client.set_terminated(run_id, status="FAILED")
 
 
 def _dataset_input(d: DatasetRecord) -> DatasetInput:
@@ -373,5 +384,5 @@ def _experiment_id(client: mlflow.MlflowClient, uri: str, name: str) -> str:
                         f"--experiment-id {experiment.experiment_id}', or rename the task file")
     if "mlflow.experimentKind" not in experiment.tags:  # made before the pipeline set it, or by hand
         for key, value in EXPERIMENT_KIND.items():
-            client.set_experiment_tag(experiment.experiment_id, key, value)
+            set_experiment_tag(client, experiment.experiment_id, key, value)
     return experiment.experiment_id

@@ -70,6 +70,16 @@ def cifar_files(folder: Path, fmt: str, *, train: bool) -> list[Path]:
     return [folder / name for name in (meta_file, *(train_files if train else test_files))]
 
 
+def folder_problem(root: Path, fmt: str) -> str | None:
+    """Why there is no extracted `fmt` archive at `root` (None: there is one)."""
+    folder_name = _CIFAR_LAYOUT[fmt][0]
+    if (root.name == folder_name and root.is_dir()) or (root / folder_name).is_dir():
+        return None
+    return (f"data.root: {fmt} is not at {(root / folder_name).resolve()}; extract the official "
+            f"python archive ({folder_name}/data_batch_1 ...) into {root.resolve()}, point data.root "
+            f"at the folder that holds it, or set data.download: true to fetch it")
+
+
 def find_cifar_folder(root: Path, fmt: str, *, download: bool) -> Path:
     """The extracted CIFAR folder: root itself, or root/<official folder name> (downloaded there if asked)."""
     if fmt not in _CIFAR_LAYOUT:
@@ -79,9 +89,7 @@ def find_cifar_folder(root: Path, fmt: str, *, download: bool) -> Path:
         return root
     if not (root / folder_name).is_dir():
         if not download:
-            raise UserError(f"data.root: {fmt} is not at {(root / folder_name).resolve()}; extract the official "
-                            f"python archive ({folder_name}/data_batch_1 ...) into {root.resolve()}, point data.root "
-                            f"at the folder that holds it, or set data.download: true to fetch it")
+            raise UserError(folder_problem(root, fmt))
         _download_cifar(root, fmt)
     return root / folder_name
 

@@ -12,6 +12,7 @@ from torch import nn
 from pipeline.data import synth
 from pipeline.models import backbones
 from pipeline.tasks.base import TRAIN_ERROR, DataInfo, ExportSpec, PredictOptions, Task, TaskData
+from pipeline.tasks.classification import cifar
 from pipeline.tasks.classification.config import ClassificationData, ClassificationModel
 from pipeline.tasks.classification.data import build_datasets
 from pipeline.tasks.classification.evaluate import Evaluator
@@ -74,13 +75,11 @@ class Classification(Task):
         return train, val
 
     def missing_data(self, data: ClassificationData) -> str | None:
-        if data.format != "imagefolder" and data.download:
-            return None  # fetched into data.root when missing
+        if data.format != "imagefolder":
+            return None if data.download else cifar.folder_problem(Path(data.root), data.format)
         problem = super().missing_data(data)
-        if problem and data.format == "imagefolder":
-            problem += (" (an ImageFolder: train/<class>/ and val/<class>/ image folders, or one folder of class "
-                        "folders with data.val_fraction)")
-        return problem
+        return problem and problem + (" (an ImageFolder: train/<class>/ and val/<class>/ image folders, or one folder "
+                                      "of class folders with data.val_fraction)")
 
     def build_data(self, data: ClassificationData, *, mean, std, seed: int) -> TaskData:
         train_tf, val_tf, random = self.transforms(data, mean=mean, std=std, seed=seed)

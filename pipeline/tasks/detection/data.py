@@ -85,10 +85,17 @@ def read_coco(ann_file: Path, image_root: Path, field: str) -> CocoSplit:
     return CocoSplit(category_ids, classes, records, dropped)
 
 
-def _load_json(path: Path, field: str) -> dict:
+def annotation_problem(path: Path, field: str) -> str | None:
     if not path.is_file():
-        raise UserError(f"{field}: annotation file '{path}' not found; check data.root and {field} "
-                        f"(COCO: data/coco/annotations/instances_train2017.json from cocodataset.org)")
+        return (f"{field}: annotation file '{path}' not found; check data.root and {field} "
+                f"(COCO: data/coco/annotations/instances_train2017.json from cocodataset.org)")
+    return None
+
+
+def _load_json(path: Path, field: str) -> dict:
+    problem = annotation_problem(path, field)
+    if problem:
+        raise UserError(problem)
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:

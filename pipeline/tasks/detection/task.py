@@ -18,7 +18,7 @@ from pipeline.tasks.common import save_figure
 from pipeline.tasks.detection import export as detection_export
 from pipeline.tasks.detection import predictions
 from pipeline.tasks.detection.config import DetectionData, DetectionModel
-from pipeline.tasks.detection.data import CocoDetection, drop_unreadable, read_coco, select_images
+from pipeline.tasks.detection.data import CocoDetection, annotation_problem, drop_unreadable, read_coco, select_images
 from pipeline.tasks.detection.evaluate import Evaluator
 from pipeline.tasks.detection.model import Detector, build_detector, frozen_bn, load_coco
 from pipeline.tasks.detection.report import boxes_figure, per_class_table, write_results
@@ -72,14 +72,8 @@ class Detection(Task):
         return [{"name": "HorizontalFlip", "p": 0.5}], []
 
     def missing_data(self, data: DetectionData) -> str | None:
-        problem = super().missing_data(data)
-        if problem:
-            return problem + " (COCO format: images and annotations/<split>.json)"
-        for key in ("train_ann", "val_ann"):
-            path = Path(data.root) / getattr(data, key)
-            if not path.is_file():
-                return f"data.{key}: '{path}' does not exist; give the COCO annotation file (relative to data.root)"
-        return None
+        return (annotation_problem(Path(data.root) / data.train_ann, "data.train_ann")
+                or annotation_problem(Path(data.root) / data.val_ann, "data.val_ann"))
 
     def backbone_weights(self, model: DetectionModel) -> str:
         return "none" if model.init == "coco" else model.backbone.weights  # the COCO detector brings its own

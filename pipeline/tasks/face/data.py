@@ -38,11 +38,18 @@ FOLDS = 10
 # ---------------------------------------------------------------------------------------------------- identities
 
 
+def train_dir_problem(root: Path) -> str | None:
+    if not root.is_dir():
+        return (f"data.train_dir: folder '{root}' does not exist; point data.root/data.train_dir at identity "
+                "folders (<identity>/<image>), or set data.synth_if_missing: true for the synthetic ones")
+    return None
+
+
 def scan_identities(root: Path, min_images: int) -> tuple[list[tuple[Path, int]], list[str]]:
     """(path, label) of every image under root/<identity>/, dropping identities with fewer than `min_images`."""
-    if not root.is_dir():
-        raise UserError(f"data.train_dir: folder '{root}' does not exist; point data.root/data.train_dir at identity "
-                        "folders (<identity>/<image>), or set data.synth_if_missing: true for the synthetic ones")
+    problem = train_dir_problem(root)
+    if problem:
+        raise UserError(problem)
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise UserError(f"data.train_dir: '{root}' has no identity folders; expected {root}/<identity>/<image>")

@@ -14,7 +14,13 @@ from pipeline.tasks import export_checks
 from pipeline.tasks.base import DataInfo, ExportSpec, Facts, PredictOptions, Task, TaskData
 from pipeline.tasks.face import predictions, verification
 from pipeline.tasks.face.config import FaceData, FaceModelConfig
-from pipeline.tasks.face.data import IdentityDataset, VerificationDataset, load_verification, scan_identities
+from pipeline.tasks.face.data import (
+    IdentityDataset,
+    VerificationDataset,
+    load_verification,
+    scan_identities,
+    train_dir_problem,
+)
 from pipeline.tasks.face.margin import MarginHead
 from pipeline.tasks.face.model import Embedder, FaceModel
 from pipeline.tasks.face.report import write_roc
@@ -41,14 +47,7 @@ class Face(Task):
         return [resize, {"name": "HorizontalFlip", "p": 0.5}], [resize]
 
     def missing_data(self, data: FaceData) -> str | None:
-        problem = super().missing_data(data)
-        if problem:
-            return problem + " (identity folders under data.train_dir, verification sets beside them)"
-        train = Path(data.root) / data.train_dir
-        if not train.is_dir():
-            return (f"data.train_dir: '{train}' is not a folder; give the folder of identity folders "
-                    "(<identity>/<image>), relative to data.root")
-        return None
+        return train_dir_problem(Path(data.root) / data.train_dir)
 
     def build_data(self, data: FaceData, *, mean, std, seed: int) -> TaskData:
         train_tf, val_tf, random = self.transforms(data, mean=mean, std=std, seed=seed)

@@ -121,8 +121,9 @@ def build_datasets(root: Path, fmt: str, *, train_split: str, val_split: str, cl
     if classes is not None and fmt != "folder":
         raise UserError(f"data.classes: only the folder format takes a class list; {fmt} has its own class names "
                         f"(remove data.classes)")
-    if not root.is_dir():
-        raise UserError(f"data.root: folder '{root}' does not exist; {_ROOT_HINT[fmt]}")
+    problem = root_problem(root, fmt)
+    if problem:
+        raise UserError(problem)
     if fmt == "coco":
         # The train split's categories define the labels; the val split must use the same ids.
         train_json, val_json = _coco_json(root, train_split), _coco_json(root, val_split)
@@ -138,6 +139,12 @@ def build_datasets(root: Path, fmt: str, *, train_split: str, val_split: str, cl
     splits = [MaskFileDataset(*pairs(root, split), len(names), ignore_index, transform)
               for split, transform in ((train_split, train_transform), (val_split, val_transform))]
     return splits[0], splits[1], names
+
+
+def root_problem(root: Path, fmt: str) -> str | None:
+    if not Path(root).is_dir():
+        return f"data.root: folder '{root}' does not exist; {_ROOT_HINT[fmt]}"
+    return None
 
 
 _ROOT_HINT = {

@@ -21,7 +21,7 @@ from pipeline.tasks.segmentation import metrics as seg_metrics
 from pipeline.tasks.segmentation import model as M
 from pipeline.tasks.segmentation import predictions
 from pipeline.tasks.segmentation.config import SegmentationData, SegmentationModel
-from pipeline.tasks.segmentation.data import VOC_CLASSES, build_datasets
+from pipeline.tasks.segmentation.data import VOC_CLASSES, build_datasets, root_problem
 from pipeline.tasks.segmentation.report import iou_bars, overlay_grid, per_class_table
 
 
@@ -80,6 +80,9 @@ class Segmentation(Task):
                 return (f"PadIfNeeded pads masks with {filled}, which scores the padding as labelled pixels; give it "
                         "border_mode: 0 and fill_mask: ${data.ignore_index} so that padding counts nowhere")
         return problem
+
+    def missing_data(self, data: SegmentationData) -> str | None:
+        return root_problem(Path(data.root), data.format)
 
     def build_data(self, data: SegmentationData, *, mean, std, seed: int) -> TaskData:
         if data.skip_bad_images:
