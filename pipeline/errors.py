@@ -12,7 +12,8 @@ class UserError(Exception):
 
 
 def did_you_mean(word: str, choices: Iterable[str], prefix: str = "", n: int = 3, cutoff: float = 0.5) -> str:
-    """"; did you mean a or b?" for the choices closest to `word` (each prefixed `prefix.`), or "" when none is close."""
+    """"; did you mean a or b?" for the choices closest to `word` (each prefixed `prefix.`), or "" when none is
+    close."""
     close = difflib.get_close_matches(word, list(choices), n=n, cutoff=cutoff)
     if not close:
         return ""

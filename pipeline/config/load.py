@@ -2,10 +2,10 @@
 
 A task file names its task (`task: classification`) and may list fragments from `configs/`
 (`defaults: [backbone/resnet18, optim/adamw]`). Fragments merge in order, the task file last, then the command-line
-overrides. References such as `size: ${data.image_size}` are then resolved (`interpolate`), so an override reaches every
-place that refers to it. The resolved dict is validated strictly against the task's schema (pipeline/tasks/registry.py,
-built on the shared sections of pipeline/config/sections.py): an unknown key, a wrong type or an out-of-range value raises
-`UserError` naming the key path and what is allowed.
+overrides. References such as `size: ${data.image_size}` are then resolved (pipeline/config/interpolate.py), so an
+override reaches every place that refers to it. The resolved dict is validated strictly against the task's schema
+(pipeline/tasks/registry.py, built on the shared sections of pipeline/config/sections.py): an unknown key, a wrong
+type or an out-of-range value raises `UserError` naming the key path and what is allowed.
 """
 from __future__ import annotations
 
@@ -122,7 +122,8 @@ def _load_with_defaults(path: Path, config_dirs: list[Path], depth: int) -> dict
     if not isinstance(defaults, list):
         raise UserError(f"{path}: defaults must be a list of fragment names such as [backbone/resnet18]")
     for name in defaults:
-        merged = deep_merge(merged, _load_with_defaults(_find_fragment(str(name), path, config_dirs), config_dirs, depth + 1))
+        fragment = _find_fragment(str(name), path, config_dirs)
+        merged = deep_merge(merged, _load_with_defaults(fragment, config_dirs, depth + 1))
     return deep_merge(merged, data)
 
 
@@ -145,7 +146,8 @@ def read_yaml(path: Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of sections (task:, data:, model:, ...), got {type(data).__name__}")
+        raise UserError(f"{path}: expected a mapping of sections (task:, data:, model:, ...), got "
+                        f"{type(data).__name__}")
     return data
 
 

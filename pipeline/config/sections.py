@@ -1,5 +1,6 @@
 """The config sections every task shares (pydantic models). Each task's schema (pipeline/tasks/<task>/config.py)
-subclasses `TaskConfig` with its own `data` and `model` sections; pipeline/config/load.py loads and validates task files."""
+subclasses `TaskConfig` with its own `data` and `model` sections; pipeline/config/load.py loads and validates task
+files."""
 from __future__ import annotations
 
 import warnings
@@ -82,8 +83,9 @@ class TrainConfig(Section):
     patience: int | None = Field(None, gt=0)
     # None: outputs/<experiment>/<backbone> (pipeline/config/placement.py)
     output_dir: str | None = None
-    # What a finished run leaves in output_dir (pipeline/train/checkpoint.py): best = best.pt (model weights only); last =
-    # best.pt and last.pt (model, optimizer, RNG: what --resume needs); all = also last.prev.pt, the one before last.pt.
+    # What a finished run leaves in output_dir (pipeline/train/checkpoint.py): none = nothing (its MLflow run holds the
+    # best weights); best = best.pt (model weights only); last = best.pt and last.pt (model, optimizer, RNG: what
+    # --resume needs); all = also last.prev.pt, the one before last.pt.
     keep_checkpoints: Literal["none", "best", "last", "all"] = "last"
     log_every: int = Field(10, gt=0)
     max_nonfinite: int = Field(5, gt=0)
@@ -91,11 +93,13 @@ class TrainConfig(Section):
     sync_bn: bool = False
     # torch.compile the model for training and evaluation (compiles on the first steps; benchmarks/compile_step.py).
     compile: bool = False
-    # auto: on a CPU device, the CPU fast paths of pipeline/platform/cpu_kernels.py (small-map convs as GEMMs, AdamW without
-    # layout copies, gather RoIAlign, kept heap memory); off: the stock PyTorch and torchvision operations everywhere.
+    # auto: on a CPU device, the CPU fast paths of pipeline/platform/cpu_kernels.py (small-map convs as GEMMs, AdamW
+    # without layout copies, gather RoIAlign, kept heap memory); off: the stock PyTorch and torchvision operations
+    # everywhere.
     cpu_kernels: Literal["auto", "off"] = "auto"
     # Intra-op CPU threads. auto: the CPUs this process may use (affinity, cgroup quota) less those other processes
-    # keep busy, looked at again every few seconds (pipeline/platform/threads.py); OMP_NUM_THREADS, when set, is taken as is.
+    # keep busy, looked at again every few seconds (pipeline/platform/threads.py); OMP_NUM_THREADS, when set, is taken
+    # as is.
     threads: int | Literal["auto"] = "auto"
     # grad_norm/<stage> of every trainable stage each log_every steps (gradient flow through depth; one host read)
     log_grad_norms: bool = False

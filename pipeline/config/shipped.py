@@ -1,8 +1,9 @@
 """The task files and `configs/` fragments that ship inside the package, and finding a built-in task by name.
 
 In a checkout, `pipeline/config/task_files` and `pipeline/config/fragments` are symlinks to the repo's `tasks/` and
-`configs/`, which stay the source of truth; a wheel carries copies of them (pyproject.toml: package-data). Symlinks rather than a
-setuptools `package-dir` mapping because the default (lenient) editable install does not see mapped data packages.
+`configs/`, which stay the source of truth; a wheel carries copies of them (pyproject.toml: package-data). Symlinks
+rather than a setuptools `package-dir` mapping because the default (lenient) editable install does not see mapped data
+packages.
 """
 from __future__ import annotations
 

@@ -5,9 +5,9 @@ than twice that threshold lies free at its top. The threshold adapts (128 KiB at
 freed mmapped block, up to 32 MiB), but a training step frees its activations, weight casts and gradients all at once,
 so the heap is trimmed every step and the next step faults that memory back in, page by page, zero-filled by the
 kernel: resnet18 at 64 px, batch 32, took 12,500 page faults per fp32 step and 7,500-8,500 per bf16 step, 20-42 ms
-of kernel time (`python benchmarks/allocator.py` measures it). `keep_freed_memory` sets the threshold to glibc's largest,
-32 MiB, and turns trimming off: what glibc's adaptation ends at, without giving the heap back. At 64 px no step then
-faults; larger blocks (activations of large images) are still mapped and unmapped each time. The cost: the process
+of kernel time (`python benchmarks/allocator.py` measures it). `keep_freed_memory` sets the threshold to glibc's
+largest, 32 MiB, and turns trimming off: what glibc's adaptation ends at, without giving the heap back. At 64 px no step
+then faults; larger blocks (activations of large images) are still mapped and unmapped each time. The cost: the process
 keeps the heap of its peak (measured in resnet18 training loops: 4% more resident memory at 64 px, 2% at 128 px).
 
 Users who chose their own allocator (jemalloc or tcmalloc via LD_PRELOAD) or glibc settings (MALLOC_* variables,

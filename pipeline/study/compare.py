@@ -137,7 +137,8 @@ def _check_logged(rows: list[Row], runs: list[tracking.RunRecord], metrics: list
         absent = [r for r in rows if r.values[m] is None]
         if absent:
             names = ", ".join(f"{r.backbone} ({r.run_id[:8]})" for r in absent)
-            log.info(f"{m}: not logged by {len(absent)} of {len(rows)} runs ({names}); shown as '-', left out of its plots")
+            log.info(f"{m}: not logged by {len(absent)} of {len(rows)} runs ({names}); shown as '-', left out of its "
+                     "plots")
 
 
 def reading(rows: list[Row], metric: str, at: str) -> str:

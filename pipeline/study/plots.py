@@ -1,5 +1,6 @@
-"""The plots of `pipeline compare` (pipeline/study/compare.py gathers the rows): a metric against depth, against GFLOPs with
-the Pareto front, wall time against depth, and the metric's curve per run.
+"""The plots of `pipeline compare` (pipeline/study/compare.py gathers the rows): a metric against depth, against GFLOPs
+with the Pareto front, wall time against depth, and the metric's curve per run; a run still improving when it stopped
+is a hollow marker (pipeline/study/settled.py).
 
 A line joins only runs of one sweep, one epoch count, one `by` value and one backbone family; legends sit outside the
 axes; fractions are drawn on 0..1 and other non-negative values from 0 (see `_y_axis`).

@@ -183,8 +183,8 @@ class ExportSpec:
 
     output_names: tuple[str, ...]
     dynamic_size: bool  # whether the graph takes any image size (a ResNet classifier pools globally)
-    # how the exported file's outputs are compared with PyTorch's (pipeline/tasks/export_checks.py): what agreement means
-    # for these outputs, e.g. the same class per pixel rather than the same logits
+    # how the exported file's outputs are compared with PyTorch's (pipeline/tasks/export_checks.py): what agreement
+    # means for these outputs, e.g. the same class per pixel rather than the same logits
     check: Callable[[export_checks.Batches, export_checks.Batches], export_checks.Agreement] = export_checks.allclose
     # the module as TorchScript, for a module that tracing alone cannot export (detection loops over the images of a
     # batch); None: export traces the module (TorchScript) or runs torch.export on it (ONNX)

@@ -52,8 +52,8 @@ def log_model(client: mlflow.MlflowClient, run_id: str, experiment_id: str, mode
 
 def load_model(uri: str, model_uri: str) -> torch.nn.Module:
     """The torch module inside the pyfunc logged by `Tracker.log_model` (`models:/m-...`) in the store at `uri`: its
-    `module` attribute, which pipeline/use/serve.py sets to the task's inference module (normalised images in, the task's
-    output tensors out), in eval mode."""
+    `module` attribute, which pipeline/use/serve.py sets to the task's inference module (normalised images in, the
+    task's output tensors out), in eval mode."""
     # `models:/` URIs are looked up in the process-wide tracking store, which may point elsewhere
     with process_tracking_uri(uri):
         return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().module

@@ -1,4 +1,5 @@
-"""A run's config as MLflow params: flattened to dotted keys, values shortened where MLflow's limit would refuse them."""
+"""A run's config as MLflow params: flattened to dotted keys, values shortened where MLflow's limit would refuse
+them."""
 from __future__ import annotations
 
 import logging

@@ -118,7 +118,7 @@ def download_artifact(uri: str, run_id: str, artifact_path: str, dst_dir: str | 
     present = [a.path for a in client.list_artifacts(run_id, folder)]
     if artifact_path not in present:
         raise UserError(f"run {run_id} has no artifact '{artifact_path}' ({folder or 'its root'} holds: "
-                        f"{', '.join(present) or 'nothing'}) and logged no model that holds it; the run may have failed "
-                        "before saving it, be a sweep's parent, or have run with tracking.log_checkpoint and "
+                        f"{', '.join(present) or 'nothing'}) and logged no model that holds it; the run may have "
+                        "failed before saving it, be a sweep's parent, or have run with tracking.log_checkpoint and "
                         "tracking.log_model false")
     return Path(client.download_artifacts(run_id, artifact_path, str(dst_dir)))

@@ -45,6 +45,9 @@ class Setup:
     threads: threads.Governor | None = None  # intra-op CPU threads, chosen and kept up to date (prepare)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# data and model
+
 
 def build_data(setup: Setup) -> TaskData:
     """The task's datasets; its synthetic data is generated first where the config asks for it. The transforms are
@@ -131,7 +134,7 @@ def make_optimizer(setup: Setup, model: nn.Module, plan: finetune.Plan, tracker=
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 3. loaders and fit
+# loaders and fit
 
 
 def make_loaders(setup: Setup, data: TaskData, model: nn.Module, plan: finetune.Plan):
@@ -172,7 +175,8 @@ def make_fit(setup: Setup, model: nn.Module, info: DataInfo, plan: finetune.Plan
     on = f"{setup.ctx.world} processes ({setup.device.type}), global batch {cfg.data.batch_size * setup.ctx.world}" \
         if setup.ctx.active else str(setup.device)
     on += setup.threads.summary() if setup.device.type == "cpu" and setup.threads else ""
-    log.info(f"training {cfg.model.backbone.name} on {on} ({setup.precision}{', channels_last' if t.channels_last else ''})"
+    layout = ", channels_last" if t.channels_last else ""
+    log.info(f"training {cfg.model.backbone.name} on {on} ({setup.precision}{layout})"
         f" for {t.epochs} epochs, {steps_per_epoch} steps each")
     return engine.Fit(
         model=distributed.wrap(setup.ctx, model, setup.device), loss=task.loss, predict=task.predict,

@@ -82,7 +82,8 @@ def load(path: Path) -> dict:
     except FileNotFoundError:
         raise UserError(f"checkpoint '{path}' not found; run without --resume to start a new run") from None
     except Exception as err:  # truncated or foreign files fail in many ways
-        raise UserError(f"checkpoint '{path}' is unreadable ({load_error_reason(err)}); delete it to start over") from None
+        raise UserError(f"checkpoint '{path}' is unreadable ({load_error_reason(err)}); delete it to start over") \
+            from None
 
 
 def load_resumable(folder: Path) -> dict:

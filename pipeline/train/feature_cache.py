@@ -1,7 +1,8 @@
 """Linear probing on cached features: with the whole backbone frozen, its pooled features of every image are
 computed once and the head trains on them, epochs after the first costing a head's forward and backward only.
 
-Tasks that declare `caches_features` (pipeline/tasks/base.py) have models with `features(images) -> (N, D)` and an `input_is_features` switch for `forward`.
+Tasks that declare `caches_features` (pipeline/tasks/base.py) have models with `features(images) -> (N, D)` and an
+`input_is_features` switch for `forward`.
 """
 from __future__ import annotations
 

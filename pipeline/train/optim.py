@@ -57,6 +57,7 @@ class Schedule:
 
 def make_schedule(kind: str, epochs: int, steps_per_epoch: int, warmup_epochs: float, min_ratio: float,
                   milestones_epochs: list[int], gamma: float, power: float) -> Schedule:
-    return Schedule(kind=kind, total_steps=epochs * steps_per_epoch, warmup_steps=round(warmup_epochs * steps_per_epoch),
+    return Schedule(kind=kind, total_steps=epochs * steps_per_epoch,
+                    warmup_steps=round(warmup_epochs * steps_per_epoch),
                     min_ratio=min_ratio, milestones=tuple(m * steps_per_epoch for m in milestones_epochs),
                     gamma=gamma, power=power)

@@ -8,7 +8,7 @@ from pydantic import Field
 from pipeline.config.sections import DataConfig, ModelConfig, TaskConfig
 from pipeline.tasks.metric import Metric
 
-PRIMARY = Metric("val/top1")  # top-1 accuracy on the validation set: picks the best checkpoint (pipeline/tasks/metric.py)
+PRIMARY = Metric("val/top1")  # top-1 accuracy on the validation set: picks the best checkpoint
 
 
 class ClassificationData(DataConfig):

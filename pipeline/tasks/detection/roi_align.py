@@ -5,9 +5,9 @@ backward scatters one value at a time. Here each output bin is a "bag" of its sa
 their bilinear weights, so the forward pass is one `embedding_bag` over channel-contiguous rows (parallel, vectorised
 over channels) and the backward pass is PyTorch's sorted, parallel bag backward: about 4x less CPU time on one core
 for the shapes task's RoI batch, with the same numbers as `torchvision.ops.roi_align(..., aligned=False)` up to
-float rounding (tests/tasks/test_detection_model.py checks both directions). It is one of pipeline/platform/cpu_kernels.py's
-fast paths: the pooler runs it only on CPU features once `cpu_kernels.apply` turned it on, and torchvision's kernel
-otherwise (CUDA has a fast one; export wants torchvision's op).
+float rounding (tests/tasks/test_detection_model.py checks both directions). It is one of the fast paths of
+pipeline/platform/cpu_kernels.py: the pooler runs it only on CPU features once `cpu_kernels.apply` turned it on, and
+torchvision's kernel otherwise (CUDA has a fast one; export wants torchvision's op).
 """
 from __future__ import annotations
 

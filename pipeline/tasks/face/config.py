@@ -13,7 +13,7 @@ DEFAULT_M = {"arcface": 0.5, "cosface": 0.35}
 # insightface's combined margin (m1, m2, m3).
 DEFAULT_COMBINED = (1.0, 0.3, 0.2)
 
-PRIMARY = Metric("val/verif_acc")  # mean 10-fold verification accuracy over the verification sets: picks the best checkpoint (pipeline/tasks/metric.py)
+PRIMARY = Metric("val/verif_acc")  # mean 10-fold verification accuracy over the sets: picks the best checkpoint
 
 
 class FaceData(DataConfig):
