@@ -156,3 +156,20 @@ def test_a_failing_child_is_kept_and_the_others_finish(tmp_path: Path, shapes: P
     statuses = {r.data.tags["finetune.freeze"]: r.info.status for r in client.search_runs(
         [client.get_experiment_by_name("tiny").experiment_id]) if "finetune.freeze" in r.data.tags}
     assert statuses == {"[layer9]": "FAILED", "all": "FINISHED"}
+
+
+def test_a_child_whose_worker_died_is_marked_failed_with_the_reason(uri: str, tmp_path: Path):
+    """A child process killed with its Ray worker (a node lost, an out-of-memory kill) cannot end its own run: the
+    sweep ends it FAILED, with the reason as the run's error tag, and says so in its table."""
+    from pipeline.tasks.metric import Metric
+
+    parent = tracking.Tracker.start(uri, "died", run_name="sweep", params={}, tags={"pipeline.sweep": "parent"})
+    values = {"model.backbone.name": "resnet50"}
+    orphan = tracking.Tracker.start(uri, "died", run_name="resnet50", params={}, tags=values,
+                                    parent_run_id=parent.run_id)  # RUNNING, as its dead process left it
+    child = children.spec(1, 1, values, [], tmp_path / "c", False)
+    found = children.collect(uri, "died", parent.run_id, child, -1, Metric("val/top1"),
+                             reason="its Ray worker died: The actor died unexpectedly")
+    assert (found.status, found.run_id) == ("FAILED", orphan.run_id) and "worker died" in found.error
+    run = MlflowClient(uri).get_run(orphan.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["error"] == "its Ray worker died: The actor died unexpectedly"
