@@ -47,8 +47,9 @@ def build_model(cfg, task, info, backbone: str | None, device: torch.device, cha
     b = cfg.model.backbone.model_copy(update={"name": backbone or cfg.model.backbone.name, "weights": "none"})
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"backbone": b}),
                                  "train": cfg.train.model_copy(update={"channels_last": channels_last})})
-    setup = builders.Setup(cfg, task, registry.entry(cfg.task).primary, task_file="", experiment="", output_dir=Path("."), last=None, device=device,
-                         precision=devices.resolve_precision(cfg.train.precision, device), ctx=distributed.Context())
+    setup = builders.Setup(cfg, task, registry.entry(cfg.task).primary, task_file="", experiment="",
+                           output_dir=Path("."), last=None, device=device,
+                           precision=devices.resolve_precision(cfg.train.precision, device), ctx=distributed.Context())
     model = builders.build_model(setup, info)
     plan = builders.plan_finetune(setup, model)
     model = builders.place_model(setup, model, plan)

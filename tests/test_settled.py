@@ -29,6 +29,13 @@ def test_the_last_quarter_must_beat_the_earlier_best_by_more_than_one_percent(va
     assert verdict.cell == "yes" if is_settled else verdict.cell.startswith("no: ")
 
 
+def test_a_run_at_the_metrics_perfect_value_has_settled():
+    climbed = [0.9, 0.93, 0.95, 0.96, 0.96, 0.97, 0.98, 1.0]  # +0.03 in the last quarter, but nowhere left to go
+    assert judge(climbed, Metric("val/top1", perfect=1.0)).settled
+    assert not judge(climbed, TOP1).settled  # a metric without a known ceiling keeps the plain rule
+    assert not judge(climbed[:-1] + [0.999], Metric("val/top1", perfect=1.0)).settled
+
+
 def test_one_epoch_is_too_short_to_tell():
     verdict = judge([0.4], TOP1)
     assert not verdict.settled and math.isnan(verdict.gain) and verdict.cell == "no (1 epoch)"

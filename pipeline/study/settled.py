@@ -3,9 +3,10 @@ each depth learns in a few epochs, not what it can reach (5-epoch quickstarts fr
 
 The rule: a run is still improving when the best value of its primary metric over its last quarter of epochs (at least
 its last epoch) beats the best of the epochs before by more than 1% of that earlier best (at least 0.001), in the
-metric's own direction. A settled curve wanders within that margin (epoch-to-epoch noise of a converged run is below
-it on the built-in tasks); a curve still climbing clears it. A run of one epoch has nothing to compare and counts as
-not settled. `pipeline compare` and the sweep's summary mark such runs, and say in one line what to do.
+metric's own direction, unless it reached the metric's perfect value (a top-1 of 1.0 has nowhere left to go). A
+settled curve wanders within that margin (epoch-to-epoch noise of a converged run is below it on the built-in tasks);
+a curve still climbing clears it. A run of one epoch has nothing to compare and counts as not settled.
+`pipeline compare` and the sweep's summary mark such runs, and say in one line what to do.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def judge(values: list[float], metric: Metric) -> Verdict:
     if earlier is None or recent is None:
         return Verdict(False, float("nan"), last, epochs)
     gain = (recent - earlier) if metric.goal == "max" else (earlier - recent)
-    return Verdict(gain <= max(MARGIN * abs(earlier), FLOOR), gain, last, epochs)
+    perfect = metric.perfect is not None and recent == metric.perfect
+    return Verdict(perfect or gain <= max(MARGIN * abs(earlier), FLOOR), gain, last, epochs)
 
 
 def advice(name: str, verdict: Verdict, metric: str) -> str:

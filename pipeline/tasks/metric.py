@@ -12,6 +12,7 @@ from typing import Literal
 class Metric:
     name: str  # as the evaluator reports it: val/top1, val/mAP, val/mIoU, val/verif_acc
     goal: Literal["max", "min"] = "max"
+    perfect: float | None = None  # the best value it can take (1.0 for an accuracy), if it has one
 
     def __post_init__(self) -> None:
         if self.goal not in ("max", "min"):

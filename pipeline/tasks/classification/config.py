@@ -8,7 +8,7 @@ from pydantic import Field
 from pipeline.config.sections import DataConfig, ModelConfig, TaskConfig
 from pipeline.tasks.metric import Metric
 
-PRIMARY = Metric("val/top1")  # top-1 accuracy on the validation set: picks the best checkpoint
+PRIMARY = Metric("val/top1", perfect=1.0)  # top-1 accuracy on the validation set: picks the best checkpoint
 
 
 class ClassificationData(DataConfig):

@@ -8,7 +8,7 @@ from pydantic import Field, field_validator
 from pipeline.config.sections import DataConfig, ModelConfig, TaskConfig
 from pipeline.tasks.metric import Metric
 
-PRIMARY = Metric("val/mAP")  # COCO box AP@[.5:.95]: picks the best checkpoint (pipeline/tasks/metric.py)
+PRIMARY = Metric("val/mAP", perfect=1.0)  # COCO box AP@[.5:.95]: picks the best checkpoint (pipeline/tasks/metric.py)
 
 
 class DetectionData(DataConfig):

@@ -13,7 +13,8 @@ DEFAULT_M = {"arcface": 0.5, "cosface": 0.35}
 # insightface's combined margin (m1, m2, m3).
 DEFAULT_COMBINED = (1.0, 0.3, 0.2)
 
-PRIMARY = Metric("val/verif_acc")  # mean 10-fold verification accuracy over the sets: picks the best checkpoint
+# mean 10-fold verification accuracy over the sets: picks the best checkpoint
+PRIMARY = Metric("val/verif_acc", perfect=1.0)
 
 
 class FaceData(DataConfig):

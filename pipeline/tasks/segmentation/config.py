@@ -8,7 +8,8 @@ from pydantic import Field, model_validator
 from pipeline.config.sections import DataConfig, ModelConfig, TaskConfig
 from pipeline.tasks.metric import Metric
 
-PRIMARY = Metric("val/mIoU")  # mean IoU over the classes present: picks the best checkpoint (pipeline/tasks/metric.py)
+# mean IoU over the classes present: picks the best checkpoint (pipeline/tasks/metric.py)
+PRIMARY = Metric("val/mIoU", perfect=1.0)
 
 
 class SegmentationData(DataConfig):
