@@ -99,3 +99,16 @@ def task_file(tmp_path: Path, shapes: Path, uri: str):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory: pytest.TempPathFactory, empty_store: Path, shapes: Path):
+    """task -> its trained run (tests/shared_runs.py), trained on first use and shared by the whole session; the
+    store and checkpoints go when the session ends."""
+    from shared_runs import TrainedRuns
+
+    folder = tmp_path_factory.mktemp("trained")
+    shutil.copy(empty_store, folder / "mlflow.db")
+    runs = TrainedRuns(folder, shapes)
+    yield runs
+    runs.close()
