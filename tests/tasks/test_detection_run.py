@@ -5,7 +5,6 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-import yaml
 from mlflow import MlflowClient
 from torch.utils.data import ConcatDataset, DataLoader
 
@@ -65,7 +64,7 @@ def test_short_training_raises_map(scenes: Path):
 
 
 def test_run_logs_reports_and_model(trained_runs):
-    """The session's detection run (tests/shared_runs.py): 6 epochs on 8 scenes, validated on 4 others."""
+    """The session's detection run (tests/shared_runs.py): 10 epochs on 8 scenes, validated on themselves."""
     trained = trained_runs("detection")
     uri, output_dir = trained.uri, trained.checkpoint.parent
     client = MlflowClient(uri)
@@ -78,7 +77,7 @@ def test_run_logs_reports_and_model(trained_runs):
     assert {a.path for a in client.list_artifacts(trained.run_id, "report")} == \
            {"report/val_predictions.json", "report/per_class_ap.csv", "report/val_boxes.png"}
     predictions = json.loads((output_dir / "report" / "val_predictions.json").read_text())
-    val = json.loads((trained.data / "annotations" / "val.json").read_text())
+    val = json.loads((trained.data / run.data.params["data.val_ann"]).read_text())
     assert predictions and {p["category_id"] for p in predictions} <= SHAPE_IDS  # the annotation file's own ids
     assert {p["image_id"] for p in predictions} <= {image["id"] for image in val["images"]}
     table = (output_dir / "report" / "per_class_ap.csv").read_text().splitlines()
