@@ -105,15 +105,19 @@ def mutate(text: str, mutant: Mutant) -> str:
     return "".join(lines)
 
 
-def run_tests(work: Path, args: tuple[str, ...], stop_at_first: bool) -> tuple[int, str]:
-    """pytest on the copy; its exit code and its summary line."""
+def run_tests(work: Path, args: tuple[str, ...], stop_at_first: bool) -> tuple[int, str, str]:
+    """pytest on the copy: its exit code, its summary line and the first test that failed."""
     env = {**os.environ, "PYTHONPATH": str(work) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+    command = [sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", "-m", "not slow",
                *(("-x",) if stop_at_first else ()), *args]
     done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
-    summary = [line for line in done.stdout.splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
-    return done.returncode, (summary[-1].strip("= ") if summary else done.stdout[-300:] + done.stderr[-300:])
+    lines = done.stdout.splitlines()
+    summary = [line for line in lines if re.search(r"\d+ (passed|failed|errors?)\b", line)]
+    failures = [line for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    first = failures[0].split(" - ")[0].split("::")[-1] if failures else ""
+    return done.returncode, (re.sub(r" in [\d.]+s.*", "", summary[-1].strip("= ")) if summary
+                             else (done.stdout[-300:] + done.stderr[-300:]).strip()), first
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         work = copy_repo(scratch)
         union = tuple(dict.fromkeys(a for m in chosen for a in _paths(m.tests)))
         started = time.monotonic()
-        code, summary = run_tests(work, union, stop_at_first=False)
+        code, summary, _ = run_tests(work, union, stop_at_first=False)
         print(f"unmutated: {summary} ({time.monotonic() - started:.0f}s)", flush=True)
         if code != 0:
             print("the guarding tests fail without any mutant: fix that first", file=sys.stderr)
@@ -148,14 +152,15 @@ def main(argv: list[str] | None = None) -> int:
             target.write_text(mutate(original, m))
             started = time.monotonic()
             try:
-                code, summary = run_tests(work, m.tests, stop_at_first=True)
+                code, summary, first = run_tests(work, m.tests, stop_at_first=True)
             finally:
                 target.write_text(original)
             outcome = {0: "SURVIVED", 1: "killed"}.get(code, f"error (pytest exit {code})")
-            rows.append((m.name, " ".join(m.tests), f"{summary} in {time.monotonic() - started:.0f}s", outcome))
-            print(f"{outcome:8} {m.name}: {summary}", flush=True)
+            took = f"{time.monotonic() - started:.0f}s"
+            rows.append((m.name, " ".join(m.tests), f"{summary}: {first}" if first else summary, took, outcome))
+            print(f"{outcome:8} {m.name}: {summary} {first} ({took})", flush=True)
         print(table(rows))
-        return 0 if all(row[3] == "killed" for row in rows) else 1
+        return 0 if all(row[-1] == "killed" for row in rows) else 1
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -165,9 +170,9 @@ def _paths(tests: tuple[str, ...]) -> list[str]:
     return [a for a in tests if a.endswith(".py")]
 
 
-def table(rows: list[tuple[str, str, str, str]]) -> str:
-    header = ("mutant", "tests run", "pytest said", "result")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+def table(rows: list[tuple[str, ...]]) -> str:
+    header = ("mutant", "tests run", "what failed first", "time", "result")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     lines.insert(1, "-|-".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -123,6 +123,7 @@ def test_a_run_logs_monitoring_metrics(trained_runs):
     assert any("with 1 threads (train.threads=1)" in line for line in trained.said)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("every", [0.2, 0])
 def test_system_metrics_switch(task_file, uri: str, tmp_path: Path, monkeypatch, every):
     monkeypatch.chdir(tmp_path)

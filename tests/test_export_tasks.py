@@ -23,6 +23,9 @@ from pipeline.tasks.export_checks import ExportMismatch
 from pipeline.train import checkpoint
 from pipeline.use import export, inference
 
+# the first test also trains the four shared runs
+pytestmark = pytest.mark.timeout(600)
+
 TASKS = ("classification", "segmentation", "face", "detection")
 
 

@@ -11,6 +11,8 @@ from pipeline.models import backbones
 from pipeline.tasks import registry, saved
 from pipeline.train import checkpoint, engine, runner
 
+pytestmark = pytest.mark.e2e
+
 DETERMINISTIC = [{"name": "Resize", "height": 32, "width": 32}]
 
 

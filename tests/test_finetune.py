@@ -174,6 +174,7 @@ def test_group_table_lists_every_part():
     assert "from epoch 3" in lines[1] and lines[-1].startswith("head")
 
 
+@pytest.mark.e2e
 def test_run_from_a_state_dict_keeps_frozen_tensors_and_lr_ratios(task_file, uri, tmp_path, monkeypatch):
     """The issue's acceptance check, end to end through `pipeline run` and MLflow."""
     import timm
@@ -210,6 +211,7 @@ def test_run_from_a_state_dict_keeps_frozen_tensors_and_lr_ratios(task_file, uri
     assert tags["frozen_stages"] == "stem,layer1,layer2" and tags["weights"] == str(tmp_path / "resnet18.pth")
 
 
+@pytest.mark.e2e
 def test_gradual_unfreezing_in_a_run(said, task_file, uri, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 

@@ -20,6 +20,8 @@ from pipeline.data.transforms import build_transforms
 from pipeline.tasks import export_checks
 from pipeline.use import export, inference
 
+pytestmark = pytest.mark.e2e
+
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,9 @@ from pipeline.tasks.face import identify
 from pipeline.tasks.segmentation import predictions as segmentation_predictions
 from pipeline.tasks.segmentation.report import palette
 
+# the first test also trains three shared runs
+pytestmark = pytest.mark.timeout(600)
+
 SHAPE_NAMES = {cid: name for name, cid in synth_coco.CATEGORY_IDS.items()}
 TASKS = ("detection", "segmentation", "face")
 

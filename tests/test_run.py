@@ -13,6 +13,8 @@ from pipeline import tracking
 from pipeline.cli import main
 from pipeline.train import checkpoint, runner
 
+pytestmark = pytest.mark.e2e
+
 
 def run_cli(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)

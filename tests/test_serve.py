@@ -36,6 +36,9 @@ from pipeline import tracking
 from pipeline.cli import main
 from pipeline.tasks.base import PredictOptions
 
+# the first test also trains the four shared runs and starts four servers
+pytestmark = pytest.mark.timeout(900)
+
 TASKS = ("classification", "detection", "segmentation", "face")
 TOP_K = 3  # classes per image asked of the server and of predict
 SERVER_START = 240.0  # seconds for the four servers to answer /ping together (measured: about 25 s on two cores)

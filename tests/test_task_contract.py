@@ -29,6 +29,8 @@ from pipeline.tasks.metric import Metric
 from pipeline.train import builders, checkpoint, engine, optim, runner
 from pipeline.use import export, predict
 
+pytestmark = pytest.mark.e2e
+
 
 def check_contract(name: str, folder: Path, uri: str) -> None:
     """Task `name` through the contract: its tiny data, the runner's builders, a train step, evaluation, what its

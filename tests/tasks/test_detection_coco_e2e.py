@@ -24,6 +24,8 @@ from pycocotools.cocoeval import COCOeval
 from pipeline.cli import main
 from pipeline.train import checkpoint, runner
 
+pytestmark = pytest.mark.e2e
+
 CATEGORIES = {3: "square", 17: "disc", 42: "triangle"}
 COLORS = {3: (230, 60, 60), 17: (60, 220, 90), 42: (80, 120, 255)}
 # (width, height) of each image: landscape and portrait at several sizes, never square

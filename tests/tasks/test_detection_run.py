@@ -15,6 +15,8 @@ from pipeline.platform import devices
 from pipeline.tasks import registry
 from pipeline.train import engine, optim, runner
 
+pytestmark = pytest.mark.e2e
+
 detection = registry.get("detection")
 
 REPO = Path(__file__).resolve().parents[2]

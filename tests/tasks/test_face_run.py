@@ -15,6 +15,8 @@ from pipeline.errors import UserError
 from pipeline.tasks import registry
 from pipeline.train import checkpoint, engine, runner
 
+pytestmark = pytest.mark.e2e
+
 face = registry.get("face")
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,6 +11,8 @@ from pipeline import tracking
 from pipeline.cli import main
 from pipeline.data import synth_coco
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[2]
 
 
