@@ -19,7 +19,6 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 from said import said_lines  # noqa: E402
 
-
 # Lanes (README.md, Tests): a test that depends on a trained run or on running servers through these fixtures is marked
 # e2e or server here, so no such test can slip into the unit lane (`-m "not e2e and not server"`) unmarked. Tests that
 # train or start a server in their own body carry the marker themselves.

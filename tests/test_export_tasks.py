@@ -46,7 +46,8 @@ def cases(trained_runs) -> dict[str, Case]:
     for name in TASKS:
         run = trained_runs(name)
         ckpt = checkpoint.load(run.checkpoint)
-        size, classes, model = ckpt["config"]["data"]["image_size"], len(ckpt["info"]["classes"]), ckpt["config"]["model"]
+        size, classes = ckpt["config"]["data"]["image_size"], len(ckpt["info"]["classes"])
+        model = ckpt["config"]["model"]
         per_image = {"classification": lambda: (classes,), "segmentation": lambda: (classes, size, size),
                      "face": lambda: (model["embedding_dim"],),
                      "detection": lambda: (model["box_detections_per_img"], 6)}[name]()

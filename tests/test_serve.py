@@ -286,7 +286,7 @@ def test_served_model_answers_a_posted_image_and_refuses_bad_input(task, servers
         assert "stack_trace" not in answer and "Traceback" not in body, answer
 
 
-# --- the server answers what the checkpoint answers --------------------------------------------------------------------
+# --- the server answers what the checkpoint answers ------------------------------------------------------------------
 
 
 def _local(checkpoint: Path, image: Path, out: Path, score: float) -> None:

@@ -63,7 +63,8 @@ def _accuracy(path: Path, weights: dict | None = None) -> float:
         model.load_state_dict(weights)
     loader = torch.utils.data.DataLoader(val_ds, batch_size=64)
     settings = engine.StepSettings(device=torch.device("cpu"), precision="fp32")
-    return engine.evaluate(model, face.predict, face.make_evaluator(info), loader, settings)[registry.entry("face").primary.name]
+    metrics = engine.evaluate(model, face.predict, face.make_evaluator(info), loader, settings)
+    return metrics[registry.entry("face").primary.name]
 
 
 def test_training_raises_verification_accuracy_and_logs_roc_and_embedding_model(trained_runs):
