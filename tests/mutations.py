@@ -59,7 +59,7 @@ MUTANTS = (
     Mutant("served images mirrored", "pipeline/use/serve.py",
            "return decode_rgb(data)", "return np.ascontiguousarray(decode_rgb(data)[:, ::-1])",
            ("tests/test_serve.py", "-k", "equal_the_checkpoints_own")),
-    Mutant("optimizer state dropped on resume", "pipeline/train/runner.py",
+    Mutant("optimizer state dropped on resume", "pipeline/train/builders.py",
            'fit.optimizer.load_state_dict(last["optimizer"])',
            "fit.optimizer.load_state_dict(fit.optimizer.state_dict())",
            ("tests/test_resume.py", "-k", "resumes_exactly")),
