@@ -127,6 +127,24 @@ def test_logged_model_predicts_any_image_mode_and_refuses_bad_input_as_400(train
     assert err.value.get_http_status_code() == 400
 
 
+@pytest.mark.parametrize("task", TASKS)
+def test_the_logged_model_in_process_answers_what_the_checkpoint_answers(task, trained, store: Path, tmp_path: Path):
+    """The served model's own code without the server: MLflow's pyfunc of the logged model, loaded here, answers an
+    image of another size than the model's input as `pipeline predict` of the checkpoint does (the HTTP test below
+    adds the server), at the default score and at score=0."""
+    logged = trained(task)
+    image = _other_size(logged.image, tmp_path / f"{task}.png")
+    with tracking.process_tracking_uri(f"sqlite:///{store}/mlflow.db"):
+        model = mlflow.pyfunc.load_model(logged.model_uri)
+    for score in (None, 0.0):
+        cut = PredictOptions().score if score is None else score
+        with _one_thread():  # as the servers run, and `_local` below
+            (served,) = model.predict(pd.DataFrame({"image": [b64(image.read_bytes())]}),
+                                      params={"top_k": TOP_K, **({} if score is None else {"score": score})})
+        _local(logged.checkpoint, image, tmp_path / f"local-{cut}", cut)
+        _assert_same_answer(task, served, tmp_path / f"local-{cut}", image, cut)
+
+
 def test_a_model_logged_before_the_stage_folders_still_serves(trained, store: Path, tmp_path: Path):
     """Models logged by earlier versions carry their code file, which imports `pipeline.serve`, and a checkpoint whose
     info keeps the task's facts at the top level: both still load, and answer as a model logged today."""
@@ -134,7 +152,8 @@ def test_a_model_logged_before_the_stage_folders_still_serves(trained, store: Pa
     with tracking.process_tracking_uri(f"sqlite:///{store}/mlflow.db"):
         today = mlflow.pyfunc.load_model(logged.model_uri)
         old = Path(mlflow.artifacts.download_artifacts(logged.model_uri, dst_path=str(tmp_path / "old")))
-    (old / "served_model.py").write_text("from mlflow.models import set_model\n\nfrom pipeline.serve import ServedModel\n"
+    (old / "served_model.py").write_text("from mlflow.models import set_model\n\nfrom pipeline.serve import "
+                                         "ServedModel\n"
                                          "\nset_model(ServedModel())\n")
     (weights,) = old.rglob("*.pt")
     ckpt = torch.load(weights, weights_only=True)
@@ -289,15 +308,28 @@ def test_served_model_answers_a_posted_image_and_refuses_bad_input(task, servers
 # --- the server answers what the checkpoint answers ------------------------------------------------------------------
 
 
-def _local(checkpoint: Path, image: Path, out: Path, score: float) -> None:
-    """`pipeline predict` of the checkpoint on the image, in this process, on one thread as the servers run."""
+@contextlib.contextmanager
+def _one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = CliRunner().invoke(main, ["predict", str(checkpoint), str(image), "--out", str(out), "--score",
-                                           str(score), "--top-k", str(TOP_K)])
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _other_size(source: Path, out: Path) -> Path:
+    """The image at another size and aspect ratio than its own and the model's input, as a PNG."""
+    with Image.open(source) as image:
+        image.convert("RGB").resize((image.width * 3 // 2, image.height // 2 + 8)).save(out)
+    return out
+
+
+def _local(checkpoint: Path, image: Path, out: Path, score: float) -> None:
+    """`pipeline predict` of the checkpoint on the image, in this process, on one thread as the servers run."""
+    with _one_thread():
+        result = CliRunner().invoke(main, ["predict", str(checkpoint), str(image), "--out", str(out), "--score",
+                                           str(score), "--top-k", str(TOP_K)])
     assert result.exit_code == 0, result.output
 
 
@@ -348,9 +380,7 @@ def test_served_answers_equal_the_checkpoints_own_on_an_image_of_another_size(ta
     score=0) and `pipeline predict` of the run's best checkpoint on that file agree: classes and probabilities,
     boxes (IoU >= 0.99, same category), masks pixel for pixel, embeddings (cosine >= 0.9999)."""
     logged, port = trained(task), servers[task].port
-    with Image.open(logged.image) as source:
-        image = tmp_path / f"{task}.png"
-        source.convert("RGB").resize((source.width * 3 // 2, source.height // 2 + 8)).save(image)
+    image = _other_size(logged.image, tmp_path / f"{task}.png")
     for score in (None, 0.0):
         params = {"top_k": TOP_K, **({} if score is None else {"score": score})}
         status, body = post(port, {**request(b64(image.read_bytes())), "params": params})
