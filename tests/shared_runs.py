@@ -55,11 +55,11 @@ class Trained:
 @dataclass(frozen=True)
 class Spec:
     """One task's run: its task file's name and sections; its data comes from `data(folder)`, which writes it and
-    returns its root."""
+    returns its root (None: the session's `shapes` images)."""
 
     name: str
     sections: dict
-    data: Callable[[Path], Path]
+    data: Callable[[Path], Path] | None
     images: Callable[[Path], list[Path]]  # the validation images under the data root
 
 
@@ -79,7 +79,7 @@ SPECS = {
         "model": {"backbone": RESNET18},
         "finetune": {"freeze": ["stem"]},
         "train": {"epochs": 3, "lr": 2e-3, "log_every": 2, "log_grad_norms": True, "threads": 1}},
-        data=lambda folder: folder / "shapes", images=_shapes_val),
+        data=None, images=_shapes_val),
     # 8 scenes of 64 px, validated on themselves (a few dozen steps learn 8 scenes, not the shapes in general);
     # validation resizes the longest side to 64, so predict and serving scale boxes back
     "detection": Spec("shapes_detection", {
@@ -130,7 +130,7 @@ class TrainedRuns:
 
     def _train(self, task: str) -> Trained:
         spec = SPECS[task]
-        root = self.shapes if task == "classification" else spec.data(self.folder)
+        root = self.shapes if spec.data is None else spec.data(self.folder)
         sections = spec.sections
         cfg = {"task": task, "seed": 0, **sections,
                "data": {**sections["data"], "root": str(root), "num_workers": 0},
