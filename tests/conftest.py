@@ -19,6 +19,22 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 from said import said_lines  # noqa: E402
 
+# Lanes (README.md, Tests): a test that depends on a trained run or on running servers through these fixtures is marked
+# e2e or server here, so no such test can slip into the unit lane (`-m "not e2e and not server"`) unmarked. Tests that
+# train or start a server in their own body carry the marker themselves.
+E2E_FIXTURES = {"trained_runs"}
+SERVER_FIXTURES = {"servers"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & E2E_FIXTURES:
+            item.add_marker(pytest.mark.e2e)
+        if fixtures & SERVER_FIXTURES:
+            item.add_marker(pytest.mark.server)
+
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_CACHE, ignore_errors=True)  # weights the tests placed in the hub caches (~130 MB a session)
@@ -99,3 +115,16 @@ def task_file(tmp_path: Path, shapes: Path, uri: str):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory: pytest.TempPathFactory, empty_store: Path, shapes: Path):
+    """task -> its trained run (tests/shared_runs.py), trained on first use and shared by the whole session; the
+    store and checkpoints go when the session ends."""
+    from shared_runs import TrainedRuns
+
+    folder = tmp_path_factory.mktemp("trained")
+    shutil.copy(empty_store, folder / "mlflow.db")
+    runs = TrainedRuns(folder, shapes)
+    yield runs
+    runs.close()

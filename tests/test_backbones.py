@@ -59,8 +59,15 @@ def test_depth():
 
 
 def _same(backbone: backbones.Backbone, full: torch.nn.Module) -> bool:
+    """Every tensor of the backbone's body is the full model's tensor of that name, bit for bit, and the full model
+    holds nothing else but its classifier. timm's feature wrapper renames DenseNet's `features.denseblock1` to
+    `features_denseblock1`; a body that matched no name at all must not pass as "the same"."""
     ref = full.state_dict()
-    return all(torch.equal(p, ref[k]) for k, p in backbone.body.state_dict().items() if k in ref)
+    body = {k if k in ref else k.replace("_", ".", 1): v for k, v in backbone.body.state_dict().items()}
+    assert body and set(body) <= set(ref), sorted(set(body) - set(ref))[:5]
+    left = set(ref) - set(body)
+    assert left and all(k.split(".")[0] in ("fc", "classifier", "head") for k in left), sorted(left)[:5]
+    return all(torch.equal(v, ref[k]) for k, v in body.items())
 
 
 @pytest.mark.parametrize("name", ["resnet18", "densenet121"])

@@ -13,6 +13,8 @@ from pipeline.cli import main
 from pipeline.tasks import registry
 from pipeline.train import checkpoint
 
+pytestmark = pytest.mark.e2e
+
 
 def _unknown_key(tmp_path, path):
     return [str(path), "train.lrr=0.1"], "did you mean train.lr", False

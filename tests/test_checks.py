@@ -47,6 +47,7 @@ def test_data_sizes():
     assert checks.steps_per_epoch(train_size=20, batch_size=32, accum_steps=1) == 1
 
 
+@pytest.mark.e2e
 def test_the_warnings_fire_at_the_start_of_a_run(task_file, shapes: Path, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     root = Path(shutil.copytree(shapes, tmp_path / "few_val"))

@@ -171,6 +171,7 @@ def test_default_normalisation_is_cifar10s():
 # ------------------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.e2e
 def test_a_classification_run_with_a_cifar_resnet(task_file, uri: str, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = task_file(model={"backbone": {"name": "cifar_resnet20", "weights": "none"}},
@@ -230,6 +231,7 @@ def write_cifar10(folder: Path, per_batch: int = 4) -> None:
         (folder / file).write_bytes(pickle.dumps(batch, protocol=2))
 
 
+@pytest.mark.e2e
 def test_degradation_cifar10_runs_on_cifar_format_data(tmp_path: Path, uri: str, monkeypatch):
     """The CIFAR task file itself (transforms, normalisation, step schedule) for one epoch on a few fake CIFAR images;
     without the data it fails naming the folder to create."""
@@ -245,6 +247,7 @@ def test_degradation_cifar10_runs_on_cifar_format_data(tmp_path: Path, uri: str,
     assert MlflowClient(uri).get_run(result.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.e2e
 def test_degradation_shapes_runs(tmp_path: Path, uri: str, shapes: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = runner.run(REPO / "tasks" / "degradation_shapes.yaml",

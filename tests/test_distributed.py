@@ -11,6 +11,8 @@ from mlflow import MlflowClient
 
 from pipeline.train import checkpoint, runner
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parent.parent
 
 

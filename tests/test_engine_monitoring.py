@@ -62,8 +62,30 @@ def test_data_wait_is_near_one_when_the_loader_is_the_bottleneck():
 
 
 def test_train_error_is_the_share_of_wrong_training_predictions():
-    metrics, logged = one_epoch([(torch.randn(4, 8), torch.randint(0, 3, (4,)))] * 6)
-    assert 0.0 <= metrics["train/error"] <= 1.0
+    """train/error is the share of the epoch's training images the model got wrong as it saw them: counted per image
+    over batches of different sizes (not a mean of the batches' shares), and a loss term for nobody to sum."""
+    model, groups, loss = tiny_fit_parts()
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(n, 8, generator=generator), torch.randint(0, 3, (n,), generator=generator))
+               for n in (2, 7, 3, 6)]
+    wrong, images = [], []
+
+    def counting(m, batch):
+        x, y = batch
+        logits = m(x)
+        wrong.append(int((logits.argmax(1) != y).sum()))  # the model's answer at this step, before it steps
+        images.append(len(y))
+        return loss(m, batch)
+
+    optimizer = torch.optim.SGD(groups, lr=0.1)
+    logged = []
+    settings = engine.StepSettings(device=torch.device("cpu"), precision="fp32", channels_last=False, log_every=2)
+    metrics = engine.train_one_epoch(model, counting, batches, optimizer, optim.Schedule("constant", 100), None,
+                                     engine.FitState(), settings, lambda m, step: logged.append((step, m)))
+    assert images == [2, 7, 3, 6] and 0 < sum(wrong) < sum(images)  # some right, some wrong: the share tells
+    assert metrics["train/error"] == pytest.approx(sum(wrong) / sum(images), rel=1e-6)
+    per_batch = sum(w / n for w, n in zip(wrong, images)) / len(images)
+    assert metrics["train/error"] != pytest.approx(per_batch, rel=1e-6)  # the batches' mean would differ here
     assert all(TRAIN_ERROR not in m and "train/ce" not in m for _, m in logged)  # not a loss, not summed
 
 
@@ -84,23 +106,24 @@ def test_data_wait_note_names_the_remedies():
     assert "45%" in note and "data.num_workers" in note and "data.cache_mb" in note and "data.image_size" in note
 
 
-def test_a_run_logs_monitoring_metrics(said, task_file, uri: str, tmp_path: Path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    path = task_file(train={"epochs": 2, "log_every": 2}, tracking={"uri": uri, "log_model": False})
-    lines = said
-    result = runner.run(path, ("finetune.freeze=[stem,layer1]", "train.log_grad_norms=true", "train.threads=1"))
-    client = MlflowClient(uri)
-    run = client.get_run(result.run_id)
+def test_a_run_logs_monitoring_metrics(trained_runs):
+    """The session's classification run (tests/shared_runs.py): the stem frozen, train.log_grad_norms, one thread."""
+    trained = trained_runs("classification")
+    client = MlflowClient(trained.uri)
+    run = client.get_run(trained.run_id)
     metrics = run.data.metrics
+    assert run.data.params["finetune.freeze"] == "['stem']" and run.data.params["train.log_grad_norms"] == "True"
     assert {k for k in metrics if k.startswith("grad_norm/")} == {f"grad_norm/{s}" for s in
-                                                                  ("layer2", "layer3", "layer4", "head")}
+                                                                  ("layer1", "layer2", "layer3", "layer4", "head")}
+    epochs = list(range(1, int(run.data.params["train.epochs"]) + 1))
     for key in ("train/data_wait", "train/error", "train/throughput"):
-        assert [m.step for m in client.get_metric_history(result.run_id, key)] == [1, 2]
-    assert 0.0 <= metrics["train/data_wait"] < 1.0 and 0.0 <= metrics["train/error"] <= 1.0
+        assert [m.step for m in client.get_metric_history(trained.run_id, key)] == epochs
+    assert 0.0 <= metrics["train/data_wait"] < 1.0
     assert run.data.params["threads"] == "1" and run.data.params["train.threads"] == "1"
-    assert any("with 1 threads (train.threads=1)" in line for line in lines)
+    assert any("with 1 threads (train.threads=1)" in line for line in trained.said)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("every", [0.2, 0])
 def test_system_metrics_switch(task_file, uri: str, tmp_path: Path, monkeypatch, every):
     monkeypatch.chdir(tmp_path)

@@ -7,6 +7,8 @@ import torch
 
 from pipeline.train import checkpoint, runner
 
+pytestmark = pytest.mark.e2e
+
 KEPT = {"best": {"best.pt"}, "last": {"best.pt", "last.pt"}, "all": {"best.pt", "last.pt", "last.prev.pt"}}
 
 

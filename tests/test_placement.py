@@ -34,6 +34,7 @@ def test_the_place_follows_the_data_unless_named(task_file, shapes: Path, own_da
     assert place(path, f"data.root={own_data}", "train.output_dir=elsewhere") == ("tiny-my_images", Path("elsewhere"))
 
 
+@pytest.mark.e2e
 def test_a_run_on_your_data_lands_in_its_own_experiment(said, task_file, own_data: Path, uri: str, tmp_path: Path,
                                                        monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -51,6 +52,7 @@ def test_a_run_on_your_data_lands_in_its_own_experiment(said, task_file, own_dat
     assert said[before].startswith(f"data.root {own_data} is not tiny.yaml's own data: experiment 'tiny-my_images'")
 
 
+@pytest.mark.e2e
 def test_a_folder_of_another_datasets_checkpoints_is_never_replaced(task_file, own_data: Path, tmp_path: Path,
                                                                    monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -67,6 +69,7 @@ def test_a_folder_of_another_datasets_checkpoints_is_never_replaced(task_file, o
     assert place(path, f"data.root={namesake}", "tracking.experiment=other")[1] == Path("outputs/other/resnet18")
 
 
+@pytest.mark.e2e
 def test_a_sweep_on_your_data_keeps_its_runs_together(task_file, own_data: Path, uri: str, tmp_path: Path,
                                                        monkeypatch):
     from pipeline.study import sweep

@@ -1,10 +1,9 @@
 """`pipeline predict` and `pipeline export` round trips from a checkpoint, a run id and a models:/ URI.
 
-One tiny run (resnet18, 32 px, one epoch, model logged) is trained once for the module. Tasks other than
-classification plug in through `predict.TASK_IO` and `export.EXPORTS`; each task present there is covered here.
+The session's classification run (tests/shared_runs.py: resnet18, 32 px, model logged) is the source; the other
+tasks' predict and export are in test_predict_tasks.py and test_export_tasks.py.
 """
 import csv
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -12,7 +11,6 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
 
 from pipeline import tracking
@@ -20,37 +18,21 @@ from pipeline.cli import main
 from pipeline.data.images import read_rgb
 from pipeline.data.transforms import build_transforms
 from pipeline.tasks import export_checks
-from pipeline.train import runner
 from pipeline.use import export, inference
 
-REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.e2e
+
 
 
 @pytest.fixture(scope="module")
-def trained(module_dir: Path, empty_store: Path, shapes: Path):
-    folder = module_dir
-    shutil.copy(empty_store, folder / "mlflow.db")
-    uri = f"sqlite:///{folder}/mlflow.db"
-    shutil.copytree(REPO / "configs", folder / "configs")
-    (folder / "tasks").mkdir()
-    task = folder / "tasks" / "tiny.yaml"
-    task.write_text(yaml.safe_dump({
-        "task": "classification", "seed": 0,
-        "data": {"root": str(shapes), "image_size": 32, "batch_size": 64, "num_workers": 0,
-                 "val_transforms": [{"name": "Resize", "height": 32, "width": 32}]},
-        "model": {"backbone": {"name": "resnet18", "weights": "none"}},
-        # A frozen prefix trains under no_grad: the logged model must still export and load.
-        "finetune": {"freeze": ["stem", "layer1"]},
-        "train": {"epochs": 1, "output_dir": str(folder / "out")},
-        "tracking": {"uri": uri, "log_model": True}}))
+def trained(trained_runs):
+    """The session's classification run (tests/shared_runs.py): resnet18 at 32 px with its stem frozen (a frozen
+    prefix trains under no_grad: the logged model must still export and load), model and checkpoint logged."""
+    run = trained_runs("classification")
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(folder)
-        result = runner.run(task)
-        experiment = mlflow.MlflowClient(uri).get_experiment_by_name("tiny").experiment_id
-        with tracking.process_tracking_uri(uri):
-            (model,) = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
-        yield {"uri": uri, "run_id": result.run_id, "checkpoint": result.output_dir / "best.pt",
-               "model_uri": f"models:/{model.model_id}", "folder": folder, "images": shapes / "val"}
+        mp.chdir(run.folder)
+        yield {"uri": run.uri, "run_id": run.run_id, "checkpoint": run.checkpoint, "model_uri": run.model_uri,
+               "folder": run.folder, "images": run.data / "val"}
 
 
 def cli(*args):
@@ -118,7 +100,7 @@ def test_torchscript_export_from_the_logged_model_uri(trained, tmp_path: Path):
 
 
 def test_run_without_checkpoint_and_unknown_sources_are_one_line_errors(trained, tmp_path: Path):
-    with tracking.Tracker.start(trained["uri"], "tiny", "empty", params={}, tags={}) as empty:
+    with tracking.Tracker.start(trained["uri"], "empty", "empty", params={}, tags={}) as empty:
         pass  # a run that never saved a checkpoint (e.g. it failed while loading data)
     cases = [
         (("predict", empty.run_id, trained["images"]), f"run {empty.run_id} has no artifact 'checkpoints/best.pt'"),

@@ -1,8 +1,8 @@
 """`pipeline predict` for detection, segmentation and face, and `pipeline verify`, from MLflow run ids.
 
-One tiny run per task (resnet18 from random init, 64 px scenes / 32 px faces, one epoch) is trained once for the
-module. Inputs mix sizes and pixel formats: a square scene, a wide crop of it and that crop at twice the size,
-grayscale, RGBA and 16-bit copies, and a file that is not an image.
+The session's runs of these tasks (tests/shared_runs.py) are the sources. Inputs mix sizes and pixel formats: a square
+scene, a wide crop of it and that crop at twice the size, grayscale, RGBA and 16-bit copies, and a file that is not an
+image.
 """
 import csv
 import json
@@ -12,67 +12,34 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
+from mlflow import MlflowClient
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.data import synth_coco, synth_faces
+from pipeline.data import synth_coco
 from pipeline.errors import UserError
 from pipeline.tasks.base import Placement
 from pipeline.tasks.detection import predictions as detection_predictions
 from pipeline.tasks.face import identify
 from pipeline.tasks.segmentation import predictions as segmentation_predictions
 from pipeline.tasks.segmentation.report import palette
-from pipeline.train import runner
+
+# the first test also trains three shared runs
+pytestmark = pytest.mark.timeout(600)
 
 SHAPE_NAMES = {cid: name for name, cid in synth_coco.CATEGORY_IDS.items()}
 TASKS = ("detection", "segmentation", "face")
-MODEL = {"backbone": {"name": "resnet18", "weights": "none"}}
-DETECTOR = {**MODEL, "frozen_bn": False, "min_size": 64, "max_size": 128, "anchor_sizes": [8, 16, 32, 64, 128],
-            "fpn_channels": 32, "representation_size": 64, "box_batch_size_per_image": 32,
-            "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100, "rpn_pre_nms_top_n_test": 200,
-            "rpn_post_nms_top_n_test": 100,
-            # every box the untrained head proposes is kept, so the files have something to check
-            "box_score_thresh": 0.0, "box_detections_per_img": 20}
-
-
-def _configs(scenes: Path, faces: Path, out: Path, uri: str) -> dict[str, dict]:
-    common = {"seed": 0, "train": {"epochs": 1, "lr": 1e-3, "output_dir": ""},
-              "tracking": {"uri": uri, "log_model": False}}
-    tasks = {
-        # a resize in the validation transforms: predict must scale the boxes back
-        "detection": {"data": {"root": str(scenes), "image_size": 64, "batch_size": 2, "num_workers": 0,
-                               "val_transforms": [{"name": "LongestMaxSize", "max_size": 64}]},
-                      "model": DETECTOR},
-        # the default validation transforms: longest side to 64, padded to a square (predict must undo both)
-        "segmentation": {"data": {"root": str(scenes), "format": "coco", "image_size": 64, "batch_size": 2,
-                                  "num_workers": 0, "train_transforms": []},
-                         "model": {**MODEL, "output_stride": 16, "atrous_rates": [1, 2, 3], "aux_loss": False}},
-        "face": {"data": {"root": str(faces), "verification": ["holdout"], "image_size": 32, "batch_size": 8,
-                          "num_workers": 0},
-                 "model": {**MODEL, "embedding_dim": 16}},
-    }
-    return {name: {**common, "task": name, **cfg, "train": {**common["train"], "output_dir": str(out / name)}}
-            for name, cfg in tasks.items()}
 
 
 @pytest.fixture(scope="module")
-def runs(module_dir: Path, empty_store: Path) -> dict:
-    folder = module_dir
-    shutil.copy(empty_store, folder / "mlflow.db")
-    uri = f"sqlite:///{folder}/mlflow.db"
-    scenes = synth_coco.generate(folder, image_size=64, train_images=4, val_images=2)
-    faces = synth_faces.generate(folder, image_size=32, train_identities=4, images_per_identity=4,
-                                 holdout_identities=4, holdout_images=3, pairs_per_fold=1)
-    ids = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(folder)  # MLflow artifacts go under ./mlruns
-        for name, cfg in _configs(scenes, faces, folder / "out", uri).items():
-            path = folder / f"{name}_tiny.yaml"
-            path.write_text(yaml.safe_dump(cfg))
-            ids[name] = runner.run(path).run_id
-        yield {"uri": uri, "ids": ids, "scenes": scenes, "faces": faces, "folder": folder}
+def runs(trained_runs, module_dir: Path) -> dict:
+    """The session's detection, segmentation and face runs (tests/shared_runs.py): one store, trained once."""
+    trained = {name: trained_runs(name) for name in TASKS}
+    return {"uri": trained["face"].uri, "ids": {name: run.run_id for name, run in trained.items()},
+            "scenes": trained["detection"].data, "faces": trained["face"].data, "folder": module_dir,
+            "embedding_dim": int(MlflowClient(trained["face"].uri).get_run(trained["face"].run_id)
+                                 .data.params["model.embedding_dim"])}
 
 
 def _inputs(folder: Path, source: Path) -> dict[str, Path]:
@@ -178,7 +145,7 @@ def test_face_writes_unit_embeddings_in_input_order(runs, inputs, tmp_path):
     good = _predict(runs, inputs, "face", tmp_path)
     embeddings = np.load(tmp_path / "embeddings.npy")
     names = (tmp_path / "embeddings.txt").read_text().splitlines()
-    assert embeddings.dtype == np.float32 and embeddings.shape == (len(good), 16)
+    assert embeddings.dtype == np.float32 and embeddings.shape == (len(good), runs["embedding_dim"])
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
     assert names == [str(p) for p in good]
     # grayscale, RGBA and 16-bit copies of one image are the same pixels: the same embedding
@@ -215,7 +182,7 @@ def test_gallery_names_the_identity_of_a_gallery_image_and_writes_embeddings(run
     # each probe is its identity's only gallery image: it is that identity, at score 1
     assert [(r["file"], r["identity"]) for r in rows] == [(str(p), p.parent.name) for p in probes]
     assert all(float(r["score"]) == pytest.approx(1.0, abs=1e-4) for r in rows)
-    assert np.load(out / "embeddings.npy").shape == (len(probes), 16)
+    assert np.load(out / "embeddings.npy").shape == (len(probes), runs["embedding_dim"])
 
 
 def test_gallery_answers_unknown_below_the_threshold():

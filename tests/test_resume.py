@@ -21,6 +21,7 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, flo
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
+@pytest.mark.e2e
 def test_killed_run_resumes_exactly(task_file, uri: str, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # random augmentation and shuffling both matter for exactness: crop + flip, like the quickstart

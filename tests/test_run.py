@@ -13,15 +13,17 @@ from pipeline import tracking
 from pipeline.cli import main
 from pipeline.train import checkpoint, runner
 
+pytestmark = pytest.mark.e2e
+
 
 def run_cli(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
-def test_run_trains_and_logs_everything(task_file, uri: str, tmp_path: Path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # MLflow artifacts go under ./mlruns
-    path = task_file(train={"epochs": 3, "lr": 2e-3}, tracking={"uri": uri, "log_model": True})
-    result = runner.run(path, ("finetune.freeze=[stem]",))
+def test_run_trains_and_logs_everything(trained_runs):
+    """The session's classification run (tests/shared_runs.py): 3 epochs at lr 0.002 with the stem frozen."""
+    result = trained_runs("classification")
+    uri = result.uri
     client = MlflowClient(uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -73,11 +75,12 @@ def test_run_trains_and_logs_everything(task_file, uri: str, tmp_path: Path, mon
     assert {a.path for a in client.list_artifacts(result.run_id, "report")} == \
            {"report/confusion_matrix.png", "report/per_class_accuracy.csv"}
     # the logged model is linked to the run and predicts like the best checkpoint
-    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    with tracking.process_tracking_uri(uri):
+        models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
     assert [m.source_run_id for m in models] == [result.run_id]
-    saved = yaml.safe_load((result.output_dir / "config.yaml").read_text())
+    saved = yaml.safe_load((result.checkpoint.parent / "config.yaml").read_text())
     assert saved["train"]["epochs"] == 3
-    best = checkpoint.load(result.output_dir / checkpoint.BEST)
+    best = checkpoint.load(result.checkpoint)
     assert best["fit"]["best"] == pytest.approx(result.best)
     assert best["info"]["classes"] == ["circle", "cross", "hexagon", "square", "star", "triangle"]
 

@@ -1,16 +1,18 @@
 """The logged MLflow model serves: `mlflow models serve` on 127.0.0.1 answers a POSTed image with the task's records,
 and a bad request (wrong schema, undecodable image) gets HTTP 400 with a message and no traceback.
 
-One tiny run per task (resnet18 from random init, one epoch, 32-64 px) logs its model to a sqlite store. The four
-servers start together: starting one (imports, model load) is most of this file's time.
+The served models are the session's trained runs (tests/shared_runs.py). Each reply is compared, value by value, with
+`pipeline predict` of the same checkpoint on the same image, at another size than the model's input: the server must
+answer what the checkpoint answers. The four servers start together: starting one (imports, model load) is most of
+this file's time.
 """
 import base64
 import contextlib
+import csv
 import io
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,21 +27,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
+from click.testing import CliRunner
 from loopback import free_port, port_open
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from pipeline import tracking
-from pipeline.data import synth_coco, synth_faces
-from pipeline.train import checkpoint, runner
+from pipeline.cli import main
+from pipeline.tasks.base import PredictOptions
+
+# the first test also trains the four shared runs and starts four servers
+pytestmark = pytest.mark.timeout(900)
 
 TASKS = ("classification", "detection", "segmentation", "face")
-RESNET18 = {"name": "resnet18", "weights": "none"}
-EMBEDDING_DIM = 16
-DETECTOR = {"backbone": RESNET18, "frozen_bn": False, "min_size": 64, "max_size": 64,
-            "anchor_sizes": [8, 16, 32, 64, 128], "fpn_channels": 32, "representation_size": 128,
-            "box_batch_size_per_image": 32, "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100}
+TOP_K = 3  # classes per image asked of the server and of predict
 SERVER_START = 240.0  # seconds for the four servers to answer /ping together (measured: about 25 s on two cores)
 
 
@@ -50,58 +51,25 @@ class Logged:
     image: Path  # one image of the task's own data
     classes: list[str]
     category_ids: list[int]
-
-
-def _data(task: str, folder: Path, shapes: Path) -> tuple[Path, dict, Path]:
-    """The task's data root, its `data` and `model` sections, and one of its images."""
-    if task == "classification":
-        data = {"image_size": 32, "batch_size": 16, "val_transforms": [{"name": "Resize", "height": 32, "width": 32}]}
-        return shapes, {"data": data, "model": {"backbone": RESNET18}}, sorted((shapes / "val").rglob("*.png"))[0]
-    if task == "face":
-        root = synth_faces.generate(folder / task, image_size=32, train_identities=4, images_per_identity=4,
-                                    holdout_identities=4, holdout_images=2, pairs_per_fold=2)
-        sections = {"data": {"image_size": 32, "batch_size": 8, "verification": ["holdout"]},
-                    "model": {"backbone": RESNET18, "embedding_dim": EMBEDDING_DIM}}
-        return root, sections, sorted((root / "train").rglob("*.jpg"))[0]  # a JPEG: the others send PNGs
-    size = 64 if task == "detection" else 32
-    root = synth_coco.generate(folder / task, image_size=size, train_images=4, val_images=2)
-    model = DETECTOR if task == "detection" else {"backbone": RESNET18}
-    return root, {"data": {"image_size": size, "batch_size": 2}, "model": model}, root / "images" / "val" / "0000.png"
+    checkpoint: Path  # the run's best.pt, which the logged model holds
+    embedding_dim: int  # face
 
 
 @pytest.fixture(scope="module")
-def store(module_dir: Path, empty_store: Path) -> Path:
-    folder = module_dir
-    shutil.copy(empty_store, folder / "mlflow.db")
-    return folder
+def store(trained_runs) -> Path:
+    """The folder of the session's store of trained runs (tests/shared_runs.py): the servers' working directory."""
+    return trained_runs.folder
 
 
 @pytest.fixture(scope="module")
-def trained(store: Path, shapes: Path):
-    """task -> its logged run, trained on first use (the in-process test needs classification only)."""
-    uri = f"sqlite:///{store}/mlflow.db"
-    done: dict[str, Logged] = {}
+def trained(trained_runs):
+    """task -> the session's trained run of it, model logged (trained on first use)."""
 
     def get(task: str) -> Logged:
-        if task in done:
-            return done[task]
-        root, sections, image = _data(task, store / "data", shapes)
-        cfg = {"task": task, "seed": 0, "model": sections["model"],
-               "data": {"root": str(root), "num_workers": 0, **sections["data"]},
-               "train": {"epochs": 1, "output_dir": str(store / "out" / task)},
-               "tracking": {"uri": uri, "experiment": task, "log_model": True, "log_checkpoint": False}}
-        path = store / f"{task}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        with pytest.MonkeyPatch.context() as mp:
-            mp.chdir(store)  # artifacts go under ./mlruns
-            result = runner.run(path)
-        experiment = mlflow.MlflowClient(uri).get_experiment_by_name(task).experiment_id
-        with tracking.process_tracking_uri(uri):
-            (model,) = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
-        info = checkpoint.load(result.output_dir / checkpoint.BEST)["info"]
-        category_ids = (info.get("facts") or {}).get("category_ids", [])
-        done[task] = Logged(result.run_id, f"models:/{model.model_id}", image, info["classes"], category_ids)
-        return done[task]
+        run = trained_runs(task)
+        params = mlflow.MlflowClient(run.uri).get_run(run.run_id).data.params
+        return Logged(run.run_id, run.model_uri, run.images[0], run.classes, run.category_ids, run.checkpoint,
+                      int(params.get("model.embedding_dim", 0)))
 
     return get
 
@@ -159,6 +127,24 @@ def test_logged_model_predicts_any_image_mode_and_refuses_bad_input_as_400(train
     assert err.value.get_http_status_code() == 400
 
 
+@pytest.mark.parametrize("task", TASKS)
+def test_the_logged_model_in_process_answers_what_the_checkpoint_answers(task, trained, store: Path, tmp_path: Path):
+    """The served model's own code without the server: MLflow's pyfunc of the logged model, loaded here, answers an
+    image of another size than the model's input as `pipeline predict` of the checkpoint does (the HTTP test below
+    adds the server), at the default score and at score=0."""
+    logged = trained(task)
+    image = _other_size(logged.image, tmp_path / f"{task}.png")
+    with tracking.process_tracking_uri(f"sqlite:///{store}/mlflow.db"):
+        model = mlflow.pyfunc.load_model(logged.model_uri)
+    for score in (None, 0.0):
+        cut = PredictOptions().score if score is None else score
+        with _one_thread():  # as the servers run, and `_local` below
+            (served,) = model.predict(pd.DataFrame({"image": [b64(image.read_bytes())]}),
+                                      params={"top_k": TOP_K, **({} if score is None else {"score": score})})
+        _local(logged.checkpoint, image, tmp_path / f"local-{cut}", cut)
+        _assert_same_answer(task, served, tmp_path / f"local-{cut}", image, cut)
+
+
 def test_a_model_logged_before_the_stage_folders_still_serves(trained, store: Path, tmp_path: Path):
     """Models logged by earlier versions carry their code file, which imports `pipeline.serve`, and a checkpoint whose
     info keeps the task's facts at the top level: both still load, and answer as a model logged today."""
@@ -166,7 +152,8 @@ def test_a_model_logged_before_the_stage_folders_still_serves(trained, store: Pa
     with tracking.process_tracking_uri(f"sqlite:///{store}/mlflow.db"):
         today = mlflow.pyfunc.load_model(logged.model_uri)
         old = Path(mlflow.artifacts.download_artifacts(logged.model_uri, dst_path=str(tmp_path / "old")))
-    (old / "served_model.py").write_text("from mlflow.models import set_model\n\nfrom pipeline.serve import ServedModel\n"
+    (old / "served_model.py").write_text("from mlflow.models import set_model\n\nfrom pipeline.serve import "
+                                         "ServedModel\n"
                                          "\nset_model(ServedModel())\n")
     (weights,) = old.rglob("*.pt")
     ckpt = torch.load(weights, weights_only=True)
@@ -289,7 +276,7 @@ def _check_records(task: str, records: list[dict], logged: Logged, sizes: list[t
             assert record["classes"] == [logged.classes[i] for i in np.unique(mask).tolist()]
         else:
             embedding = np.asarray(record["embedding"])
-            assert embedding.shape == (EMBEDDING_DIM,)
+            assert embedding.shape == (logged.embedding_dim,)
             assert np.linalg.norm(embedding) == pytest.approx(1.0, abs=1e-4)
 
 
@@ -316,3 +303,92 @@ def test_served_model_answers_a_posted_image_and_refuses_bad_input(task, servers
         answer = json.loads(body)
         assert message in answer["message"], answer
         assert "stack_trace" not in answer and "Traceback" not in body, answer
+
+
+# --- the server answers what the checkpoint answers ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _other_size(source: Path, out: Path) -> Path:
+    """The image at another size and aspect ratio than its own and the model's input, as a PNG."""
+    with Image.open(source) as image:
+        image.convert("RGB").resize((image.width * 3 // 2, image.height // 2 + 8)).save(out)
+    return out
+
+
+def _local(checkpoint: Path, image: Path, out: Path, score: float) -> None:
+    """`pipeline predict` of the checkpoint on the image, in this process, on one thread as the servers run."""
+    with _one_thread():
+        result = CliRunner().invoke(main, ["predict", str(checkpoint), str(image), "--out", str(out), "--score",
+                                           str(score), "--top-k", str(TOP_K)])
+    assert result.exit_code == 0, result.output
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    """IoU of two (x1, y1, x2, y2) boxes."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else float(a == b)
+
+
+def _assert_same_answer(task: str, served: dict, out: Path, image: Path, score: float) -> None:
+    """The served record of one image against the files `pipeline predict` wrote for it."""
+    if task == "classification":
+        with (out / "predictions.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        assert [r["class"] for r in rows] == [top["class"] for top in served["top_k"]] and len(rows) == TOP_K
+        np.testing.assert_allclose([top["prob"] for top in served["top_k"]], [float(r["prob"]) for r in rows],
+                                   rtol=0, atol=2e-6)  # the CSV keeps 6 decimals
+    elif task == "detection":
+        # predictions.json keeps every detection the model returns; the reply those scoring at least `score`
+        local = [{"bbox": [x, y, x + w, y + h], "category_id": r["category_id"], "score": r["score"]}
+                 for r in json.loads((out / "predictions.json").read_text()) for x, y, w, h in [r["bbox"]]
+                 if r["score"] >= score]
+        remote = served["detections"]
+        assert len(remote) == len(local), (remote, local)
+        unmatched = list(local)
+        for d in remote:
+            match = next((m for m in unmatched if m["category_id"] == d["category_id"]
+                          and _iou(m["bbox"], d["bbox"]) >= 0.99), None)
+            assert match is not None, f"served {d} has no box of its category at IoU >= 0.99 in {local}"
+            assert match["score"] == pytest.approx(d["score"], abs=1e-4)
+            unmatched.remove(match)
+    elif task == "segmentation":
+        with Image.open(out / "masks" / image.name) as mask:
+            local = np.asarray(mask)
+        remote = np.asarray(Image.open(io.BytesIO(base64.b64decode(served["mask_png"]))))
+        assert remote.shape == local.shape and np.array_equal(remote, local)
+    else:
+        local = np.load(out / "embeddings.npy")[0]
+        remote = np.asarray(served["embedding"], dtype=np.float64)
+        assert float(local @ remote / (np.linalg.norm(local) * np.linalg.norm(remote))) >= 0.9999
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_served_answers_equal_the_checkpoints_own_on_an_image_of_another_size(task, servers, trained, tmp_path):
+    """One image at a size and aspect ratio the model was not fed: the HTTP reply (at the default score and at
+    score=0) and `pipeline predict` of the run's best checkpoint on that file agree: classes and probabilities,
+    boxes (IoU >= 0.99, same category), masks pixel for pixel, embeddings (cosine >= 0.9999)."""
+    logged, port = trained(task), servers[task].port
+    image = _other_size(logged.image, tmp_path / f"{task}.png")
+    for score in (None, 0.0):
+        params = {"top_k": TOP_K, **({} if score is None else {"score": score})}
+        status, body = post(port, {**request(b64(image.read_bytes())), "params": params})
+        assert status == 200, body
+        (served,) = json.loads(body)["predictions"]
+        cut = PredictOptions().score if score is None else score
+        out = tmp_path / f"local-{cut}"
+        _local(logged.checkpoint, image, out, cut)
+        _assert_same_answer(task, served, out, image, cut)
+        if task == "detection" and score == 0.0:
+            assert served["detections"], "nothing to compare: the detector returned no box at all"

@@ -15,6 +15,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
+@pytest.mark.server
+@pytest.mark.e2e
+@pytest.mark.timeout(1800)  # 50 runs, 4 at a time on 2 cores: about 10 minutes
 def test_fifty_runs_four_clients_one_server(task_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     server = Server(tmp_path / "server", _free_port())

@@ -12,6 +12,8 @@ from pipeline.cli import main
 from pipeline.errors import UserError
 from pipeline.study import sweep
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -114,6 +114,7 @@ def _histories(client: MlflowClient, experiment: str) -> dict[tuple, dict[str, i
     return out
 
 
+@pytest.mark.e2e
 def test_four_children_at_once_on_one_sqlite_store_lose_no_point(tmp_path: Path, shapes: Path, empty_store: Path,
                                                                   monkeypatch):
     """Four `pipeline run` processes write to one sqlite file at once (two per core); every metric history holds as
@@ -141,6 +142,7 @@ def test_four_children_at_once_on_one_sqlite_store_lose_no_point(tmp_path: Path,
     assert summary > max(i for i, line in enumerate(lines) if ": FINISHED in " in line)
 
 
+@pytest.mark.e2e
 def test_a_failing_child_is_kept_and_the_others_finish(tmp_path: Path, shapes: Path, uri: str, monkeypatch):
     monkeypatch.chdir(tmp_path)
     task = write_task(tmp_path, shapes, uri)

@@ -29,6 +29,8 @@ from pipeline.tasks.metric import Metric
 from pipeline.train import builders, checkpoint, engine, optim, runner
 from pipeline.use import export, predict
 
+pytestmark = pytest.mark.e2e
+
 
 def check_contract(name: str, folder: Path, uri: str) -> None:
     """Task `name` through the contract: its tiny data, the runner's builders, a train step, evaluation, what its
@@ -76,7 +78,7 @@ def check_contract(name: str, folder: Path, uri: str) -> None:
     after = [p.detach() for p in model.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
 
-    # evaluate: the primary metric is a finite number
+    # evaluate: the primary metric is a finite number (checked against the saved checkpoint's below)
     metrics = engine.evaluate(model, task.predict, task.make_evaluator(info), val_loader, settings,
                               merge=task.merges_evaluators)
     assert isinstance(metrics[entry.primary.name], float) and np.isfinite(metrics[entry.primary.name])
@@ -97,6 +99,12 @@ def check_contract(name: str, folder: Path, uri: str) -> None:
     ckpt = folder / "best.pt"
     checkpoint.save({"model": model.state_dict(), "config": setup.cfg.model_dump(mode="json"),
                      "info": info.to_dict(), "fit": engine.FitState().as_dict(), "run_id": None}, ckpt)
+    # the checkpoint holds all the metric depends on: the model rebuilt from it scores what this one scores
+    primary = entry.primary.name
+    here = engine.evaluate(model, task.predict, task.make_evaluator(info), val_loader, settings)[primary]
+    rebuilt = saved.read(checkpoint.load(ckpt), str(ckpt))
+    again = engine.evaluate(rebuilt.model, task.predict, task.make_evaluator(rebuilt.info), val_loader, settings)
+    assert np.isfinite(here) and again[primary] == pytest.approx(here, rel=1e-6, abs=1e-9), (here, again[primary])
     images = sorted(p for p in Path(setup.cfg.data.root).rglob("*.png") if "masks" not in p.parts)[:3]
     result = predict.run(str(ckpt), [str(p) for p in images], folder / "predicted")
     assert result.predicted == len(images) and result.files and all(f.exists() for f in result.files)

@@ -19,6 +19,8 @@ from test_sweep_parallel import write_task
 
 from pipeline.cli import main
 
+pytestmark = [pytest.mark.server, pytest.mark.e2e]
+
 BINARIES = ("initdb", "pg_ctl")
 
 

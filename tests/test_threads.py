@@ -1,5 +1,10 @@
-"""Thread choice from what a process may use (affinity, cgroup quota) and what other processes keep busy."""
+"""Thread choice from what a process may use (affinity, cgroup quota) and what other processes keep busy: made-up
+/proc/stat and cgroup files through the functions that read them, and real busy processes beside a governor."""
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +45,77 @@ def test_cgroup_v1_quota_and_none(tmp_path: Path):
     write(tmp_path / "fs/cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "-1\n")  # no quota
     assert threads.cgroup_quota(tmp_path / "fs", tmp_path / "self") is None
     assert threads.cgroup_quota(tmp_path / "fs", tmp_path / "missing") is None
+
+
+def test_cgroup_v1_takes_the_tightest_quota_up_the_path_and_ignores_unreadable_levels(tmp_path: Path):
+    # cgroup v1 with cpu and cpuacct mounted apart (as on this machine), nested groups, one level with no files
+    write(tmp_path / "self", "9:name=systemd:/\n2:cpuacct:/ci/job/step\n1:cpu:/ci/job/step\n0::/\n")
+    fs = tmp_path / "fs" / "cpu"
+    write(fs / "cpu.cfs_quota_us", "-1\n")
+    write(fs / "cpu.cfs_period_us", "100000\n")
+    write(fs / "ci/cpu.cfs_quota_us", "150000\n")
+    write(fs / "ci/cpu.cfs_period_us", "100000\n")
+    write(fs / "ci/job/step/cpu.cfs_quota_us", "400000\n")
+    write(fs / "ci/job/step/cpu.cfs_period_us", "100000\n")
+    (fs / "ci/job").mkdir(exist_ok=True)  # a level without quota files: skipped, not an error
+    assert threads.cgroup_quota(tmp_path / "fs", tmp_path / "self") == 1.5
+    write(fs / "ci/cpu.cfs_quota_us", "garbage\n")  # unreadable: as if unset
+    assert threads.cgroup_quota(tmp_path / "fs", tmp_path / "self") == 4.0
+
+
+def test_cgroup_v2_max_everywhere_is_no_quota_and_a_hybrid_takes_the_tightest(tmp_path: Path):
+    write(tmp_path / "self", "0::/user.slice/session\n")
+    write(tmp_path / "fs/cpu.max", "max 100000\n")
+    write(tmp_path / "fs/user.slice/cpu.max", "max 100000\n")
+    write(tmp_path / "fs/user.slice/session/cpu.max", "max\n")  # malformed: no period
+    assert threads.cgroup_quota(tmp_path / "fs", tmp_path / "self") is None
+    # a v1 cpu controller line and the unified line in one file: both read, the tighter wins
+    write(tmp_path / "self", "3:cpu,cpuacct:/box\n0::/user.slice/session\n")
+    write(tmp_path / "fs/cpu,cpuacct/box/cpu.cfs_quota_us", "250000\n")
+    write(tmp_path / "fs/cpu,cpuacct/box/cpu.cfs_period_us", "100000\n")
+    write(tmp_path / "fs/user.slice/cpu.max", "50000 100000\n")
+    assert threads.cgroup_quota(tmp_path / "fs", tmp_path / "self") == 0.5
+    assert threads.allowed_cpus({0, 1, 2, 3}, 0.5) == 0.5 and threads.allowed_cpus({0, 1, 2, 3}, 2.5) == 2.5
+    assert threads.allowed_cpus({0, 1}, None) == 2.0
+
+
+STAT = """cpu  {total}
+cpu0 {cpu0}
+cpu1 {cpu1}
+cpu2 100 0 20 200 10 0 0 0 0 0
+intr 1 2 3
+ctxt 99
+btime 1700000000
+"""
+
+
+def _stat(path: Path, cpu0: str, cpu1: str) -> Path:
+    path.write_text(STAT.format(total="0 0 0 0 0 0 0 0 0 0", cpu0=cpu0, cpu1=cpu1))
+    return path
+
+
+def test_proc_stat_counts_busy_ticks_of_the_allowed_cpus_only(tmp_path: Path):
+    tick = os.sysconf("SC_CLK_TCK")
+    # user nice system idle iowait irq softirq steal guest guest_nice: idle and iowait are not busy; guest time is
+    # already inside user time and must not count twice
+    stat = _stat(tmp_path / "stat", "100 0 50 400 20 0 0 0 0 0", "200 0 30 300 20 5 5 10 70 0")
+    assert threads._busy_seconds({0, 1}, stat) == pytest.approx((150 + 250) / tick)
+    assert threads._busy_seconds({1}, stat) == pytest.approx(250 / tick)  # taskset -c 1: cpu0 and cpu2 are not ours
+    assert threads._busy_seconds({0, 1}, tmp_path / "missing") is None
+
+
+def test_two_proc_stat_snapshots_give_the_cpus_other_processes_kept_busy(tmp_path: Path):
+    tick = os.sysconf("SC_CLK_TCK")
+    before = _stat(tmp_path / "before", "100 0 50 400 20 0 0 0 0 0", "200 0 30 300 20 0 0 0 0 0")
+    # two seconds later: cpu0 busy all the time (2 s), cpu1 busy for 1.5 s, of which this process used 0.5 s
+    after = _stat(tmp_path / "after", f"{100 + 2 * tick} 0 50 400 20 0 0 0 0 0",
+                  f"{200 + tick} 0 {30 + tick // 2} {300 + tick // 2} 20 0 0 0 0 0")
+    first = Sample(10.0, threads._busy_seconds({0, 1}, before), own=3.0)
+    second = Sample(12.0, threads._busy_seconds({0, 1}, after), own=3.5)
+    others = threads.others_busy(first, second)
+    assert others == pytest.approx((2.0 + 1.5 - 0.5) / 2.0)
+    assert threads.threads_for(threads.allowed_cpus({0, 1}, None), others) == 1
+    assert threads.others_busy(first, Sample(10.01, second.busy, second.own)) == 0.0  # too short to tell
 
 
 @pytest.mark.parametrize("allowed, others, expected", [
@@ -119,6 +195,57 @@ def test_a_finished_loader_worker_is_not_counted_as_another_process():
     assert worker.exitcode == 0
     # the worker's 0.6 CPU-seconds are this process's own, not other processes' (which the busy CPUs would say)
     assert after.own - before.own >= 0.5
+
+
+_BURN = """
+import os, subprocess, sys
+# the burner is this helper's child, not the test process's: the governor counts its own children as its own work
+burner = subprocess.Popen([sys.executable, "-c", "import os; os.sched_setaffinity(0, {%d})\\nwhile True: pass"])
+burner.wait()
+"""
+
+
+def _start_burner(cpu: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _BURN % cpu], start_new_session=True)
+
+
+def _stop_burner(helper: subprocess.Popen) -> None:
+    os.killpg(helper.pid, signal.SIGKILL)  # the helper and its burner: one process group of their own
+    helper.wait(timeout=10)
+
+
+def _poll_until(governor: Governor, wanted: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        if governor.poll() == wanted:
+            return True
+    return False
+
+
+@pytest.mark.slow
+def test_a_real_busy_process_takes_a_thread_and_its_end_gives_it_back():
+    """Two CPUs, a governor on them, and a real process burning one of them: the governor gives up a thread while it
+    runs and takes it back when it ends. Nothing faked: /proc/stat, this process's own times, real processes."""
+    cpus = set(sorted(threads.affinity())[:2])
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    quiet = threads.sample(cpus)
+    time.sleep(1.0)
+    busy = threads.others_busy(quiet, threads.sample(cpus))
+    if busy > threads.MARGIN:
+        pytest.skip(f"other processes keep {busy:.1f} of the two CPUs busy: the governor would rightly take 1")
+    governor = Governor("auto", env={}, cpus=cpus, quota=None, probe=1.0, every=1.0)
+    assert governor.threads == 2, governor.why
+    helper = _start_burner(min(cpus))
+    try:
+        assert _poll_until(governor, 1, seconds=20), f"kept {governor.threads} threads beside a busy process"
+        assert torch.get_num_threads() == 1
+    finally:
+        _stop_burner(helper)
+    assert _poll_until(governor, 2, seconds=20), "did not take the thread back when the busy process ended"
+    assert torch.get_num_threads() == 2
+    assert [n for _, n in governor.changes][:1] == [1] and governor.changes[-1][1] == 2
 
 
 def test_config_field(task_file):

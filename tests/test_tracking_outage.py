@@ -61,6 +61,8 @@ def server(tmp_path):
     s.stop()
 
 
+@pytest.mark.e2e
+@pytest.mark.server
 def test_server_lost_mid_run_then_synced(said, task_file, server, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(tracking.run, "FINAL_RETRY_WAIT", 0.1)

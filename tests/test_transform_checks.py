@@ -106,6 +106,7 @@ def _common(tmp_path: Path, uri: str) -> list[str]:
             "tracking.log_model=false", "model.backbone.weights=none", "data.num_workers=0"]
 
 
+@pytest.mark.e2e
 def test_quickstart_at_40_px_trains_and_logs_the_resolved_config(shapes, uri, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["run", str(QUICKSTART), f"data.root={shapes}", "data.image_size=40",

@@ -9,11 +9,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from loopback import free_port, port_open
 
 from pipeline import tracking
 from pipeline.cli import main
+
+pytestmark = pytest.mark.server
 
 REPO = Path(__file__).resolve().parent.parent
 

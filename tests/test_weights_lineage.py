@@ -27,6 +27,8 @@ from pipeline.tasks.face.task import FaceFacts
 from pipeline.tasks.segmentation.task import SegmentationFacts
 from pipeline.train import runner
 
+pytestmark = pytest.mark.e2e
+
 NAME = "shapes-cls"  # the registered model
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INFOS = {  # what each task's data would say; building a model needs no images

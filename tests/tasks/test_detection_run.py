@@ -5,7 +5,6 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-import yaml
 from mlflow import MlflowClient
 from torch.utils.data import ConcatDataset, DataLoader
 
@@ -15,6 +14,8 @@ from pipeline.errors import UserError
 from pipeline.platform import devices
 from pipeline.tasks import registry
 from pipeline.train import engine, optim, runner
+
+pytestmark = pytest.mark.e2e
 
 detection = registry.get("detection")
 
@@ -64,34 +65,32 @@ def test_short_training_raises_map(scenes: Path):
     assert before < 0.02 and after > 0.15
 
 
-def test_run_logs_reports_and_model(scenes: Path, uri: str, tmp_path: Path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # MLflow artifacts go under ./mlruns
-    task = {"task": "detection",
-            "data": {"root": str(scenes), "image_size": 64, "batch_size": 2, "num_workers": 0},
-            "model": SMALL_MODEL,
-            "train": {"epochs": 2, "optimizer": "sgd", "lr": 0.01, "output_dir": str(tmp_path / "out")},
-            "tracking": {"uri": uri, "log_model": True}}
-    path = tmp_path / "shapes_detection.yaml"
-    path.write_text(yaml.safe_dump(task))
-    result = runner.run(path)
+def test_run_logs_reports_and_model(trained_runs):
+    """The session's detection run (tests/shared_runs.py): 10 epochs on 8 scenes, validated on themselves."""
+    trained = trained_runs("detection")
+    uri, output_dir = trained.uri, trained.checkpoint.parent
     client = MlflowClient(uri)
-    run = client.get_run(result.run_id)
+    run = client.get_run(trained.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["task"] == "detection"
-    assert [m.step for m in client.get_metric_history(result.run_id, "val/mAP")] == [1, 2]
+    epochs = int(run.data.params["train.epochs"])
+    assert [m.step for m in client.get_metric_history(trained.run_id, "val/mAP")] == list(range(1, epochs + 1))
     for key in ("val/AP50", "val/AP75", "val/APs", "val/APm", "val/AR100", "val/AP/circle", "best/mAP"):
-        assert client.get_metric_history(result.run_id, key), key
-    assert {a.path for a in client.list_artifacts(result.run_id, "report")} == \
+        assert client.get_metric_history(trained.run_id, key), key
+    assert {a.path for a in client.list_artifacts(trained.run_id, "report")} == \
            {"report/val_predictions.json", "report/per_class_ap.csv", "report/val_boxes.png"}
-    predictions = json.loads((result.output_dir / "report" / "val_predictions.json").read_text())
-    assert {p["category_id"] for p in predictions} <= SHAPE_IDS  # the annotation file's own category ids
-    assert {p["image_id"] for p in predictions} <= {1, 2}
-    table = (result.output_dir / "report" / "per_class_ap.csv").read_text().splitlines()
+    predictions = json.loads((output_dir / "report" / "val_predictions.json").read_text())
+    val = json.loads((trained.data / run.data.params["data.val_ann"]).read_text())
+    assert predictions and {p["category_id"] for p in predictions} <= SHAPE_IDS  # the annotation file's own ids
+    assert {p["image_id"] for p in predictions} <= {image["id"] for image in val["images"]}
+    table = (output_dir / "report" / "per_class_ap.csv").read_text().splitlines()
     assert table[0] == "class,category_id,AP,AP50" and len(table) == 7
-    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
-    assert [m.source_run_id for m in models] == [result.run_id]
+    with tracking.process_tracking_uri(uri):
+        models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert [m.source_run_id for m in models] == [trained.run_id]
     logged = tracking.load_model(uri, models[0].model_uri)
+    rows = int(run.data.params["model.box_detections_per_img"])
     with torch.no_grad():
-        assert logged(detection.example_input(64)).shape == (2, 100, 6)
+        assert logged(detection.example_input(64)).shape == (2, rows, 6)
 
 
 def test_coco_task_validates_and_fails_clearly_without_coco(uri: str, tmp_path: Path, monkeypatch):

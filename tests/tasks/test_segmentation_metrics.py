@@ -121,3 +121,54 @@ def test_overlay_tints_classes_and_greys_ignored_pixels():
     image = np.full((1, 3, 3), 0.5)
     out = overlay(image, np.array([[0, 1, 255]]), colors, 255)
     assert np.allclose(out[0, 0], 0.5) and not np.allclose(out[0, 1], 0.5) and np.allclose(out[0, 2], IGNORE_COLOR)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Against a reference computed here from the masks, pixel by pixel with NumPy
+
+
+def reference(truths: list[np.ndarray], predictions: list[np.ndarray], num_classes: int, ignore: int) -> dict:
+    """mIoU over the classes present in the truth or the prediction, pixel accuracy, and mean accuracy over the classes
+    with true pixels, of every pixel of every image pooled; pixels whose truth is `ignore` count nowhere."""
+    true = np.concatenate([t.ravel() for t in truths])
+    pred = np.concatenate([p.ravel() for p in predictions])
+    kept = true != ignore
+    true, pred = true[kept], pred[kept]
+    ious, accs = {}, {}
+    for c in range(num_classes):
+        tp = np.sum((true == c) & (pred == c))
+        union = np.sum((true == c) | (pred == c))
+        if union:
+            ious[c] = tp / union
+        if np.sum(true == c):
+            accs[c] = tp / np.sum(true == c)
+    return {"val/mIoU": float(np.mean(list(ious.values()))), "val/pixel_acc": float(np.mean(true == pred)),
+            "val/mean_acc": float(np.mean(list(accs.values()))), "iou": ious}
+
+
+def test_metrics_agree_with_a_pixel_reference_on_masks_of_several_sizes():
+    """Five classes over three batches of different sizes: class 3 appears nowhere (no IoU, left out of the mean),
+    class 4 is predicted but never true (IoU 0, in the mean), and a fifth of the pixels are 255 with predictions of
+    every class under them."""
+    classes, ignore = ["background", "a", "b", "absent", "phantom"], 255
+    rng = np.random.default_rng(0)
+    evaluator = Evaluator(classes, ignore)
+    truths, predictions = [], []
+    for n, (h, w) in ((2, (9, 13)), (1, (16, 7)), (3, (5, 5))):
+        true = rng.choice([0, 1, 2], size=(n, h, w), p=[0.5, 0.3, 0.2])
+        pred = np.where(rng.random(true.shape) < 0.6, true, rng.choice([0, 1, 2, 4], size=true.shape))
+        true = np.where(rng.random(true.shape) < 0.2, ignore, true)
+        pred = np.where(true == ignore, rng.integers(0, len(classes), size=true.shape), pred)
+        truths.append(true)
+        predictions.append(pred)
+        logits = torch.nn.functional.one_hot(torch.from_numpy(pred), len(classes)).permute(0, 3, 1, 2).float()
+        evaluator.update(logits, (torch.zeros(n, 3, h, w), torch.from_numpy(true)))
+    expected = reference(truths, predictions, len(classes), ignore)
+    assert set(expected["iou"]) == {0, 1, 2, 4} and expected["iou"][4] == 0.0  # the cases this test is about
+    metrics = evaluator.compute()
+    for key in ("val/mIoU", "val/pixel_acc", "val/mean_acc"):
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-12), key
+    assert metrics["val/iou/phantom"] == 0.0 and "val/iou/absent" not in metrics
+    assert {c: metrics["iou"][classes[c]] for c in expected["iou"]} == pytest.approx(
+        {c: float(v) for c, v in expected["iou"].items()}, rel=1e-12)
+    assert int(metrics["confusion"].sum()) == sum(int(np.sum(t != ignore)) for t in truths)

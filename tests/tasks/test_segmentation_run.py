@@ -7,9 +7,11 @@ import yaml
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
+from pipeline import tracking
 from pipeline.cli import main
 from pipeline.data import synth_coco
-from pipeline.train import runner
+
+pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,22 +41,23 @@ def _task(tmp_path: Path, root: Path, uri: str, **sections) -> Path:
     return path
 
 
-def test_training_raises_miou_and_logs_metrics_report_and_model(scenes, uri, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # MLflow artifacts go under ./mlruns
-    path = _task(tmp_path, scenes, uri, tracking={"log_model": True})
-    result = runner.run(path)
+def test_training_raises_miou_and_logs_metrics_report_and_model(trained_runs):
+    """The session's segmentation run (tests/shared_runs.py): 16 scenes of 32 px, scored on themselves, 8 epochs."""
+    trained = trained_runs("segmentation")
+    uri = trained.uri
     client = MlflowClient(uri)
-    run = client.get_run(result.run_id)
+    run = client.get_run(trained.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["task"] == "segmentation"
     assert run.data.tags["num_classes"] == "7"
-    miou = [m.value for m in client.get_metric_history(result.run_id, "val/mIoU")]
+    miou = [m.value for m in client.get_metric_history(trained.run_id, "val/mIoU")]
     assert len(miou) == 8 and miou[-1] > miou[0] + 0.08, miou  # it learns
     for key in ("val/pixel_acc", "val/mean_acc", "val/loss", "val/iou/background", "best/mIoU"):
-        assert client.get_metric_history(result.run_id, key), key
-    assert {a.path for a in client.list_artifacts(result.run_id, "report")} == \
+        assert client.get_metric_history(trained.run_id, key), key
+    assert {a.path for a in client.list_artifacts(trained.run_id, "report")} == \
            {"report/overlays.png", "report/per_class_iou.png", "report/per_class_iou.csv"}
-    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
-    assert [m.source_run_id for m in models] == [result.run_id]
+    with tracking.process_tracking_uri(uri):
+        models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert [m.source_run_id for m in models] == [trained.run_id]
 
 
 def test_cached_features_are_refused_clearly(scenes, uri, tmp_path, monkeypatch):
