@@ -1,7 +1,7 @@
 """Imbalanced, small data: data.balance, the range test's lr, EMA and mixup, measured on data nobody here generated.
 
     pip install -e '.[bench]'    # scikit-learn, whose digits are the data
-    OMP_NUM_THREADS=1 python benchmarks/small_data.py [--epochs 15] [--seeds 3] [--out DIR]
+    OMP_NUM_THREADS=1 python benchmarks/small_data.py [--epochs 15] [--seeds 3] [--tables 1,2,3] [--out DIR]
 
 scikit-learn's handwritten digits (8x8 scans, 1,797 images) are written as an ImageFolder of 32 px PNGs: 120 training
 images of digit 0 down to 4 of digit 9 (120, 82, 56, 39, 26, 18, 12, 9, 6, 4: 30x between the largest class and the
@@ -102,8 +102,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quick-epochs", type=int, default=10, help="epochs of the quickstart rows of table 2")
+    parser.add_argument("--tables", default="1,2,3", help="which tables to measure and print, e.g. 2")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    tables = set(args.tables.split(","))
     out = args.out or Path(tempfile.mkdtemp(prefix="small-data-"))
     out.mkdir(parents=True, exist_ok=True)
     digits = f"data.root={write_digits(out / 'digits')}"
@@ -112,34 +114,40 @@ def main() -> None:
     seeds = range(args.seeds)
 
     balance = {b: [bench.run(f"balance={b} seed={s}", *on_digits, f"data.balance={b}", f"seed={s}") for s in seeds]
-               for b in ("none", "sampler", "loss")}
+               for b in (("none", "sampler", "loss") if "1" in tables else ("sampler",))}
     sampler = (*on_digits, "data.balance=sampler")
-    lr_rows = {"digits, train.lr 2e-3 (the task file's)": balance["sampler"],
-               "digits, train.lr=auto": [bench.run(f"digits auto seed={s}", *sampler, "train.lr=auto", f"seed={s}")
-                                         for s in seeds]}
-    shapes.ensure(out / "shapes", "classification", seed=0)
-    quick = (f"data.root={out / 'shapes' / 'classification'}", f"train.epochs={args.quick_epochs}")
-    lr_rows["quickstart shapes, train.lr 2e-3 (the task file's)"] = [bench.run("shapes own lr", *quick)]
-    lr_rows["quickstart shapes, train.lr=auto"] = [bench.run("shapes auto", *quick, "train.lr=auto")]
-    small = {"neither (data.balance=sampler)": balance["sampler"]}
-    for label, extra in (("train.ema=0.99", ("train.ema=0.99",)), ("train.mixup=0.2", ("train.mixup=0.2",)),
-                         ("train.ema=0.99 + train.mixup=0.2", ("train.ema=0.99", "train.mixup=0.2")),
-                         ("train.cutmix=1.0", ("train.cutmix=1.0",))):
-        small[label] = [bench.run(f"{label} seed={s}", *sampler, *extra, f"seed={s}") for s in seeds]
+    lr_rows, small = {}, {}
+    if "2" in tables:
+        lr_rows = {"digits, train.lr 2e-3 (the task file's)": balance["sampler"],
+                   "digits, train.lr=auto": [bench.run(f"digits auto seed={s}", *sampler, "train.lr=auto",
+                                                       f"seed={s}") for s in seeds]}
+        shapes.ensure(out / "shapes", "classification", seed=0)
+        quick = (f"data.root={out / 'shapes' / 'classification'}", f"train.epochs={args.quick_epochs}")
+        lr_rows["quickstart shapes, train.lr 2e-3 (the task file's)"] = [bench.run("shapes own lr", *quick)]
+        lr_rows["quickstart shapes, train.lr=auto"] = [bench.run("shapes auto", *quick, "train.lr=auto")]
+    if "3" in tables:
+        small = {"neither (data.balance=sampler)": balance["sampler"]}
+        for label, extra in (("train.ema=0.99", ("train.ema=0.99",)), ("train.mixup=0.2", ("train.mixup=0.2",)),
+                             ("train.ema=0.99 + train.mixup=0.2", ("train.ema=0.99", "train.mixup=0.2")),
+                             ("train.cutmix=1.0", ("train.cutmix=1.0",))):
+            small[label] = [bench.run(f"{label} seed={s}", *sampler, *extra, f"seed={s}") for s in seeds]
 
     n = f"mean ({'spread' if args.seeds > 1 else 'one run'}) over {args.seeds} seed{'s' * (args.seeds > 1)}"
     print(f"digits: {sum(COUNTS)} training images ({', '.join(map(str, COUNTS))} of digits 0..9), {10 * VAL} balanced "
           f"validation images; resnet18 from random init, 32 px, {args.epochs} epochs; {n}")
-    print(table("1. data.balance on the imbalanced digits", ["data.balance", "balanced accuracy", "top-1",
-                                                             "recall of digits 7, 8, 9"],
-                [[b, spread(r, "balanced"), spread(r, "top1"), spread(r, "rare")] for b, r in balance.items()]))
-    print(table("2. the range test's lr against the task file's own", ["data, lr", "lr used", "top-1",
-                                                                     "balanced accuracy"],
-                [[k, ", ".join(sorted({f"{r['lr']:.2e}" for r in rows})), spread(rows, "top1"),
-                  spread(rows, "balanced")] for k, rows in lr_rows.items()]))
-    print(table("3. EMA and mixup on the digits (data.balance=sampler)", ["regulariser", "balanced accuracy",
-                                                                          "recall of digits 7, 8, 9"],
-                [[k, spread(r, "balanced"), spread(r, "rare")] for k, r in small.items()]))
+    if "1" in tables:
+        print(table("1. data.balance on the imbalanced digits", ["data.balance", "balanced accuracy", "top-1",
+                                                                 "recall of digits 7, 8, 9"],
+                    [[b, spread(r, "balanced"), spread(r, "top1"), spread(r, "rare")] for b, r in balance.items()]))
+    if lr_rows:
+        print(table("2. the range test's lr against the task file's own", ["data, lr", "lr used", "top-1",
+                                                                         "balanced accuracy"],
+                    [[k, ", ".join(sorted({f"{r['lr']:.2e}" for r in rows})), spread(rows, "top1"),
+                      spread(rows, "balanced")] for k, rows in lr_rows.items()]))
+    if small:
+        print(table("3. EMA and mixup on the digits (data.balance=sampler)", ["regulariser", "balanced accuracy",
+                                                                              "recall of digits 7, 8, 9"],
+                    [[k, spread(r, "balanced"), spread(r, "rare")] for k, r in small.items()]))
     (out / "results.json").write_text(json.dumps({"balance": balance, "lr": lr_rows, "small": small}, indent=1))
     print(f"\nruns and results.json in {out}")
 

@@ -88,29 +88,34 @@ def test_the_test_stops_where_the_loss_diverges():
     assert curve.suggestion < curve.lrs[-1] / 10
 
 
-def _curve(shape, noise: float = 0.0, steps: int = 100) -> range_test.Curve:
+def _curve(shape, noise: float = 0.0, steps: int = 100, suggest: str = "steepest") -> range_test.Curve:
     lrs = range_test.ramp(1e-7, 10.0, steps)
     rng = np.random.default_rng(0)
     losses = [shape(math.log10(lr)) * (1 + noise * rng.standard_normal()) for lr in lrs]
-    return range_test.Curve(lrs, losses, steps, "reached lr_find.end_lr", "minimum")
+    return range_test.Curve(lrs, losses, steps, "reached lr_find.end_lr", suggest)
 
 
-def test_the_minimum_rule_takes_a_tenth_of_where_the_valley_ends():
-    # flat at 2 up to 1e-4, falling to 1 at 1e-2, flat to 1e-1, then climbing fast
-    valley = _curve(lambda x: 2.0 if x < -4 else (2.0 - (x + 4) / 2 if x < -2 else (1.0 if x < -1 else 1 + 20 * (x + 1))))
+def _valley(x: float) -> float:  # flat at 2 up to 1e-4, falling to 1 at 1e-2, flat to 1e-1, then climbing fast
+    return 2.0 if x < -4 else (2.0 - (x + 4) / 2 if x < -2 else (1.0 if x < -1 else 1 + 20 * (x + 1)))
+
+
+def test_a_falling_loss_suggests_its_steepest_descent_or_a_tenth_of_its_edge():
+    valley = _curve(_valley)
+    assert valley.falls and 1e-4 <= valley.suggestion <= 1e-2  # where it falls
+    assert valley.suggestion == valley.lrs[valley.steepest] and "where the smoothed loss fell fastest" in valley.line()
+    cautious = _curve(_valley, suggest="minimum")
     # a tenth of the valley's far end (1e-1), a little lower: the smoothing's window (a third of a decade either side)
     # sees the climb before it starts
-    assert 3e-3 < valley.suggestion < 1.01e-2
-    assert 1e-4 <= valley.lrs[valley.steepest] <= 1e-2  # the fall
-    assert "the largest lr whose smoothed loss" in valley.line()
+    assert 3e-3 < cautious.suggestion < 1.01e-2 and "the largest lr whose smoothed loss" in cautious.line()
 
 
-def test_a_flat_noisy_start_never_makes_the_suggestion():
+def test_a_loss_that_never_falls_suggests_the_edge_not_a_noise_dip():
     # a randomly initialised net: the loss only wobbles until it climbs past 1e-3
     flat = _curve(lambda x: 2.3 if x < -3 else 2.3 + 3 * (x + 3), noise=0.005)
-    assert 0.5e-4 < flat.suggestion < 1.5e-4
-    steepest = range_test.Curve(flat.lrs, flat.losses, flat.planned, flat.stopped, "steepest")
-    assert steepest.suggestion == flat.lrs[flat.steepest] and "the minimum rule gives" in steepest.how()
+    assert not flat.falls and 0.5e-3 < flat.suggestion < 1.5e-3
+    assert "the loss never fell 10%" in flat.how()
+    cautious = _curve(lambda x: 2.3 if x < -3 else 2.3 + 3 * (x + 3), noise=0.005, suggest="minimum")
+    assert cautious.suggestion == pytest.approx(flat.suggestion / 10)
 
 
 def _task_file(name: str, folder: Path, uri: str, **train) -> Path:
@@ -164,7 +169,8 @@ def test_auto_lr_trains_exactly_as_the_suggested_lr_given_by_hand(task_file, tmp
                      finetune={"lr_mult": {"layer4": 0.5}}, lr_find={"steps": 20})
     auto = runner.run(path, (f"train.output_dir={tmp_path / 'auto'}",))
     lr = checkpoint.load(tmp_path / "auto" / checkpoint.LAST)["config"]["train"]["lr"]
-    assert isinstance(lr, float) and any(f"train.lr: auto: the range test suggested train.lr={lr:.2e}" in x for x in said)
+    assert isinstance(lr, float)
+    assert any(f"train.lr: auto: the range test suggested train.lr={lr:.2e}" in line for line in said)
     given = runner.run(path, (f"train.output_dir={tmp_path / 'given'}", f"train.lr={lr!r}"))
     client = MlflowClient(uri)
     assert client.get_run(auto.run_id).data.params["lr_find.suggested_lr"] == f"{lr:.3e}"

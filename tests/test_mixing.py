@@ -63,7 +63,7 @@ def test_the_loss_smooths_blended_targets_and_reports_no_training_error():
     soft = 0.7 * F.one_hot(labels, C).float() + 0.3 * F.one_hot(labels.flip(0), C).float()
     out = task.loss(model, (features, soft))
     assert set(out) == {"cls"}  # no TRAIN_ERROR: a blended image has no right class
-    smoothed = soft * 0.9 + 0.1 / C  # timm's targets: each one-hot smoothed, then mixed; the same as mixed, then smoothed
+    smoothed = soft * 0.9 + 0.1 / C  # timm's: each one-hot smoothed, then mixed; the same as mixed, then smoothed
     hand = -(smoothed * model(features).log_softmax(1)).sum(1).mean()
     assert out["cls"].item() == pytest.approx(hand.item(), rel=1e-5)
     assert "error" in task.loss(model, (features, labels))

@@ -212,8 +212,9 @@ class LrFindConfig(Section):
     start_lr: float = Field(1e-7, gt=0)
     end_lr: float = Field(10.0, gt=0)
     steps: int = Field(100, ge=5, le=1000)  # at most this many optimizer steps; fewer when the loss diverges
-    # minimum: a tenth of the lr where the smoothed loss was lowest; steepest: where it fell fastest
-    suggest: Literal["minimum", "steepest"] = "minimum"
+    # steepest: where the smoothed loss falls fastest (a loss that never falls: the largest lr before it climbs);
+    # minimum: a tenth of the largest lr before it climbs (pipeline/train/range_test.py)
+    suggest: Literal["steepest", "minimum"] = "steepest"
 
     @model_validator(mode="after")
     def _ramp_up(self) -> LrFindConfig:
@@ -252,6 +253,6 @@ class TaskConfig(Section):
             raise ValueError(f"eval.tta: flip averaging is for classification and segmentation, not {self.task} (face "
                              "embeddings already add each image's mirror); remove eval.tta")
         if (t.mixup or t.cutmix or self.eval.tta) and self.finetune.cache_features:
-            raise ValueError("finetune.cache_features trains on features computed once from unmixed, unmirrored images; "
-                             "train.mixup, train.cutmix and eval.tta need the images: drop them or the cache")
+            raise ValueError("finetune.cache_features trains on features computed once from unmixed, unmirrored "
+                             "images; train.mixup, train.cutmix and eval.tta need the images: drop them or the cache")
         return self

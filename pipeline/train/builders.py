@@ -207,7 +207,8 @@ def make_fit(setup: Setup, model: nn.Module, info: DataInfo, plan: finetune.Plan
         base_lr=t.lr, weight_decay=t.weight_decay, settings=step_settings(setup), epochs=t.epochs,
         output_dir=setup.output_dir, patience=t.patience, keep_checkpoints=t.keep_checkpoints,
         scaler=torch.amp.GradScaler(setup.device.type) if setup.precision == "fp16" else None,
-        ema=ema, mix=batch_mixer(setup, info), extra={"run_id": tracker.run_id, "config": cfg.model_dump(mode="json"), "info": info.to_dict(),
+        ema=ema, mix=batch_mixer(setup, info),
+        extra={"run_id": tracker.run_id, "config": cfg.model_dump(mode="json"), "info": info.to_dict(),
                "task_file": setup.task_file},
         log=tracker.log_metrics)
 

@@ -62,7 +62,8 @@ class StepSettings:
 
 def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torch.optim.Optimizer,
                     schedule: Schedule, scaler: torch.amp.GradScaler | None, state: FitState, s: StepSettings,
-                    log: LogFn, desc: str = "", ema: EMA | None = None, mix: Callable | None = None) -> dict[str, float]:
+                    log: LogFn, desc: str = "", ema: EMA | None = None,
+                    mix: Callable | None = None) -> dict[str, float]:
     """One epoch of optimizer steps. `ema` follows the weights after every step; `mix` (the task's mixer: mixup,
     cutmix) blends each batch, keyed by (epoch, batch) so that a resumed run mixes as the uninterrupted one did."""
     model.train()

@@ -10,10 +10,12 @@ The suggestion reads a smoothed curve: each step's loss averaged with its neighb
 twelfth of the steps), which, unlike a running average, does not lag behind the lr (with 100 steps over eight decades,
 fastai's running average of beta 0.98 spans about four decades). Two rules:
 
-- minimum (default): a tenth of the largest lr at which the smoothed loss is still within 2% of its lowest value: of
-  the valley's far side where the loss falls and turns, of the last lr before it climbs where it never falls (a
-  randomly initialised network, which 100 small steps barely move), never a noise dip on a flat start;
-- steepest: the lr where the smoothed loss falls fastest per decade of lr, before its lowest point.
+- steepest (default): the lr where the smoothed loss falls fastest per decade of lr, before its lowest point (Smith's
+  and fastai v1's choice). A curve that never falls by 10% below its start has no descent to read: a network far from
+  trained (random init), which the test's few small steps barely move, only shows where a larger lr starts to hurt;
+  the suggestion is then that edge, the largest lr whose smoothed loss is still within 2% of its lowest. For the
+  schedules here train.lr is the peak lr, after the warm-up: the edge is what the peak may reach.
+- minimum: a tenth of that edge (of the valley's far side where the loss falls and turns): a more cautious lr.
 
 The test trains, so `measure` restores what it changed: the weights and buffers (BatchNorm statistics), the train/eval
 mode, and the Python, NumPy and torch RNG states; its optimizer is its own, dropped afterwards. The run then starts
@@ -38,7 +40,8 @@ from pipeline.train.engine import StepSettings, optimizer_step
 
 RUNNING = 0.9  # the running average that watches for divergence
 DIVERGED = 4.0  # the running average this many times its lowest value: the test stops
-WITHIN = 0.02  # the minimum rule: the largest lr whose smoothed loss is within this share of the lowest
+WITHIN = 0.02  # the edge: the largest lr whose smoothed loss is within this share of the lowest
+FELL = 0.10  # a curve falls when its lowest smoothed loss is this share below its start
 MIN_STEPS = 5  # fewer points than this make no curve
 
 
@@ -48,7 +51,7 @@ class Curve:
     losses: list[float]
     planned: int  # steps the ramp had
     stopped: str  # why the test ended
-    suggest: str  # the rule the suggestion follows: minimum | steepest
+    suggest: str  # the rule the suggestion follows: steepest | minimum
 
     @property
     def smoothed(self) -> list[float]:
@@ -72,6 +75,13 @@ class Curve:
         return int(np.flatnonzero(smooth[:end] <= low * (1 + WITHIN))[-1])
 
     @property
+    def falls(self) -> bool:
+        """Whether the smoothed loss ever gets FELL below its start (its mean over the first tenth of the steps)."""
+        smooth = self.smoothed
+        start = float(np.mean(smooth[: max(1, len(smooth) // 10)]))
+        return smooth[self.lowest] <= (1 - FELL) * start
+
+    @property
     def steepest(self) -> int:
         """The step where the smoothed loss falls fastest against log10(lr), before its lowest point."""
         upto = self.lowest + 1
@@ -82,17 +92,22 @@ class Curve:
 
     @property
     def suggestion(self) -> float:
-        return self.lrs[self.turn] / 10 if self.suggest == "minimum" else self.lrs[self.steepest]
+        if self.suggest == "minimum":
+            return self.lrs[self.turn] / 10
+        return self.lrs[self.steepest] if self.falls else self.lrs[self.turn]
 
     def how(self) -> str:
         """How the suggestion was chosen, and what the other rule gives."""
         turn, low, steep = self.turn, self.lowest, self.steepest
+        edge = (f"the largest lr whose smoothed loss ({self.smoothed[turn]:.4f}) is within {WITHIN:.0%} of the lowest "
+                f"({self.smoothed[low]:.4f} at {self.lrs[low]:.2e})")
         if self.suggest == "minimum":
-            return (f"a tenth of {self.lrs[turn]:.2e}, the largest lr whose smoothed loss ({self.smoothed[turn]:.4f}) "
-                    f"is within {WITHIN:.0%} of the lowest ({self.smoothed[low]:.4f} at {self.lrs[low]:.2e}); the "
-                    f"steepest descent was at {self.lrs[steep]:.2e}")
-        return (f"{self.lrs[steep]:.2e}, where the smoothed loss fell fastest; the minimum rule gives "
-                f"{self.lrs[turn] / 10:.2e}")
+            return f"a tenth of {self.lrs[turn]:.2e}, {edge}; the steepest descent was at {self.lrs[steep]:.2e}"
+        if self.falls:
+            return (f"where the smoothed loss fell fastest ({self.smoothed[0]:.4f} -> {self.smoothed[low]:.4f} at "
+                    f"{self.lrs[low]:.2e}); the minimum rule gives {self.lrs[turn] / 10:.2e}")
+        return (f"the loss never fell {FELL:.0%} (a network the test's steps barely move), so {edge}, before it "
+                f"climbs; the minimum rule gives {self.lrs[turn] / 10:.2e}")
 
     def line(self) -> str:
         return (f"suggested train.lr={self.suggestion:.2e}: {self.how()} ({len(self.lrs)} of {self.planned} steps, "
@@ -106,7 +121,7 @@ def ramp(start: float, end: float, steps: int) -> list[float]:
 
 def measure(model: nn.Module, loss_fn: Callable, loader: Iterable, groups: list[dict],
             build_optimizer: Callable[[list[dict]], torch.optim.Optimizer], s: StepSettings, fp16: bool,
-            start: float, end: float, steps: int, suggest: str = "minimum", mix: Callable | None = None) -> Curve:
+            start: float, end: float, steps: int, suggest: str = "steepest", mix: Callable | None = None) -> Curve:
     """The range test over `groups` (param groups built for a base lr of 1: each `base_lr` is its multiplier), with an
     optimizer from `build_optimizer` and the run's batch mixer `mix` (mixup, cutmix) if it has one; the model, its mode
     and the RNG states are as before when it returns."""

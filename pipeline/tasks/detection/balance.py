@@ -26,6 +26,6 @@ def images_per_category(records: list[ImageRecord], num_categories: int) -> list
 
 
 def repeat_factors(records: list[ImageRecord], counts: list[int], threshold: float) -> list[float]:
-    """r_i per image: the largest r_c = max(1, sqrt(threshold / f_c)) of its categories, 1 for an image without boxes."""
+    """r_i per image: the largest r_c = max(1, sqrt(threshold / f_c)) of its categories (1 without boxes)."""
     per_category = [max(1.0, math.sqrt(threshold * len(records) / n)) if n else 1.0 for n in counts]
     return [max((per_category[label - 1] for label in rec.labels[~rec.crowd]), default=1.0) for rec in records]
