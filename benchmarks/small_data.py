@@ -16,7 +16,7 @@ downloaded here), one thread, `--epochs` epochs; the scores are the best checkpo
 3. train.ema=0.99 and train.mixup=0.2 on and off (and cutmix 1.0), on the digits with data.balance: sampler.
 
 Runs go to a throwaway MLflow store under `--out` (default: a temporary folder). A row is the mean over seeds, with
-the spread (max - min) beside it. About 25 minutes on one core of a 2-core CPU with the defaults.
+the spread (max - min) beside it. About half an hour on one core of a 2-core CPU with the defaults.
 """
 from __future__ import annotations
 
