@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from click.testing import CliRunner
 
 from pipeline import config
 from pipeline.cli import main
 from pipeline.data.sampling import EpochSampler, WeightedSampler, class_balanced, training_sampler
 from pipeline.study import sweep
+from pipeline.tasks import registry
 from pipeline.tasks.classification.balance import class_counts, loss_weights
 from pipeline.tasks.detection.balance import images_per_category, repeat_factors
 from pipeline.tasks.detection.data import ImageRecord
@@ -183,3 +185,21 @@ def test_data_balance_sweeps_like_any_key(task_file, tmp_path, monkeypatch):
     assert swept == {"data.balance": ["none", "sampler", "loss"]}
     combos = [{"data.balance": v} for v in swept["data.balance"]]
     assert sweep._validate(task_file(), fixed, combos).data.balance == "none"
+
+
+def test_repeat_factor_balance_draws_detection_images_by_their_factors(tmp_path, uri):
+    task = registry.get("detection")
+    sections = task.tiny(tmp_path / "data")
+    sections["data"].update({"balance": "repeat_factor", "repeat_threshold": 1.0})
+    path = tmp_path / "tasks" / "det.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(yaml.safe_dump({"task": "detection", **sections, "train": {"output_dir": str(tmp_path / "out")},
+                                    "tracking": {"uri": uri}}))
+    setup = runner.prepare(path)
+    data = builders.build_data(setup)
+    counts = data.info.class_counts
+    assert len(counts) == data.info.num_classes and sum(counts) > 0
+    expected = repeat_factors(data.train.records, counts, 1.0)
+    assert data.train.sampling_weights == expected and max(expected) > 1.0  # threshold 1: every category is "rare"
+    train, _ = builders.loaders(setup.task, data.train, data.val, 2, 0, setup.device, 0)
+    assert isinstance(train.sampler, WeightedSampler) and len(train.sampler) == len(data.train)
