@@ -101,6 +101,17 @@ def run(task_file: Path, overrides: tuple[str, ...], resume: bool, parent_run_id
                tags=dict(tag.split("=", 1) for tag in tags) or None)
 
 
+@main.command("lr-find")
+@click.argument("task_file", type=click.Path(path_type=Path), callback=_task_file)
+@click.argument("overrides", nargs=-1)
+def lr_find(task_file: Path, overrides: tuple[str, ...]) -> None:
+    """Suggest a learning rate for TASK_FILE with OVERRIDES: the range test from the run's starting point, logged with
+    its curve to an MLflow run of its own (settings: lr_find.*; train.lr=auto runs it before training)."""
+    from pipeline.train import runner
+
+    runner.lr_find(task_file, overrides)
+
+
 @main.command("config")
 @click.argument("task_file", type=click.Path(path_type=Path), callback=_task_file)
 @click.argument("overrides", nargs=-1)
@@ -226,13 +237,15 @@ def compare(experiment: str, metrics: tuple[str, ...], at: str, out: Path | None
               help="Face: a folder of identity folders (<identity>/<image>); identities.csv names each input's.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps.")
 @click.option("--uri", default=None, help="Tracking store of a run id, runs:/ or models:/ SOURCE.")
+@click.option("--tta", is_flag=True, help="Average each image's outputs with its horizontal mirror's (classification, "
+              "segmentation).")
 def predict(source: str, inputs: tuple[str, ...], out: Path, batch_size: int, top_k: int, score: float,
-            gallery: Path | None, device: str, uri: str | None) -> None:
+            gallery: Path | None, device: str, uri: str | None, tta: bool) -> None:
     """Run SOURCE (a checkpoint, an MLflow run id, runs:/<id> or a models:/ URI) on INPUTS (images, folders, globs)."""
     from pipeline.use import predict as predictor
 
     predictor.run(source, list(inputs), out, uri=uri, batch_size=batch_size, top_k=top_k, score=score,
-                  gallery=gallery, device=device)
+                  gallery=gallery, device=device, tta=tta)
 
 
 @main.command()

@@ -77,9 +77,20 @@ def _unreachable_tracking(tmp_path, path):
     return [str(path), "tracking.uri=http://127.0.0.1:9"], "tracking server http://127.0.0.1:9 is not reachable", False
 
 
+def _ema_out_of_range(tmp_path, path):
+    return [str(path), "train.ema=1.5"], "train.ema: 1.5 is not allowed", False
+
+
+ALL_PARTS = "finetune.freeze=[stem,layer1,layer2,layer3,layer4,head]"
+
+
+def _nothing_trains(tmp_path, path):
+    return [str(path), ALL_PARTS], "finetune: nothing trains at the start of this run", True
+
+
 ROWS = [_unknown_key, _wrong_type, _broken_yaml, _missing_task_file, _missing_data_root, _empty_dataset, _corrupt_image,
         _truncated_image, _unknown_backbone, _missing_weights_file, _unknown_stage,
-        _unreachable_tracking]
+        _unreachable_tracking, _ema_out_of_range, _nothing_trains]
 
 
 def _expect_clean_failure(result, culprit: str, uri: str, run_opened: bool) -> None:
@@ -104,6 +115,31 @@ def test_bad_input_fails_cleanly(row, task_file, shapes, uri, tmp_path, monkeypa
     kwargs = {"shapes": shapes} if "shapes" in row.__code__.co_varnames else {}
     args, culprit, run_opened = row(tmp_path, path, **kwargs)
     _expect_clean_failure(CliRunner().invoke(main, ["run", *args]), culprit, uri, run_opened)
+
+
+REPO = Path(__file__).resolve().parent.parent
+OTHERS = {  # id: (command line, culprit, whether a run was opened): other commands and the built-in tasks' schemas
+    "lr_find_nothing_trains": (["lr-find", "{path}", ALL_PARTS], "lr-find: nothing trains at the start", True),
+    "mixup_on_segmentation": (["run", str(REPO / "tasks/segmentation_shapes.yaml"), "train.mixup=0.2"],
+                              "train.mixup=0.2: mixup and cutmix blend whole images", False),
+    "sampler_on_detection": (["run", str(REPO / "tasks/detection_shapes.yaml"), "data.balance=sampler"],
+                             "data.balance: 'sampler' is not allowed: Value error, sampler balances classification",
+                             False),
+    "tta_on_detection": (["run", str(REPO / "tasks/detection_shapes.yaml"), "eval.tta=true"],
+                         "eval.tta: flip averaging is for classification and segmentation, not detection", False),
+    "mixup_with_cached_features": (["run", "{path}", "finetune.freeze=all", "finetune.cache_features=true",
+                                    "train.mixup=0.2"], "finetune.cache_features trains on features computed once",
+                                   False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHERS))
+def test_bad_input_of_other_commands_fails_cleanly(name, task_file, uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args, culprit, run_opened = OTHERS[name]
+    path = task_file()
+    result = CliRunner().invoke(main, [a.format(path=path) for a in args])
+    _expect_clean_failure(result, culprit, uri, run_opened)
 
 
 def test_skip_bad_images_counts_and_names_them(task_file, shapes, tmp_path, monkeypatch):

@@ -61,7 +61,7 @@ def test_config_is_frozen(project: Path):
     ("model.backbone.nmae=resnet50", "unknown key 'model.backbone.nmae'; did you mean model.backbone.name"),
     ("trian.lr=0.1", "unknown key 'trian'; did you mean train"),
     ("train.lr=fast", "train.lr: 'fast' is not allowed"),
-    ("train.lr=-1", "train.lr: -1 is not allowed: Input should be greater than 0"),
+    ("train.lr=-1", "train.lr: -1 is not allowed: Value error, must be a learning rate > 0 (e.g. 0.001) or auto"),
     ("train.epochs=0", "train.epochs: 0 is not allowed"),
     ("train.precision=fp8", "train.precision: 'fp8' is not allowed"),
     ("finetune.bn=sometimes", "finetune.bn: 'sometimes' is not allowed"),
@@ -91,7 +91,7 @@ def test_override_into_a_value_is_refused(project: Path):
     with pytest.raises(UserError, match="'train.lr' is a value, not a section"):
         config.load(task, ["train.lr.x=1"])
     bare = write(project / "tasks/bare.yaml", {"task": "classification"})
-    with pytest.raises(UserError, match="train.lr: a section is not allowed: Input should be a valid number"):
+    with pytest.raises(UserError, match="train.lr: a section is not allowed: Value error, must be a learning rate > 0"):
         config.load(bare, ["train.lr.x=1"])
 
 
@@ -199,3 +199,13 @@ def test_cli_config_prints_references_resolved():
     printed = yaml.safe_load(result.output)["data"]
     assert printed["val_transforms"] == [{"name": "Resize", "height": 40, "width": 40}]
     assert "${" not in result.output
+
+
+def test_a_check_across_sections_says_its_message_alone():
+    # a task schema's own check (not one key's) names its keys itself: no "config: a section is not allowed" before it
+    with pytest.raises(UserError) as err:
+        config.validate({"task": "segmentation", "data": {"batch_size": 1}}, source="t.yaml")
+    assert str(err.value) == "t.yaml: data.batch_size must be at least 2 for DeepLabV3 (its ASPP pooling BatchNorm)"
+    with pytest.raises(UserError, match=r"^t.yaml: train.cutmix=1: mixup and cutmix blend whole images"):
+        config.validate({"task": "face", "train": {"cutmix": 1.0}}, source="t.yaml")
+    assert config.validate({"task": "classification", "train": {"lr": "auto", "mixup": 0.2}}).train.lr == "auto"

@@ -92,6 +92,8 @@ def _format_one(error: dict, schema: type[BaseModel]) -> str:
     if error["type"] == "extra_forbidden":
         valid = _fields_at(schema, loc[:-1])
         return f"unknown key '{path}'{did_you_mean(loc[-1], valid, prefix='.'.join(loc[:-1]))}"
+    if not path and error["type"] == "value_error":  # a check across sections: its message names the keys
+        return error["msg"].removeprefix("Value error, ")
     value = error.get("input")
     shown = repr(value) if not isinstance(value, dict) else "a section"
     return f"{path or 'config'}: {shown} is not allowed: {error['msg']}"

@@ -3,8 +3,9 @@ subclasses `TaskConfig` with its own `data` and `model` sections; pipeline/confi
 files."""
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -36,6 +37,8 @@ class DataConfig(Section):
     skip_bad_images: bool = False
     # Generate the synthetic shapes dataset at `root`'s parent when it is missing (demos and the quickstart).
     synth_if_missing: bool = False
+    # Rare classes seen more often: none here; classification (sampler, loss) and detection (repeat_factor) widen it.
+    balance: Literal["none"] = "none"
 
 
 class ModelConfig(Section):
@@ -63,7 +66,9 @@ class FinetuneConfig(Section):
 
 class TrainConfig(Section):
     epochs: int = Field(10, gt=0)
-    lr: float = Field(1e-3, gt=0)
+    # auto: the learning-rate range test (pipeline/train/range_test.py, settings in lr_find:) runs first and its
+    # suggestion is used; every stage keeps its lr_mult ratio to it.
+    lr: float | Literal["auto"] = 1e-3
     weight_decay: float = Field(0.05, ge=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -103,6 +108,34 @@ class TrainConfig(Section):
     threads: int | Literal["auto"] = "auto"
     # grad_norm/<stage> of every trainable stage each log_every steps (gradient flow through depth; one host read)
     log_grad_norms: bool = False
+    # Decay of an exponential moving average of the weights (BatchNorm statistics too), e.g. 0.999: the average is
+    # what is evaluated and checkpointed (pipeline/train/ema.py). None: the weights as trained.
+    ema: float | None = None
+    # Alphas of the Beta distribution that mixup (blend two images) and cutmix (paste a box of one into another) draw
+    # their mixing ratio from, as timm's train script; 0 turns each off. Classification only: they mix labels.
+    mixup: float = Field(0.0, ge=0)
+    cutmix: float = Field(0.0, ge=0)
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _lr_positive(cls, value: Any) -> float | str:
+        if value == "auto":
+            return value
+        try:  # YAML reads 1e-3 (no dot) as text: numbers written so are numbers here, as pydantic takes them
+            number = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        if number > 0 and math.isfinite(number):
+            return number
+        raise ValueError(f"must be a learning rate > 0 (e.g. 0.001) or auto (the range test picks it), not {value!r}")
+
+    @field_validator("ema")
+    @classmethod
+    def _ema_decay(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value < 1:
+            raise ValueError("the average's decay must lie between 0 and 1 (e.g. 0.999: each step moves it 0.1% "
+                             "towards the weights); null turns it off")
+        return value
 
     @field_validator("threads", mode="before")
     @classmethod
@@ -168,8 +201,35 @@ class SweepConfig(Section):
     gpus_per_child: int = Field(1, ge=1)
 
 
+class EvalConfig(Section):
+    # Validation averages each image's outputs with its mirror's (horizontal flip; classification and segmentation).
+    tta: bool = False
+
+
+class LrFindConfig(Section):
+    """The learning-rate range test (`pipeline lr-find`, `train.lr: auto`): pipeline/train/range_test.py."""
+
+    start_lr: float = Field(1e-7, gt=0)
+    end_lr: float = Field(10.0, gt=0)
+    steps: int = Field(100, ge=5, le=1000)  # at most this many optimizer steps; fewer when the loss diverges
+    # steepest: where the smoothed loss falls fastest (a loss that never falls: the largest lr before it climbs);
+    # minimum: a tenth of the largest lr before it climbs (pipeline/train/range_test.py)
+    suggest: Literal["steepest", "minimum"] = "steepest"
+
+    @model_validator(mode="after")
+    def _ramp_up(self) -> LrFindConfig:
+        if self.end_lr <= self.start_lr:
+            raise ValueError(f"lr_find.end_lr={self.end_lr:g} must be above lr_find.start_lr={self.start_lr:g}")
+        return self
+
+
 class TaskConfig(Section):
     """The sections every task shares; each task subclasses it with its own `data` and `model` sections."""
+
+    # What a task's schema allows beyond the shared sections (a subclass sets them): train.mixup / train.cutmix mix
+    # the labels of whole images; eval.tta averages outputs with the mirrored image's.
+    mixes_labels: ClassVar[bool] = False
+    flip_tta: ClassVar[bool] = False
 
     task: str
     seed: int = 0
@@ -177,5 +237,22 @@ class TaskConfig(Section):
     model: ModelConfig = ModelConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    lr_find: LrFindConfig = LrFindConfig()
     tracking: TrackingConfig = TrackingConfig()
     sweep: SweepConfig = SweepConfig()
+
+    @model_validator(mode="after")
+    def _task_abilities(self) -> TaskConfig:
+        t = self.train
+        if (t.mixup or t.cutmix) and not self.mixes_labels:
+            used = " and ".join(f"train.{k}={getattr(t, k):g}" for k in ("mixup", "cutmix") if getattr(t, k))
+            raise ValueError(f"{used}: mixup and cutmix blend whole images and their one label each, which "
+                             f"{self.task} does not have (classification only); remove it")
+        if self.eval.tta and not self.flip_tta:
+            raise ValueError(f"eval.tta: flip averaging is for classification and segmentation, not {self.task} (face "
+                             "embeddings already add each image's mirror); remove eval.tta")
+        if (t.mixup or t.cutmix or self.eval.tta) and self.finetune.cache_features:
+            raise ValueError("finetune.cache_features trains on features computed once from unmixed, unmirrored "
+                             "images; train.mixup, train.cutmix and eval.tta need the images: drop them or the cache")
+        return self

@@ -6,6 +6,8 @@ seed decides.
 - `reseed(seed)`: the next item's random augmentation is a function of `seed` alone (pipeline/data/sampling.py), so a
   resumed run replays exactly what an uninterrupted one saw. Its `transform` is the albumentations pipeline of
   pipeline/data/transforms.py (or None: nothing random to reseed).
+- `sampling_weights`: how often training draws each item relative to the others (data.balance: classification's
+  sampler, detection's repeat factors), set by the task's `build_data`; None draws each item once per epoch.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from torch.utils.data import Dataset
 
 class TaskDataset(Dataset, ABC):
     transform: A.Compose | None
+    sampling_weights: list[float] | None = None
 
     @abstractmethod
     def __len__(self) -> int: ...

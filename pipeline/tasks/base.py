@@ -45,6 +45,13 @@ Optional abilities (declared, never probed)
   leaves some class unvalidated (warned at start, pipeline/train/checks.py).
 - `collate_fn`: the task batches its own way (detection: lists of images of different sizes).
 - `batch_sampler(dataset, sampler, batch_size)`: may reorder training batches (detection groups by aspect ratio).
+- `mirror_outputs`: how outputs of a horizontally mirrored image map back onto the image (classification: as they are;
+  segmentation: mirrored back), for flip averaging (eval.tta, predict --tta; pipeline/tasks/tta.py); None: no flip
+  averaging. Batches of such a task hold the image tensor (N, 3, H, W) first.
+- `mixer(mixup, cutmix, num_classes, seed)`: blends training batches and their labels (train.mixup, train.cutmix;
+  the task's schema allows them, `TaskConfig.mixes_labels`); its `loss` takes the soft targets it returns.
+- a dataset's `sampling_weights` (pipeline/data/dataset.py): `build_data` sets them for data.balance, and training
+  draws the images by them.
 """
 from __future__ import annotations
 
@@ -93,6 +100,9 @@ class DataInfo:
     image_size: int  # data.image_size (detection resizes by model.min_size / max_size instead)
     random_train_transforms: bool = False  # feature caching refuses random augmentation without cached views
     facts: Facts | None = None  # the task's own record (`Task.facts`), e.g. detection's category ids
+    # training images per class in label order (classification: of that class; detection: holding a box of that
+    # category), for the imbalance warning at start; None where a task does not count them
+    class_counts: list[int] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -204,6 +214,7 @@ class Task(ABC):
     merges_evaluators: ClassVar[bool] = False
     one_class_per_image: ClassVar[bool] = False
     collate_fn: ClassVar[Callable | None] = None
+    mirror_outputs: ClassVar[Callable[[Any], Any] | None] = None
 
     def read_info(self, d: dict[str, Any]) -> DataInfo:
         """The DataInfo a checkpoint saved (`DataInfo.to_dict`), with this task's facts."""
@@ -257,6 +268,10 @@ class Task(ABC):
     def batch_sampler(self, dataset: Dataset, sampler, batch_size: int):
         """The training sampler, or one that reorders it so that batches share a trait."""
         return sampler
+
+    def mixer(self, mixup: float, cutmix: float, num_classes: int, seed: int) -> Callable | None:
+        """What blends a training batch, `mixer(batch, (epoch, index)) -> batch`; None: the task does not mix."""
+        return None
 
     # -- inference side ------------------------------------------------------------------------------------------
 

@@ -138,6 +138,11 @@ class Tracker:
                             key, self._run_id, logged[key], value)
         self._client.log_batch(self._run_id, params=new)  # the client splits it into requests of MLflow's max size
 
+    def log_params(self, params: dict[str, str]) -> None:
+        """Params decided during the run (train.lr: auto's suggestion), through the outbox like metrics."""
+        self._send({"op": "params", "params": {k: shorten(str(v), MAX_PARAM_VAL_LENGTH, what=f"param {k}")
+                                               for k, v in params.items()}})
+
     def set_tags(self, tags: dict[str, str]) -> None:
         self._send({"op": "tags", "tags": {k: shorten(str(v), MAX_TAG_VAL_LENGTH, what=f"tag {k}")
                                            for k, v in tags.items()}})
@@ -249,6 +254,8 @@ class Tracker:
                                                     for k, v in record["metrics"].items()])
         elif op == "tags":
             self._client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+        elif op == "params":
+            self._client.log_batch(run_id, params=[Param(k, v) for k, v in record["params"].items()])
         elif op == "inputs":
             self._client.log_inputs(run_id, datasets=[_dataset_input(DatasetRecord(**d)) for d in record["datasets"]])
         elif op == "artifact":

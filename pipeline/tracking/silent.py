@@ -28,6 +28,9 @@ class Silent:
     def set_tags(self, tags: dict[str, str]) -> None:
         return None
 
+    def log_params(self, params: dict[str, str]) -> None:
+        return None
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         return None
 

@@ -1,4 +1,5 @@
-"""The runner's public builders, one step each: data, model, fine-tuning plan, placement, optimizer, loaders, the fit.
+"""The runner's public builders, one step each: data, model, fine-tuning plan, placement, loaders, optimizer, the fit
+(the learning rate between loaders and optimizer, with train.lr: auto, is pipeline/train/lr_find.py).
 
 Each gets the `Setup` a run decided before reading any data (pipeline/train/runner.py makes it) and returns what the
 next step needs; predict, export, the benchmarks and the tests call them rather than copying their steps.
@@ -16,14 +17,16 @@ from torch.utils.data import DataLoader, Subset
 
 from pipeline import config, tracking
 from pipeline.data import loading, shapes, transform_checks
-from pipeline.data.sampling import EpochSampler, SeededDataset
+from pipeline.data.sampling import SeededDataset, training_sampler
 from pipeline.data.transforms import reseed_worker
 from pipeline.errors import UserError
 from pipeline.models import backbones, tracked
 from pipeline.platform import cpu_kernels, threads
 from pipeline.tasks.base import DataInfo, Task, TaskData
 from pipeline.tasks.metric import Metric
+from pipeline.tasks.tta import flip_averaged_predict
 from pipeline.train import checkpoint, distributed, engine, feature_cache, finetune, optim
+from pipeline.train.ema import EMA
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +127,26 @@ def make_optimizer(setup: Setup, model: nn.Module, plan: finetune.Plan, tracker=
     """SGD or AdamW over the param groups of the stages trainable so far; their table is printed and logged."""
     t = setup.cfg.train
     groups = finetune.groups_until(model, plan, t.lr, t.weight_decay, epochs_done(setup))
-    optimizer = optim.build_optimizer(groups, t.optimizer, t.lr, t.momentum, t.nesterov, t.betas,
-                                       dense_adamw=cpu_kernels.enabled(t.cpu_kernels, setup.device))
+    finetune.require_trainable(groups, "finetune")
+    optimizer = optimizer_for(setup, groups)
     table = finetune.group_table(groups, plan, model)
     log.info(table)
     if tracker is not None:
         tracker.log_text(table + "\n", "param_groups.txt")
     return optimizer
+
+
+def optimizer_for(setup: Setup, groups: list[dict]) -> torch.optim.Optimizer:
+    """The run's optimizer (train.optimizer with its settings; the CPU fast path) over `groups`, each with its lr."""
+    t = setup.cfg.train
+    return optim.build_optimizer(groups, t.optimizer, groups[0]["lr"], t.momentum, t.nesterov, t.betas,
+                                 dense_adamw=cpu_kernels.enabled(t.cpu_kernels, setup.device))
+
+
+def batch_mixer(setup: Setup, info: DataInfo):
+    """The task's mixer of training batches with train.mixup / train.cutmix (the task's schema allows them), or None."""
+    t = setup.cfg.train
+    return setup.task.mixer(t.mixup, t.cutmix, info.num_classes, setup.cfg.seed) if t.mixup or t.cutmix else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -150,7 +166,8 @@ def make_loaders(setup: Setup, data: TaskData, model: nn.Module, plan: finetune.
     ft = cfg.finetune
     feature_cache.check(task, data.info.random_train_transforms, ft.cached_views)
     started = time.perf_counter()
-    train, val = feature_cache.cached_loaders(model, train, val, step_settings(setup), ft.cached_views, cfg.seed)
+    train, val = feature_cache.cached_loaders(model, train, val, step_settings(setup), ft.cached_views, cfg.seed,
+                                              data.train.sampling_weights)
     model.input_is_features = True
     log.info(f"cached backbone features of {len(train.dataset)} train / {len(val.dataset)} val images in "
         f"{time.perf_counter() - started:.1f}s; the head trains on them")
@@ -178,17 +195,28 @@ def make_fit(setup: Setup, model: nn.Module, info: DataInfo, plan: finetune.Plan
     layout = ", channels_last" if t.channels_last else ""
     log.info(f"training {cfg.model.backbone.name} on {on} ({setup.precision}{layout})"
         f" for {t.epochs} epochs, {steps_per_epoch} steps each")
+    ema = EMA(model, t.ema) if t.ema else None  # of the model itself, before any DDP wrapper
+    tracker.set_tags({"evaluated_weights": f"ema {t.ema:g}" if ema else "trained"})
+    if ema:
+        log.info(f"train.ema={t.ema:g}: {ema.describe()} is evaluated and checkpointed (best.pt)")
     return engine.Fit(
-        model=distributed.wrap(setup.ctx, model, setup.device), loss=task.loss, predict=task.predict,
+        model=distributed.wrap(setup.ctx, model, setup.device), loss=task.loss, predict=run_predict(setup),
         make_evaluator=lambda: task.make_evaluator(info), primary=setup.primary,
         merge_evaluators=task.merges_evaluators,
         train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, schedule=schedule, plan=plan,
         base_lr=t.lr, weight_decay=t.weight_decay, settings=step_settings(setup), epochs=t.epochs,
         output_dir=setup.output_dir, patience=t.patience, keep_checkpoints=t.keep_checkpoints,
         scaler=torch.amp.GradScaler(setup.device.type) if setup.precision == "fp16" else None,
+        ema=ema, mix=batch_mixer(setup, info),
         extra={"run_id": tracker.run_id, "config": cfg.model_dump(mode="json"), "info": info.to_dict(),
                "task_file": setup.task_file},
         log=tracker.log_metrics)
+
+
+def run_predict(setup: Setup):
+    """How validation runs the model: the task's `predict`, averaged with the mirrored images' with eval.tta."""
+    task = setup.task
+    return flip_averaged_predict(task.predict, task.mirror_outputs) if setup.cfg.eval.tta else task.predict
 
 
 def resumed_state(setup: Setup, fit: engine.Fit, tracker) -> engine.FitState:
@@ -199,6 +227,8 @@ def resumed_state(setup: Setup, fit: engine.Fit, tracker) -> engine.FitState:
     fit.optimizer.load_state_dict(last["optimizer"])
     if fit.scaler is not None and last.get("scaler"):
         fit.scaler.load_state_dict(last["scaler"])
+    if fit.ema is not None and last.get("ema"):
+        fit.ema.load_state_dict(last["ema"])
     state = engine.FitState(**last["fit"])
     checkpoint.set_rng_state(last["rng"])
     log.info(f"resuming {setup.output_dir} after epoch {state.epoch} (MLflow run {tracker.run_id})")
@@ -222,9 +252,10 @@ def loaders(task: Task, train_ds, val_ds, batch_size: int, num_workers, device: 
     workers = loading.auto_workers(device) if num_workers == "auto" else num_workers
     common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
               "worker_init_fn": reseed_worker, "collate_fn": task.collate_fn}
-    # Order and augmentation are functions of (seed, epoch, index): see pipeline/data/sampling.py.
-    sampler = task.batch_sampler(train_ds, EpochSampler(len(train_ds), seed, rank=ctx.rank, world=ctx.world),
-                                 batch_size)
+    # Order and augmentation are functions of (seed, epoch, index): see pipeline/data/sampling.py. With data.balance
+    # the dataset's sampling weights draw rare classes more often, and the epoch keeps its length.
+    order = training_sampler(len(train_ds), train_ds.sampling_weights, seed, rank=ctx.rank, world=ctx.world)
+    sampler = task.batch_sampler(train_ds, order, batch_size)
     train = DataLoader(SeededDataset(train_ds), batch_size=batch_size, sampler=sampler,
                        drop_last=len(train_ds) > batch_size, generator=torch.Generator().manual_seed(seed), **common)
     # Evaluators that merge let each rank score a shard of the validation set (see engine.evaluate).

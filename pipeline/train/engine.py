@@ -20,6 +20,7 @@ from pipeline.platform.threads import Governor
 from pipeline.tasks.base import TRAIN_ERROR
 from pipeline.tasks.metric import Metric
 from pipeline.train import checkpoint, distributed, finetune
+from pipeline.train.ema import EMA
 from pipeline.train.optim import Schedule
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,10 @@ class StepSettings:
 
 def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torch.optim.Optimizer,
                     schedule: Schedule, scaler: torch.amp.GradScaler | None, state: FitState, s: StepSettings,
-                    log: LogFn, desc: str = "") -> dict[str, float]:
+                    log: LogFn, desc: str = "", ema: EMA | None = None,
+                    mix: Callable | None = None) -> dict[str, float]:
+    """One epoch of optimizer steps. `ema` follows the weights after every step; `mix` (the task's mixer: mixup,
+    cutmix) blends each batch, keyed by (epoch, batch) so that a resumed run mixes as the uninterrupted one did."""
     model.train()
     steps_per_epoch = -(-len(loader) // s.accum_steps)
     total_loss = torch.zeros((), device=s.device)
@@ -78,6 +82,8 @@ def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torc
         if s.threads is not None:
             s.threads.poll()
         batch = to_device(batch, s.device, s.channels_last)
+        if mix is not None:
+            batch = mix(batch, (state.epoch + 1, micro))
         with autocast(s.device, s.precision):
             losses = loss_fn(model, batch)
             error = losses.pop(TRAIN_ERROR, None)
@@ -108,8 +114,10 @@ def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torc
             continue  # accumulate; the epoch's last batch steps even with a partial accumulation
         schedule.apply(optimizer, state.step)
         due = bool(window) and ((state.step + 1) % s.log_every == 0 or micro == len(loader))
-        norms = _optimizer_step(model, optimizer, scaler, s.clip_grad_norm, grad_norms=s.grad_norms and due)
+        norms = optimizer_step(model, optimizer, scaler, s.clip_grad_norm, grad_norms=s.grad_norms and due)
         state.step += 1
+        if ema is not None:
+            ema.update(distributed.unwrap(model))
         if window and (state.step % s.log_every == 0 or micro == len(loader)):
             mean = distributed.mean(s.ctx, window_loss / window).item()  # the only other read of device values
             rate = images / (time.perf_counter() - start)
@@ -136,7 +144,7 @@ def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torc
     return metrics
 
 
-def _optimizer_step(model: nn.Module, optimizer, scaler, clip: float | None,
+def optimizer_step(model: nn.Module, optimizer, scaler, clip: float | None,
                     grad_norms: bool = False) -> dict[str, float]:
     """One optimizer step; with `grad_norms`, the gradient norm of each stage the optimizer trains, taken before
     clipping (frozen stages have no group in the optimizer, so they have no norm)."""
@@ -215,6 +223,8 @@ class Fit:
     patience: int | None = None
     keep_checkpoints: str = "last"  # all: also keep the checkpoint before last.pt (checkpoint.save_last)
     scaler: torch.amp.GradScaler | None = None
+    ema: EMA | None = None  # train.ema: the average is evaluated and checkpointed as the model (pipeline/train/ema.py)
+    mix: Callable | None = None  # train.mixup / train.cutmix: the task's mixer of training batches
     extra: dict = field(default_factory=dict)
     log: LogFn = lambda metrics, step: None
     on_epoch_end: Callable[[int, dict], None] = lambda epoch, metrics: None
@@ -233,10 +243,10 @@ def fit(f: Fit, state: FitState) -> FitState:
             sampler.set_epoch(epoch)
         desc = f"epoch {epoch}/{f.epochs}"
         train_metrics = train_one_epoch(f.model, f.loss, f.train_loader, f.optimizer, f.schedule, f.scaler, state,
-                                        f.settings, f.log, desc=desc)
+                                        f.settings, f.log, desc=desc, ema=f.ema, mix=f.mix)
         evaluator = f.make_evaluator()
-        val_metrics = evaluate(f.model, f.predict, evaluator, f.val_loader, f.settings, desc=f"{desc} eval",
-                               merge=f.merge_evaluators)
+        val_metrics = evaluate(f.ema.module if f.ema else f.model, f.predict, evaluator, f.val_loader, f.settings,
+                               desc=f"{desc} eval", merge=f.merge_evaluators)
         metrics = {**train_metrics, **val_metrics}
         primary = val_metrics[f.primary.name]
         improved = f.primary.better(primary, state.best)
@@ -304,8 +314,10 @@ def _save(f: Fit, state: FitState, best: bool) -> None:
         "scaler": f.scaler.state_dict() if f.scaler is not None else None,
         "fit": state.as_dict(),
         "rng": checkpoint.rng_state(),
+        **({"ema": f.ema.state_dict()} if f.ema else {}),
         **f.extra,
     }
     checkpoint.save_last(ckpt, f.output_dir, f.keep_checkpoints)
     if best:  # weights only: the optimizer state (twice the model's size with AdamW) is for resuming, from last.pt
-        checkpoint.save({"model": model_state, "fit": state.as_dict(), **f.extra}, f.output_dir / checkpoint.BEST)
+        counted = f.ema.module.state_dict() if f.ema else model_state  # the model evaluated is the model kept
+        checkpoint.save({"model": counted, "fit": state.as_dict(), **f.extra}, f.output_dir / checkpoint.BEST)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline import console
-from pipeline.data.sampling import EpochSampler
+from pipeline.data.sampling import training_sampler
 from pipeline.errors import UserError
 from pipeline.tasks.base import Task
 from pipeline.train.engine import StepSettings, autocast, to_device
@@ -41,14 +41,15 @@ def compute(model: nn.Module, loader: DataLoader, s: StepSettings, desc: str) ->
 
 
 def cached_loaders(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, s: StepSettings,
-                   views: int, seed: int) -> tuple[DataLoader, DataLoader]:
-    """Loaders over cached features. With `views` > 1, each epoch draws len(train) samples from all the views."""
+                   views: int, seed: int, weights: list[float] | None = None) -> tuple[DataLoader, DataLoader]:
+    """Loaders over cached features. With `views` > 1, each epoch draws len(train) samples from all the views; with
+    `weights` (the train set's sampling weights, data.balance), by those weights."""
     train_sets = [compute(model, _unshuffled(train_loader), s, f"caching train features ({v + 1}/{max(1, views)})")
                   for v in range(max(1, views))]
     train = TensorDataset(*(torch.cat(parts) for parts in zip(*(t.tensors for t in train_sets))))
     val = compute(model, val_loader, s, "caching val features")
-    # The same order as training on images: a permutation seeded by (seed, epoch), so resuming replays it.
-    sampler = EpochSampler(len(train), seed, with_seeds=False, num_samples=len(train_sets[0]))
+    # The same order as training on images: a function of (seed, epoch), so resuming replays it.
+    sampler = training_sampler(len(train), weights, seed, with_seeds=False, num_samples=len(train_sets[0]))
     return (DataLoader(train, batch_size=train_loader.batch_size, sampler=sampler, drop_last=train_loader.drop_last),
             DataLoader(val, batch_size=val_loader.batch_size))
 

@@ -151,6 +151,13 @@ def group_table(groups: list[dict], plan: Plan, model: nn.Module) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
+def require_trainable(groups: list[dict], what: str) -> None:
+    """Refuse a start where nothing would train: no param group, or every group at lr 0 (lr_mult)."""
+    if not any(g["lr"] > 0 for g in groups):
+        raise UserError(f"{what}: nothing trains at the start of this run (finetune.freeze covers every part, or each "
+                        "trainable part has lr_mult 0); leave at least the head trainable")
+
+
 def trainable_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -1,5 +1,6 @@
 """The stage runner: `run` chains the public builders (pipeline/train/builders.py), prepare -> preflight -> data ->
-model -> finetune -> optimizer -> fit -> finish.
+model -> finetune -> loaders -> lr (pipeline/train/lr_find.py) -> optimizer -> fit -> finish; `lr_find` chains them as
+far as the loaders and runs the learning-rate range test (pipeline/train/range_test.py).
 
 What can be checked before a run exists is checked first (`prepare`, `preflight`: the config, the backbone's name, the
 data's folder, the weights), so a mistake there leaves no MLflow run, no experiment and no folder behind. The MLflow run
@@ -27,11 +28,13 @@ from pipeline.platform import cpu_kernels, devices, threads
 from pipeline.tasks import registry
 from pipeline.tasks.base import DataInfo, PredictOptions
 from pipeline.tracking import outbox
-from pipeline.train import checkpoint, checks, describe, distributed, engine
+from pipeline.train import checkpoint, checks, describe, distributed, engine, range_test
 from pipeline.train.builders import (
     Setup,
+    batch_mixer,
     build_data,
     build_model,
+    epochs_done,
     make_fit,
     make_loaders,
     make_optimizer,
@@ -39,6 +42,7 @@ from pipeline.train.builders import (
     plan_finetune,
     resumed_state,
 )
+from pipeline.train.lr_find import choose_lr, lr_range_test, stage_lrs
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +98,12 @@ def _train(setup: Setup, tracker) -> RunResult:
     model = build_model(setup, data.info)
     plan = plan_finetune(setup, model)
     model = place_model(setup, model, plan)
-    optimizer = make_optimizer(setup, model, plan, tracker)
     described = describe.model_tags(model, data.info, plan, setup.cfg.data.image_size, setup.device, setup.precision)
     tracker.set_tags(described)
     tracker.log_metrics(describe.model_metrics(setup.cfg.model.backbone.name, described), 0)  # charts plot metrics
     train_loader, val_loader = make_loaders(setup, data, model, plan)
+    choose_lr(setup, model, plan, train_loader, batch_mixer(setup, data.info), tracker)  # train.lr: auto
+    optimizer = make_optimizer(setup, model, plan, tracker)
     fit = make_fit(setup, model, data.info, plan, optimizer, train_loader, val_loader, tracker)
     state = engine.fit(fit, resumed_state(setup, fit, tracker))
     result = finish(setup, fit, state, data.info, tracker)
@@ -110,6 +115,39 @@ def _train(setup: Setup, tracker) -> RunResult:
                         f"{setup.output_dir / checkpoint.BEST} stays")
         checkpoint.prune(setup.output_dir, keep)
     return result
+
+
+def lr_find(task_file: str | Path, overrides: tuple[str, ...] = ()) -> range_test.Curve:
+    """`pipeline lr-find`: the range test from the run's starting point (data, weights, fine-tuning plan, loaders and
+    precision as `run` builds them), logged to an MLflow run of its own in the task's experiment (`lr-find-...`, no
+    backbone tag, so compare leaves it out): the suggestion as a param, the curve as metrics and a plot. Nothing is
+    trained, and nothing is written to train.output_dir."""
+    ctx = distributed.init()
+    if ctx.active:
+        distributed.shutdown(ctx)
+        raise UserError("pipeline lr-find runs in one process; run it without torchrun (train.lr=auto under torchrun "
+                        "tests on rank 0 and gives every process its suggestion)")
+    tracking.quiet_console()
+    setup = prepare(task_file, overrides)
+    preflight(setup)
+    cfg, uri = setup.cfg, tracking.resolve_uri(setup.cfg.tracking.uri)
+    tracking.check_reachable(uri)
+    tracker = tracking.Tracker.start(
+        uri, setup.experiment, run_name=f"lr-find-{cfg.model.backbone.name}-{datetime.now():%Y%m%d-%H%M%S}",
+        params=tracking.flatten(cfg.model_dump(mode="json")),
+        tags={"task": cfg.task, "task_file": setup.task_file, "lr_find": "true", "weights": cfg.model.backbone.weights})
+    with tracker:
+        data = build_data(setup)
+        model = build_model(setup, data.info)
+        plan = plan_finetune(setup, model)
+        model = place_model(setup, model, plan)
+        train_loader, _ = make_loaders(setup, data, model, plan)
+        curve = lr_range_test(setup, model, plan, train_loader, batch_mixer(setup, data.info))
+        range_test.record(tracker, curve)
+    log.info(f"lr-find: {curve.line()}{stage_lrs(curve, plan, epochs_done(setup))}")
+    log.info(f"the curve: lr_find/curve.png of MLflow run {tracker.run_id}: "
+             f"{tracking.experiment_link(tracking.ui_address(uri), tracker.experiment_id)}{tracking.start_hint(uri)}")
+    return curve
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -200,7 +238,7 @@ def finish(setup: Setup, fit: engine.Fit, state: engine.FitState, info: DataInfo
     cfg, task, primary = setup.cfg, setup.task, setup.primary
     model = distributed.unwrap(fit.model)
     model.load_state_dict(checkpoint.load(setup.output_dir / checkpoint.BEST)["model"])
-    metrics = engine.evaluate(model, task.predict, task.make_evaluator(info), fit.val_loader, fit.settings,
+    metrics = engine.evaluate(model, fit.predict, task.make_evaluator(info), fit.val_loader, fit.settings,
                               desc="best", merge=task.merges_evaluators)
     result = RunResult(run_id=tracker.run_id, output_dir=setup.output_dir, best=metrics[primary.name],
                        primary=primary.name, metrics={k: v for k, v in metrics.items() if isinstance(v, float)},

@@ -27,6 +27,7 @@ from pipeline.errors import UserError
 from pipeline.models import backbones
 from pipeline.platform import devices
 from pipeline.tasks import saved
+from pipeline.tasks import tta as tta_module
 from pipeline.tasks.base import DataInfo, Placement, Task
 from pipeline.tasks.saved import Saved
 from pipeline.train import checkpoint
@@ -139,8 +140,9 @@ class Session:
                     yield Batch([paths[i] for i, _, _ in run], self.task.to_original(outputs, placements), [])
 
 
-def open_session(source: str, uri: str | None = None, device: str = "auto") -> Session:
-    """Load `source` and prepare its task's inference module and transforms on `device`.
+def open_session(source: str, uri: str | None = None, device: str = "auto", tta: bool = False) -> Session:
+    """Load `source` and prepare its task's inference module and transforms on `device`; with `tta`, a module that
+    averages each image's outputs with its mirror's (pipeline/tasks/tta.py; classification and segmentation).
 
     A `models:/` source is rebuilt from its run's best checkpoint (see `load`).
     """
@@ -156,6 +158,8 @@ def open_session(source: str, uri: str | None = None, device: str = "auto") -> S
                                  std=cfg.data.std or default_std, bbox_params=bbox_params)
     dev = devices.resolve_device(device)
     module = task.inference_module(loaded.model).eval().to(dev)
+    if tta:
+        module = tta_module.FlipAveraged(module, tta_module.mirror_back(task, "--tta"))
     return Session(source, loaded, task, module, transform, dev)
 
 

@@ -69,16 +69,16 @@ class PredictResult:
 
 def run(source: str, inputs: list[str], out: str | Path, uri: str | None = None, batch_size: int = 32,
         top_k: int = 5, score: float = 0.5, gallery: str | Path | None = None, device: str = "auto",
-) -> PredictResult:
+        tta: bool = False) -> PredictResult:
     """Predict every image of `inputs` in batches on the best device and write the task's files into `out`; with
-    `gallery` (face), also name each image's identity."""
+    `gallery` (face), also name each image's identity; with `tta`, average each image's outputs with its mirror's."""
     if batch_size < 1 or top_k < 1:
         raise UserError(f"--batch-size ({batch_size}) and --top-k ({top_k}) must be at least 1")
     if not 0.0 <= score <= 1.0:
         raise UserError(f"--score {score:g}: must be within 0..1 (detection draws the boxes scoring at least this)")
     paths = find_images(inputs)
     out = output_folder(out)
-    session = inference.open_session(source, uri, device)
+    session = inference.open_session(source, uri, device, tta=tta)
     # every batch frees what the next allocates: kept for reuse, unless the run switched the CPU paths off
     cpu_kernels.prepare_process(session.loaded.cfg.train.cpu_kernels)
     known = identify.open_gallery(session, gallery, batch_size) if gallery is not None else None

@@ -1,7 +1,7 @@
 """The classification task's config sections (light: pydantic only, so reading a task file stays fast)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -19,6 +19,9 @@ class ClassificationData(DataConfig):
     # Decoded ImageFolder images kept in memory, per split and loader process, up to this many MiB: later epochs
     # neither read nor decode them. 0 decodes every time.
     cache_mb: int = Field(512, ge=0)
+    # Rare classes: sampler draws training images class-balanced, with replacement, as many per epoch as there are;
+    # loss weights each class's loss by its inverse frequency (pipeline/tasks/classification/balance.py says why).
+    balance: Literal["none", "sampler", "loss"] = "none"
 
 
 class ClassificationModel(ModelConfig):
@@ -27,6 +30,9 @@ class ClassificationModel(ModelConfig):
 
 
 class Config(TaskConfig):
+    mixes_labels: ClassVar[bool] = True  # one label per image: train.mixup / train.cutmix blend them
+    flip_tta: ClassVar[bool] = True  # a mirrored image is the same class: eval.tta, predict --tta
+
     task: Literal["classification"]
     data: ClassificationData = ClassificationData()
     model: ClassificationModel = ClassificationModel()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -10,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data import synth
+from pipeline.data.sampling import class_balanced
 from pipeline.models import backbones
-from pipeline.tasks.base import TRAIN_ERROR, DataInfo, ExportSpec, PredictOptions, Task, TaskData
-from pipeline.tasks.classification import cifar
+from pipeline.tasks.base import TRAIN_ERROR, DataInfo, ExportSpec, Facts, PredictOptions, Task, TaskData
+from pipeline.tasks.classification import balance, cifar, mixing
 from pipeline.tasks.classification.config import ClassificationData, ClassificationModel
 from pipeline.tasks.classification.data import build_datasets
 from pipeline.tasks.classification.evaluate import Evaluator
@@ -20,13 +22,20 @@ from pipeline.tasks.classification.report import confusion_figure, per_class_tab
 from pipeline.tasks.common import save_figure, write_csv
 
 
+@dataclass
+class ClassificationFacts(Facts):
+    loss_weights: list[float] | None = None  # per class, with data.balance: loss (balance.py)
+
+
 class Classifier(nn.Module):
     def __init__(self, backbone: backbones.Backbone, num_classes: int, dropout: float = 0.0,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, class_weights: list[float] | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(backbone.num_features, num_classes))
         self.label_smoothing = label_smoothing
+        # The loss's class weights (data.balance: loss), on the model's device; not weights of the model: not saved.
+        self.register_buffer("class_weights", torch.tensor(class_weights) if class_weights else None, persistent=False)
         # Set while training on cached backbone features: forward() then receives pooled features, not images.
         self.input_is_features = False
 
@@ -61,10 +70,12 @@ class TopK:
 class Classification(Task):
     name = "classification"
     synth = "classification"
+    facts = ClassificationFacts
     export = ExportSpec(output_names=("logits",), dynamic_size=True)
     caches_features = True
     merges_evaluators = True
     one_class_per_image = True
+    mirror_outputs = staticmethod(lambda logits: logits)  # a mirrored image is of the same class
 
     def default_transforms(self, data: ClassificationData) -> tuple[list[dict], list[dict]]:
         size = data.image_size
@@ -87,20 +98,33 @@ class Classification(Task):
             Path(data.root), data.format, val_fraction=data.val_fraction, seed=seed, train_transform=train_tf,
             val_transform=val_tf, skip_bad_images=data.skip_bad_images, download=data.download,
             cache_bytes=data.cache_mb << 20)
+        counts = balance.class_counts(train.targets, len(classes))
+        if data.balance == "sampler":
+            train.sampling_weights = class_balanced(train.targets)
+        weights = balance.loss_weights(counts) if data.balance == "loss" else None
         info = DataInfo(classes=list(classes), train_size=len(train), val_size=len(val), mean=tuple(mean),
-                        std=tuple(std), image_size=data.image_size, random_train_transforms=random)
+                        std=tuple(std), image_size=data.image_size, random_train_transforms=random,
+                        facts=ClassificationFacts(weights), class_counts=counts)
         return TaskData(train, val, info)
 
     def build_model(self, model: ClassificationModel, info: DataInfo) -> Classifier:
         b = model.backbone
         backbone = backbones.build_or_random(b.name, b.weights, b.fallback_to_random)
-        return Classifier(backbone, info.num_classes, model.dropout, model.label_smoothing)
+        return Classifier(backbone, info.num_classes, model.dropout, model.label_smoothing, info.facts.loss_weights)
 
     def loss(self, model: Classifier, batch) -> dict[str, torch.Tensor]:
         images, labels = batch
         logits = model(images)
-        return {"cls": F.cross_entropy(logits.float(), labels, label_smoothing=model.label_smoothing),
-                TRAIN_ERROR: (logits.detach().argmax(1) != labels).float().mean()}
+        # Label smoothing applies to mixed targets alike: smoothing each image's one-hot label and then mixing them,
+        # as timm does, gives the same targets as mixing and then smoothing.
+        loss = F.cross_entropy(logits.float(), labels, weight=model.class_weights,
+                               label_smoothing=model.label_smoothing)
+        if labels.ndim == 2:  # mixup / cutmix targets (mixing.py): blended images have no right or wrong class
+            return {"cls": loss}
+        return {"cls": loss, TRAIN_ERROR: (logits.detach().argmax(1) != labels).float().mean()}
+
+    def mixer(self, mixup: float, cutmix: float, num_classes: int, seed: int) -> mixing.Mixer:
+        return mixing.Mixer(mixup, cutmix, num_classes, seed)
 
     def predict(self, model: Classifier, batch) -> torch.Tensor:
         return model(batch[0])

@@ -1,7 +1,7 @@
 """The detection task's config sections (light: pydantic only, so reading a task file stays fast)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -22,6 +22,20 @@ class DetectionData(DataConfig):
     keep_empty: bool = True
     # Batch landscape and portrait images apart, so padding to the largest image of a batch wastes little.
     group_aspect_ratio: bool = False
+    # repeat_factor: LVIS's repeat-factor sampling, images of rare categories drawn more often (pipeline/tasks/
+    # detection/balance.py). A category in a fraction f of the training images gets max(1, sqrt(repeat_threshold / f)),
+    # an image the largest factor of its categories. LVIS set 0.001 for 1,203 categories over 100k images; on a small
+    # custom set a category is rare at a few percent of the images, hence 0.1.
+    balance: Literal["none", "repeat_factor"] = "none"
+    repeat_threshold: float = Field(0.1, gt=0, le=1)
+
+    @field_validator("balance", mode="before")
+    @classmethod
+    def _image_level(cls, value: Any) -> Any:
+        if value in ("sampler", "loss"):
+            raise ValueError(f"{value} balances classification, where each image has one class; a detection image "
+                             "holds boxes of several categories: use repeat_factor (LVIS-style image repeats)")
+        return value
 
 
 class DetectionModel(ModelConfig):

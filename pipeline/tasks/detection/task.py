@@ -15,6 +15,7 @@ from pipeline.errors import UserError
 from pipeline.models import backbones
 from pipeline.tasks.base import DataInfo, ExportSpec, Facts, Placement, PredictOptions, Task, TaskData
 from pipeline.tasks.common import save_figure
+from pipeline.tasks.detection import balance
 from pipeline.tasks.detection import export as detection_export
 from pipeline.tasks.detection import predictions
 from pipeline.tasks.detection.config import DetectionData, DetectionModel
@@ -98,9 +99,12 @@ class Detection(Task):
         train_ds = CocoDetection(select_images(train_records, data.keep_empty, "data.train_ann"), train_tf,
                                  group_aspect_ratio=data.group_aspect_ratio, ann_file=root / data.train_ann)
         val_ds = CocoDetection(val_records, val_tf, ann_file=root / data.val_ann)
+        counts = balance.images_per_category(train_ds.records, len(train.classes))
+        if data.balance == "repeat_factor":
+            train_ds.sampling_weights = balance.repeat_factors(train_ds.records, counts, data.repeat_threshold)
         info = DataInfo(classes=train.classes, train_size=len(train_ds), val_size=len(val_ds), mean=tuple(mean),
                         std=tuple(std), image_size=data.image_size, random_train_transforms=random,
-                        facts=DetectionFacts(train.category_ids))
+                        facts=DetectionFacts(train.category_ids), class_counts=counts)
         return TaskData(train_ds, val_ds, info)
 
     def batch_sampler(self, dataset: CocoDetection, sampler, batch_size: int):

@@ -1,7 +1,7 @@
 """The segmentation task's config sections (light: pydantic only, so reading a task file stays fast)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -40,6 +40,8 @@ class SegmentationModel(ModelConfig):
 
 
 class Config(TaskConfig):
+    flip_tta: ClassVar[bool] = True  # a mirrored image's mask, mirrored back: eval.tta, predict --tta
+
     task: Literal["segmentation"]
     data: SegmentationData = SegmentationData()
     model: SegmentationModel = SegmentationModel()

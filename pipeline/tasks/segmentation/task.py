@@ -51,6 +51,7 @@ class Segmentation(Task):
     # nowhere where masks are padded with ignore_index (val_transform_problem; tests/test_transform_checks.py proves
     # it). A crop or rotation would score other pixels than the image's, and inference (to_original) undoes no flip.
     val_geometry = RESIZES | {"PadIfNeeded"}
+    mirror_outputs = staticmethod(lambda logits: logits.flip(-1))  # a mirrored image's mask, mirrored back
 
     def default_transforms(self, data: SegmentationData) -> tuple[list[dict], list[dict]]:
         """Train: scale to image_size, random rescale 0.5-2x, pad (mask: ignore) and crop, flip. Val: scale and pad.
