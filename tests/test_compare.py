@@ -175,7 +175,8 @@ def test_compare_refuses_an_ambiguous_prefix_and_lists_the_candidates(store: str
     assert sweeps["latest"][:8] in result.output  # the sweeps there are named
 
 
-def test_compare_never_joins_runs_of_different_sweeps_or_epochs(said, store: str, sweeps: dict[str, str], tmp_path: Path):
+def test_compare_never_joins_runs_of_different_sweeps_or_epochs(said, store: str, sweeps: dict[str, str],
+                                                                tmp_path: Path):
     result = compare.run("demo", uri=store, every=True)
     assert len(result.rows) == 5
     header, *body = said[0].splitlines()
@@ -265,7 +266,7 @@ def test_family_is_the_name_without_its_depth(backbone: str, expected: str):
     assert family(backbone) == expected
 
 
-def test_plain_and_residual_nets_are_two_lines_and_each_metric_gets_a_column_and_a_plot(said, 
+def test_plain_and_residual_nets_are_two_lines_and_each_metric_gets_a_column_and_a_plot(said,
         store: str, degradation: str, tmp_path: Path):
     result = compare.run("degradation_shapes", uri=store, metric="train/error,val/top1", at="last",
                          out=tmp_path / "figs")
@@ -308,7 +309,8 @@ def test_at_last_takes_the_end_of_training_and_best_the_best_checkpoints_epoch(s
 
 def test_a_metric_logged_per_optimizer_step_reads_as_its_last_epochs_mean(said, store: str, degradation: str,
                                                                          tmp_path: Path):
-    result = compare.run("degradation_shapes", uri=store, metric="grad_norm/stem", out=tmp_path / "figs")  # --at best: no best epoch among optimizer steps, the same reading
+    # --at best: no best epoch among optimizer steps, the same reading
+    result = compare.run("degradation_shapes", uri=store, metric="grad_norm/stem", out=tmp_path / "figs")
     assert {r.backbone: r.value for r in result.rows} == pytest.approx(
         {name: grad for name, (_, _, grad) in DEGRADATION.items()})
     assert all(r.per_step["grad_norm/stem"] for r in result.rows)

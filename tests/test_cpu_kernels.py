@@ -109,7 +109,8 @@ def test_predict_keeps_freed_memory_only_through_the_switch(mode, kept, tmp_path
     model = Classifier(backbones.build("resnet18", "none"), 2)
     info = {"classes": ["a", "b"], "train_size": 2, "val_size": 2, "mean": [0.5] * 3, "std": [0.5] * 3,
             "image_size": 32}
-    checkpoint.save({"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "info": info}, tmp_path / "m.pt")
+    checkpoint.save({"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "info": info},
+                    tmp_path / "m.pt")
     image = tmp_path / "x.png"
     Image.new("RGB", (40, 30), (90, 120, 30)).save(image)
     predict.run(str(tmp_path / "m.pt"), [str(image)], tmp_path / "out", device="cpu")

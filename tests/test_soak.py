@@ -42,7 +42,8 @@ def test_fifty_runs_four_clients_one_server(task_file, tmp_path, monkeypatch):
         assert len(runs) == RUNS
         for run in runs:
             assert run.info.status == "FINISHED", run.info.run_id
-            assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == list(range(1, EPOCHS + 1))
+            history = client.get_metric_history(run.info.run_id, "val/top1")
+            assert [m.step for m in history] == list(range(1, EPOCHS + 1))
             steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
             assert steps == sorted(set(steps)) and len(steps) == EPOCHS * 2  # 60 images / batch 30, every step
         assert not list((tmp_path / "runs").glob("*/tracking_outbox.jsonl"))  # nothing was left behind unsent

@@ -115,7 +115,8 @@ def test_compare_prints_both_depths_and_logs_plots_to_the_parent(swept, tmp_path
     assert {"compare/metric_vs_depth.png", "compare/metric_vs_gflops.png", "compare/curves.png"} <= logged
 
 
-def test_a_failed_child_does_not_stop_the_sweep_and_resume_reruns_only_it(said, tmp_path, empty_store, shapes, monkeypatch):
+def test_a_failed_child_does_not_stop_the_sweep_and_resume_reruns_only_it(said, tmp_path, empty_store, shapes,
+                                                                          monkeypatch):
     shutil.copy(empty_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     task = write_task(tmp_path, shapes, uri)

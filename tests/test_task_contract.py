@@ -233,8 +233,8 @@ class Brightness(Task):
     def build_data(self, data, *, mean, std, seed: int) -> TaskData:
         train_tf, val_tf, random = self.transforms(data, mean=mean, std=std, seed=seed)
         root = Path(data.root)
-        train, val = Greys(sorted((root / "train").glob("*.png")), train_tf), Greys(sorted((root / "val").glob("*.png")),
-                                                                                 val_tf)
+        train = Greys(sorted((root / "train").glob("*.png")), train_tf)
+        val = Greys(sorted((root / "val").glob("*.png")), val_tf)
         return TaskData(train, val, DataInfo(classes=["brightness"], train_size=len(train), val_size=len(val),
                                              mean=tuple(mean), std=tuple(std), image_size=data.image_size,
                                              random_train_transforms=random))

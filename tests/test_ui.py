@@ -96,7 +96,8 @@ def test_the_view_opens_on_the_table_sorted_by_depth_and_on_scatter_plots_agains
     state = json.loads(tags["mlflow.sharedViewState.pipeline"])
     assert tags["mlflow.experiment.primaryMetric.name"] == "best/mAP"
     assert state["orderByKey"] == "metrics.`model/depth`" and state["orderByAsc"] is True
-    assert state["selectedColumns"][-2:] == ["params.`train.epochs`", "attributes.`Dataset`"]  # runs' lengths told apart
+    # runs' lengths told apart
+    assert state["selectedColumns"][-2:] == ["params.`train.epochs`", "attributes.`Dataset`"]
     assert state["searchFilter"] == "metrics.`model/num_params` > 0"  # training runs: a sweep's parent logs no metrics
     # one section, kept first, of one scatter plot per metric that is not the model's own, each against depth
     [section] = state["compareRunSections"]

@@ -110,7 +110,8 @@ def test_knob_mismatches_are_user_errors():
         _model(fpn_stages=["layer2", "layer9"], anchor_sizes=[8, 16, 32])
     with pytest.raises(UserError, match=r"model.init: coco .* needs model.backbone.name=resnet50"):
         _model(init="coco")
-    with pytest.raises(UserError, match=r"strides \[4, 16\]; .* e\.g\. model\.fpn_stages=\[layer1,layer2,layer3,layer4\]"):
+    expected = r"strides \[4, 16\]; .* e\.g\. model\.fpn_stages=\[layer1,layer2,layer3,layer4\]"
+    with pytest.raises(UserError, match=expected):
         _model(fpn_stages=["layer1", "layer3"], anchor_sizes=[8, 16, 32])
 
 

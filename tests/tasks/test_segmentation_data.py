@@ -225,8 +225,8 @@ def test_coco_file_name_escaping_the_image_folder_is_refused(tmp_path):
     data = json.loads(path.read_text())
     data["images"][0]["file_name"] = "../../secret.png"
     path.write_text(json.dumps(data))
-    with pytest.raises(UserError, match=r"image 1 has file_name '\.\./\.\./secret\.png', which points outside the image "
-                                        r"folder"):
+    expected = r"image 1 has file_name '\.\./\.\./secret\.png', which points outside the image folder"
+    with pytest.raises(UserError, match=expected):
         _build(tmp_path, "coco")
 
 
@@ -246,7 +246,8 @@ def test_default_transforms_pad_masks_with_ignore_and_keep_labels_nearest(tmp_pa
     indices = np.zeros((6, 8), dtype=np.uint8)
     indices[:, 4:] = 7
     root = _voc(tmp_path / "VOC2012", masks={"a": indices})
-    train_spec, val_spec = registry.get("segmentation").default_transforms(SegmentationData(image_size=16, ignore_index=255))
+    defaults = SegmentationData(image_size=16, ignore_index=255)
+    train_spec, val_spec = registry.get("segmentation").default_transforms(defaults)
     kw = dict(mean=(0.5,) * 3, std=(0.5,) * 3, seed=0)
     train, val, _ = _build(root, "voc", train_transform=build_transforms(train_spec, field="t", **kw),
                            val_transform=build_transforms(val_spec, field="v", **kw))

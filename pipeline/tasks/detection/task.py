@@ -15,9 +15,8 @@ from pipeline.errors import UserError
 from pipeline.models import backbones
 from pipeline.tasks.base import DataInfo, ExportSpec, Facts, Placement, PredictOptions, Task, TaskData
 from pipeline.tasks.common import save_figure
-from pipeline.tasks.detection import balance
+from pipeline.tasks.detection import balance, predictions
 from pipeline.tasks.detection import export as detection_export
-from pipeline.tasks.detection import predictions
 from pipeline.tasks.detection.config import DetectionData, DetectionModel
 from pipeline.tasks.detection.data import CocoDetection, annotation_problem, drop_unreadable, read_coco, select_images
 from pipeline.tasks.detection.evaluate import Evaluator
