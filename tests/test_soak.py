@@ -7,8 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from loopback import free_port
 from mlflow import MlflowClient
-from test_tracking_outage import Server, _free_port
+from test_tracking_outage import Server
 
 RUNS, CLIENTS, EPOCHS = 50, 4, 2
 REPO = Path(__file__).resolve().parent.parent
@@ -20,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.timeout(1800)  # 50 runs, 4 at a time on 2 cores: about 10 minutes
 def test_fifty_runs_four_clients_one_server(task_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    server = Server(tmp_path / "server", _free_port())
+    server = Server(tmp_path / "server", free_port())
     server.folder.mkdir()
     server.start()
     try:

@@ -7,13 +7,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from loopback import free_port
+from loopback import free_port, wait_healthy
 from mlflow import MlflowClient
 from test_sweep_parallel import write_task
 
@@ -61,16 +59,7 @@ def team_server():
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         uri = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2).close()
-                break
-            except OSError:
-                assert server.poll() is None, (top / "mlflow-server.log").read_text()[-2000:]
-                time.sleep(1)
-        else:
-            pytest.fail("mlflow server on PostgreSQL did not answer within 2 minutes")
+        wait_healthy(uri, server, 120, lambda: (top / "mlflow-server.log").read_text()[-2000:])
         yield uri
     finally:
         if server is not None and server.poll() is None:

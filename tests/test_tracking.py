@@ -3,7 +3,6 @@ import http.server
 import logging
 import math
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+from loopback import free_port
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
@@ -35,12 +35,6 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def start(uri: str, **kwargs) -> Tracker:
     args = dict(experiment="quickstart", run_name="resnet18", params={"train.lr": "0.001"}, tags={"task": "cls"})
     return Tracker.start(uri, **{**args, **kwargs})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- flatten / resolve_uri / check_reachable -------------------------------------------------------------------------

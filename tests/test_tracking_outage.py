@@ -2,27 +2,20 @@
 `pipeline sync` sends them once the server is back."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from loopback import free_port, wait_healthy
 from mlflow import MlflowClient
 
 from pipeline import tracking
 from pipeline.cli import main
 from pipeline.tracking import outbox
 from pipeline.train import engine, runner
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -36,15 +29,7 @@ class Server:
              "--backend-store-uri", f"sqlite:///{self.folder}/mlflow.db",
              "--artifacts-destination", str(self.folder / "artifacts"), "--workers", "1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=1).close()
-                return
-            except OSError:
-                assert self.proc.poll() is None, "mlflow server exited"
-                time.sleep(0.3)
-        raise TimeoutError("mlflow server did not start")
+        wait_healthy(self.uri, self.proc, 90)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -54,7 +39,7 @@ class Server:
 
 @pytest.fixture
 def server(tmp_path):
-    s = Server(tmp_path / "server", _free_port())
+    s = Server(tmp_path / "server", free_port())
     s.folder.mkdir()
     s.start()
     yield s
@@ -101,7 +86,7 @@ def test_server_lost_mid_run_then_synced(said, task_file, server, tmp_path, monk
 
 
 def test_sync_while_server_is_down_keeps_the_records(tmp_path):
-    box = outbox.Outbox(tmp_path / outbox.NAME, "abc", f"http://127.0.0.1:{_free_port()}")
+    box = outbox.Outbox(tmp_path / outbox.NAME, "abc", f"http://127.0.0.1:{free_port()}")
     box.append({"op": "tags", "tags": {"a": "b"}})
     out = CliRunner().invoke(main, ["sync", str(tmp_path)])
     assert out.exit_code == 1 and "is not reachable" in out.output
