@@ -195,6 +195,10 @@ def sweep(task_file: Path, args: tuple[str, ...], resume: bool, jobs: int | None
 
     Arguments with one value (train.epochs=5) apply to every run.
     """
+    if jobs is not None:  # children fork from a server that imports the pipeline meanwhile (pipeline/study/launch.py)
+        from pipeline.study import launch
+
+        launch.warm()
     from pipeline.study import sweep as sweep_runs
 
     sweep_runs.run(task_file, args, resume=resume, jobs=jobs, ray=ray_address)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.study import launch
 from pipeline.study.children import CONSOLE, Child, Spec, command
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def run_parallel(task_file: str | Path, children: list[Spec], places: list[Slot]
     """Run `children` as processes, one per free slot, in order; `collect(spec, returncode)` reads each one's result
     once it has ended. Returns the children's results in their order."""
     waiting = list(children)
-    running: dict[int, tuple[Spec, subprocess.Popen, float, object]] = {}  # slot index -> child, process, start
+    running: dict[int, tuple[Spec, launch.Forked | subprocess.Popen, float]] = {}  # slot -> child, process, start
     done: dict[int, Child] = {}
     try:
         while waiting or running:
@@ -82,10 +83,9 @@ def run_parallel(task_file: str | Path, children: list[Spec], places: list[Slot]
                 child = waiting.pop(0)
                 running[index] = (child, *_start(task_file, child, places[index], parent_id, gpus_per_child))
             time.sleep(POLL)
-            for index, (child, process, started, console) in list(running.items()):
+            for index, (child, process, started) in list(running.items()):
                 if process.poll() is None:
                     continue
-                console.close()
                 del running[index]
                 done[child.index] = result = collect(child, process.returncode)
                 took = f"{time.monotonic() - started:.0f}s"
@@ -93,10 +93,10 @@ def run_parallel(task_file: str | Path, children: list[Spec], places: list[Slot]
                          (f", best {result.best:.4f}" if result.best is not None else "") +
                          (f": {result.error}" if result.error else ""))
     except KeyboardInterrupt:
-        for child, process, _, _ in running.values():  # each child marks its own run KILLED on SIGINT
+        for child, process, _ in running.values():  # each child marks its own run KILLED on SIGINT
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGINT)
-        for child, process, _, _ in running.values():
+        for child, process, _ in running.values():
             process.wait()
         raise
     return [done[c.index] for c in children]
@@ -104,18 +104,10 @@ def run_parallel(task_file: str | Path, children: list[Spec], places: list[Slot]
 
 def _start(task_file, child: Spec, slot: Slot, parent_id: str, gpus_per_child: int):
     child.output_dir.mkdir(parents=True, exist_ok=True)
-    console = (child.output_dir / CONSOLE).open("a")
     log.info(f"{child.label} -> {child.output_dir} on {slot}" + (" (continuing)" if child.resume else ""))
-    affinity = slot.cores
-
-    def pin() -> None:  # in the child, before it execs: its own cores
-        if affinity:
-            os.sched_setaffinity(0, affinity)
-
-    process = subprocess.Popen(command(task_file, child, parent_id, gpus_per_child), stdout=console,
-                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **slot.env()},
-                               preexec_fn=pin, start_new_session=True)
-    return process, time.monotonic(), console
+    process = launch.start(command(task_file, child, parent_id, gpus_per_child), child.output_dir / CONSOLE,
+                           env={**os.environ, **slot.env()}, cores=slot.cores)
+    return process, time.monotonic()
 
 
 def _ranges(cores: tuple[int, ...]) -> str:

@@ -18,13 +18,13 @@ import logging
 import math
 import os
 import socket
-import subprocess
 import time
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.study import launch
 from pipeline.study.children import CONSOLE, Child, Spec, command
 
 log = logging.getLogger(__name__)
@@ -131,9 +131,9 @@ def _run_child(cmd: list[str], output_dir: str, cwd: str, threads: int) -> int:
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # the CPUs Ray gave the task, no more
-    with (folder / CONSOLE).open("a") as console:
-        return subprocess.run(cmd, stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                              cwd=cwd if Path(cwd).is_dir() else None).returncode
+    # forked from a server on this worker that imported the pipeline once (pipeline/study/launch.py): a worker Ray
+    # reuses for the next child starts it without importing again
+    return launch.start(cmd, folder / CONSOLE, env, cwd=cwd if Path(cwd).is_dir() else None).wait()
 
 
 def _first_line(err: BaseException) -> str:
