@@ -134,6 +134,9 @@ def test_four_children_at_once_on_one_sqlite_store_lose_no_point(tmp_path: Path,
     sequential, parallel = _histories(client, "sequential"), _histories(client, "parallel")
     assert len(parallel) == 4 and parallel == sequential
     assert all(counts["train/loss"] >= 6 for counts in parallel.values())  # a point a step: many writes at once
+    # each child trained on its slot's one core: the environment it was forked into
+    consoles = [p.read_text() for p in tmp_path.rglob("console.log") if "parallel" in str(p)]
+    assert len(consoles) == 4 and all("with 1 threads (OMP_NUM_THREADS=1)" in text for text in consoles)
     # the console: a line as each child starts and ends, then the same summary as a sequential sweep
     lines = at_once.output.splitlines()
     assert sum(" on core " in line and " -> " in line for line in lines) == 4
