@@ -16,13 +16,13 @@ from pathlib import Path
 
 from pipeline import tracking
 from pipeline.errors import UserError
+from pipeline.study.launch import CONSOLE  # a child process's own stdout and stderr, in its folder
 from pipeline.study.settled import Verdict, judge
 from pipeline.tasks.metric import Metric
 from pipeline.train import checkpoint, runner
 
 log = logging.getLogger(__name__)
 
-CONSOLE = "console.log"  # a child process's own stdout and stderr, in its folder
 
 
 @dataclass

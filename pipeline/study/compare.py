@@ -66,6 +66,7 @@ def run(experiment: str, uri: str | None = None, metric: str | Sequence[str] | N
     if at not in AT:
         raise UserError(f"--at {at}: choose best (at the best checkpoint's epoch) or last (the end of training)")
     metrics = parse_metrics(metric)
+    tracking.quiet_console()  # MLflow's INFO lines (a new store's tables) are not the comparison
     uri = tracking.resolve_uri(uri)
     every_run = tracking.search_runs(uri, experiment)
     runs = [r for r in every_run if r.status == "FINISHED" and r.tags.get("backbone")]  # sweep parents have none

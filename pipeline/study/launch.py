@@ -15,11 +15,13 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import os
+import runpy
 import subprocess
 import sys
 from multiprocessing import forkserver
 from pathlib import Path
 
+CONSOLE = "console.log"  # a child's console, in its output folder
 PRELOAD = ["pipeline.cli", "pipeline.train.runner"]  # what every child imports first; importing is most of its start
 
 
@@ -70,6 +72,16 @@ def start(cmd: list[str], console: Path, env: dict[str, str], cores: tuple[int, 
         log.close()  # the process holds its own copy
 
 
+def run_on_worker(cmd: list[str], output_dir: str, cwd: str, threads: int) -> int:
+    """The body of a sweep child's Ray task (pipeline/study/on_ray.py), on the worker: its command, its console in its
+    folder, as many threads as the CPUs Ray gave it; its exit code. It lives here because this module imports nothing
+    heavy: a worker that unpickles it would otherwise import torch before its fork server does the same."""
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return start(cmd, folder / CONSOLE, env, cwd=cwd if Path(cwd).is_dir() else None).wait()
+
+
 def _child(args: list[str], console: str, env: dict[str, str], cores: tuple[int, ...], cwd: str | None) -> None:
     """In the forked child: become the process `python -m pipeline ARGS` would have been, then run it."""
     os.setsid()
@@ -85,12 +97,10 @@ def _child(args: list[str], console: str, env: dict[str, str], cores: tuple[int,
         os.dup2(source, target)
     os.close(out)
     os.close(null)
-    sys.argv = [sys.executable, *args]
-    from pipeline.cli import main
-
+    sys.argv = ["pipeline", *args]
     code = 0
     try:
-        main(args, prog_name="pipeline")
+        runpy.run_module("pipeline", run_name="__main__", alter_sys=True)  # what `python -m pipeline ARGS` runs
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     finally:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.study import launch
-from pipeline.study.children import CONSOLE, Child, Spec, command
+from pipeline.study.children import Child, Spec, command
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def run_on_ray(address: str, task_file: str | Path, children: list[Spec], parent
     try:
         ask = _resources(ray, resources, len(children), gpus_per_child)
         log.info(f"Ray at {address}: each child asks for {_describe(ask)}")
-        remote = ray.remote(_run_child).options(max_retries=retries, retry_exceptions=False, **ask)
+        remote = ray.remote(launch.run_on_worker).options(max_retries=retries, retry_exceptions=False, **ask)
         threads = max(1, math.floor(ask.get("num_cpus", 1)))
         pending = {remote.remote(command(task_file, child, parent_id, gpus_per_child), str(child.output_dir),
                                  os.getcwd(), threads): child for child in children}
@@ -124,16 +124,6 @@ def _resources(ray, given: dict, children: int, gpus_per_child: int) -> dict:
 def _describe(ask: dict) -> str:
     gpus = f"{ask['num_gpus']:g} GPU, " if ask.get("num_gpus") else ""
     return f"{gpus}{ask['num_cpus']:g} CPU"
-
-
-def _run_child(cmd: list[str], output_dir: str, cwd: str, threads: int) -> int:
-    """On a Ray worker: the child's `pipeline run`, its console in its folder; its exit code."""
-    folder = Path(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # the CPUs Ray gave the task, no more
-    # forked from a server on this worker that imported the pipeline once (pipeline/study/launch.py): a worker Ray
-    # reuses for the next child starts it without importing again
-    return launch.start(cmd, folder / CONSOLE, env, cwd=cwd if Path(cwd).is_dir() else None).wait()
 
 
 def _first_line(err: BaseException) -> str:
