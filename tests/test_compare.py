@@ -216,6 +216,15 @@ def test_compare_errors_are_one_line(store: str, args, expected):
     assert len(errors) == 1 and expected in errors[0], result.output
 
 
+def test_compare_on_a_store_that_does_not_exist_says_so_and_leaves_none(tmp_path: Path):
+    missing = tmp_path / "typo.db"
+    result = CliRunner().invoke(main, ["compare", "quickstart", "--uri", f"sqlite:///{missing}"])
+    assert result.exit_code == 1 and not missing.exists()
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: no tracking store at {missing} (sqlite:///{missing}): nothing was logged there; run "
+                      "from the folder you trained in, or point --uri / MLFLOW_TRACKING_URI at your store"]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The degradation experiment (issue 21): plain and residual CIFAR nets of two depths in one sweep, compared on training
 # error at the end of training, on validation top-1, and on the stem's gradient norm logged per optimizer step.

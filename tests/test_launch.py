@@ -27,7 +27,8 @@ def test_a_forked_child_reads_the_environment_and_folder_it_was_given(tmp_path: 
     child = launch.start([sys.executable, "-m", "pipeline", "compare", "nosuch"], console, env, cwd=str(tmp_path))
     assert child.wait(120) == 1
     text = console.read_text()
-    assert f"error: experiment 'nosuch' is not in tracking store sqlite:///{store}" in text and "Traceback" not in text
+    assert f"error: no tracking store at {store} (sqlite:///{store})" in text and "Traceback" not in text
+    assert not store.exists()  # compare reads; it does not leave an empty store behind
     # a task file named relative to the folder it was given, which is not this process's
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump({"task": "classification", "trian": {"epochs": 1}}))
     child = launch.start([sys.executable, "-m", "pipeline", "run", "mine.yaml"], tmp_path / "run.log", env,

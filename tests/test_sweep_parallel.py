@@ -8,6 +8,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from pipeline import tracking
 from pipeline.cli import main
@@ -99,6 +100,31 @@ def test_a_locked_sqlite_store_is_waited_for_not_lost(uri: str, monkeypatch):
     tracker.log_metrics({"train/loss": 1.0}, 1)
     assert refused == ["metrics", "metrics"]
     assert [m.value for m in MlflowClient(uri).get_metric_history(tracker.run_id, "train/loss")] == [1.0]
+
+
+def test_a_dataset_two_children_register_at_once_is_linked_not_lost(uri: str, monkeypatch):
+    """The slower of two runs inserting the same dataset is refused as a duplicate: its second try links the row the
+    other one wrote. A duplicate anywhere else is a fault of its own and is raised."""
+    tracker = tracking.Tracker.start(uri, "datasets", run_name="r", params={}, tags={})
+    monkeypatch.setattr(tracking_run, "LOCKED_WAITS", (0.0, 0.0, 0.0))
+    write, refused = tracker._write, []
+
+    def raced_once(record):
+        if not refused:
+            refused.append(record["op"])
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                                  "datasets.name, datasets.digest")
+        write(record)
+
+    monkeypatch.setattr(tracker, "_write", raced_once)
+    tracker.log_datasets([tracking.DatasetRecord(name="shapes train", digest="abc123", source="/data/shapes",
+                                                 context="training", rows=1200)])
+    assert refused == ["inputs"]
+    inputs = MlflowClient(uri).get_run(tracker.run_id).inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("shapes train", "abc123")]
+    refused.clear()
+    with pytest.raises(MlflowException, match="UNIQUE constraint failed"):
+        tracker._apply({"op": "metrics", "metrics": {"train/loss": 1.0}, "timestamp": 0, "step": 1})
 
 
 def _histories(client: MlflowClient, experiment: str) -> dict[tuple, dict[str, int]]:

@@ -68,6 +68,7 @@ def run(experiment: str, uri: str | None = None, metric: str | Sequence[str] | N
     metrics = parse_metrics(metric)
     tracking.quiet_console()  # MLflow's INFO lines (a new store's tables) are not the comparison
     uri = tracking.resolve_uri(uri)
+    tracking.check_exists(uri)
     every_run = tracking.search_runs(uri, experiment)
     runs = [r for r in every_run if r.status == "FINISHED" and r.tags.get("backbone")]  # sweep parents have none
     if parent:

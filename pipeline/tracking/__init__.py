@@ -1,7 +1,7 @@
 """MLflow tracking, the only package of `pipeline` that imports mlflow (besides pipeline/use/serve.py: the served model
 is an MLflow pyfunc). One module per job:
 
-    uri.py      where the runs go: `resolve_uri`, `check_reachable`, `server_up`, `process_tracking_uri`
+    uri.py      where the runs go: `resolve_uri`, `check_reachable`, `check_exists`, `server_up`, `process_tracking_uri`
     run.py      one run: `Tracker` (start / resume / attach, params, tags, metrics, dataset inputs, artifacts, finish,
                 the outbox that keeps records while the server is unreachable), `Silent` for ranks other than 0
     params.py   `flatten`: a config as MLflow params, shortened where too long
@@ -37,10 +37,18 @@ from pipeline.tracking.sources import resolve as resolve_source
 from pipeline.tracking.sync import sync
 from pipeline.tracking.ui import address as ui_address
 from pipeline.tracking.ui import experiment_link, start_hint, sweep_view, ui, view_tags
-from pipeline.tracking.uri import DEFAULT_URI, check_reachable, process_tracking_uri, resolve_uri, server_up
+from pipeline.tracking.uri import (
+    DEFAULT_URI,
+    check_exists,
+    check_reachable,
+    process_tracking_uri,
+    resolve_uri,
+    server_up,
+)
 
 __all__ = [
-    "CHECKPOINT_ARTIFACT", "DEFAULT_URI", "LOGGERS", "RUN_STATUSES", "TRUNCATION_MARK", "check_reachable",
+    "CHECKPOINT_ARTIFACT", "DEFAULT_URI", "LOGGERS", "RUN_STATUSES", "TRUNCATION_MARK", "check_exists",
+    "check_reachable",
     "DatasetRecord", "download_artifact", "downloaded", "experiment_link", "flatten", "get_run", "is_tracked",
     "load_model", "mark_failed", "metric_history", "model_source_run", "process_tracking_uri", "Pyfunc",
     "quiet_console", "register", "register_run", "Registered", "resolve_source", "resolve_uri", "RunFile",

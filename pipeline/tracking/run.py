@@ -237,12 +237,15 @@ class Tracker:
         return True
 
     def _apply(self, record: dict) -> None:
-        """Send one record; a store locked by another writer (sqlite, several runs at once) is waited for."""
+        """Send one record; a store locked by another writer (sqlite, several runs at once) is waited for, and so is a
+        dataset another run of the experiment registers at the same moment (a sweep's children starting together):
+        MLflow looks for the dataset before it inserts it, so the slower insert is refused as a duplicate, and the
+        second try finds the row and links this run to it."""
         for wait in LOCKED_WAITS:
             try:
                 return self._write(record)
             except Exception as err:
-                if not locked(err):
+                if not (locked(err) or (record["op"] == "inputs" and duplicate(err))):
                     raise
                 time.sleep(wait)
         self._write(record)
@@ -345,7 +348,7 @@ def set_experiment_tag(client: mlflow.MlflowClient, experiment_id: str, key: str
         try:
             return client.set_experiment_tag(experiment_id, key, value)
         except MlflowException as err:
-            if not (locked(err) or "UNIQUE constraint failed" in str(err) or "duplicate key" in str(err)):
+            if not (locked(err) or duplicate(err)):
                 raise
             time.sleep(wait)
     client.set_experiment_tag(experiment_id, key, value)
@@ -354,6 +357,11 @@ def set_experiment_tag(client: mlflow.MlflowClient, experiment_id: str, key: str
 def locked(err: BaseException) -> bool:
     """Whether `err` says the store was busy with another writer (sqlite's `database is locked`)."""
     return "database is locked" in str(err) or "database is locked" in str(getattr(err, "__cause__", ""))
+
+
+def duplicate(err: BaseException) -> bool:
+    """Whether `err` is a row inserted twice at once (sqlite's and PostgreSQL's words for it)."""
+    return "UNIQUE constraint failed" in str(err) or "duplicate key" in str(err)
 
 
 def mark_failed(uri: str, run_id: str, error: str) -> None:

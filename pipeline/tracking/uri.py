@@ -37,6 +37,14 @@ def check_reachable(uri: str, timeout: float = 3.0) -> None:
         _check_folder(uri, Path(urllib.parse.urlparse(uri).path if scheme else uri))
 
 
+def check_exists(uri: str) -> None:
+    """For commands that only read runs: a local store that does not exist is a `UserError`, not a new empty one
+    (opening a sqlite URI creates its database)."""
+    if urllib.parse.urlparse(uri).scheme == "sqlite" and not _sqlite_path(uri).is_file():
+        raise UserError(f"no tracking store at {_sqlite_path(uri)} ({uri}): nothing was logged there; run from the "
+                        "folder you trained in, or point --uri / MLFLOW_TRACKING_URI at your store")
+
+
 def _check_server(uri: str, timeout: float) -> None:
     url = uri.rstrip("/") + "/health"
     try:
