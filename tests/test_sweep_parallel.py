@@ -13,7 +13,7 @@ from mlflow.exceptions import MlflowException
 from pipeline import tracking
 from pipeline.cli import main
 from pipeline.study import children, jobs, on_ray
-from pipeline.tracking import run as tracking_run
+from pipeline.tracking import writers
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,7 +87,7 @@ def test_a_child_on_several_gpus_runs_under_torchrun(tmp_path: Path):
 
 def test_a_locked_sqlite_store_is_waited_for_not_lost(uri: str, monkeypatch):
     tracker = tracking.Tracker.start(uri, "locks", run_name="r", params={}, tags={})
-    monkeypatch.setattr(tracking_run, "LOCKED_WAITS", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(writers, "LOCKED_WAITS", (0.0, 0.0, 0.0))
     write, refused = tracker._write, []
 
     def busy_twice(record):
@@ -106,7 +106,7 @@ def test_a_dataset_two_children_register_at_once_is_linked_not_lost(uri: str, mo
     """The slower of two runs inserting the same dataset is refused as a duplicate: its second try links the row the
     other one wrote. A duplicate anywhere else is a fault of its own and is raised."""
     tracker = tracking.Tracker.start(uri, "datasets", run_name="r", params={}, tags={})
-    monkeypatch.setattr(tracking_run, "LOCKED_WAITS", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(writers, "LOCKED_WAITS", (0.0, 0.0, 0.0))
     write, refused = tracker._write, []
 
     def raced_once(record):

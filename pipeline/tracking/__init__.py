@@ -16,6 +16,7 @@ is an MLflow pyfunc). One module per job:
                 versions apart), `register`, `version_run`
     served.py   what a run logs as its model: `pyfunc` (the served model's code file, checkpoint, signature)
     outbox.py   records kept on disk while the server is unreachable, sent later
+    writers.py  many writers on one store: `patiently` waits for a locked sqlite store and a row inserted at once
     logs.py     MLflow's own log lines: `quiet_console` keeps its INFO lines for the run's log only
     ui.py       `ui`: MLflow's web UI on a local store, stopped with all its processes; `experiment_link` and
                 `sweep_view`, the UI pages printed at the end of runs and sweeps; `view_tags`, what they open on

@@ -25,7 +25,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_I
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from pipeline.errors import UserError
-from pipeline.tracking import models
+from pipeline.tracking import models, writers
 from pipeline.tracking.outbox import Outbox
 from pipeline.tracking.params import shorten
 from pipeline.tracking.query import get_run
@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 RETRY_EVERY = 30.0  # seconds between attempts to reach a lost tracking server mid-run
-# An sqlite store takes one writer at a time. MLflow waits 20 s for the lock, but a transaction that read before it
-# wrote can be refused at once (SQLITE_BUSY): with several runs logging to one file (`pipeline sweep --jobs`), each
-# such write is tried again after these waits (s) before it counts as an error, so no point of a history is lost.
-LOCKED_WAITS = (0.1, 0.3, 1.0, 2.0, 5.0, 10.0)
 FINAL_RETRIES, FINAL_RETRY_WAIT = 3, 5.0  # at the end of a run: a last chance before leaving records to `sync`
 
 
@@ -238,17 +234,9 @@ class Tracker:
 
     def _apply(self, record: dict) -> None:
         """Send one record; a store locked by another writer (sqlite, several runs at once) is waited for, and so is a
-        dataset another run of the experiment registers at the same moment (a sweep's children starting together):
-        MLflow looks for the dataset before it inserts it, so the slower insert is refused as a duplicate, and the
-        second try finds the row and links this run to it."""
-        for wait in LOCKED_WAITS:
-            try:
-                return self._write(record)
-            except Exception as err:
-                if not (locked(err) or (record["op"] == "inputs" and duplicate(err))):
-                    raise
-                time.sleep(wait)
-        self._write(record)
+        dataset another run registers at the same moment (a sweep's children starting together): the second try links
+        this run to the row the other one wrote (pipeline/tracking/writers.py)."""
+        writers.patiently(lambda: self._write(record), duplicates=record["op"] == "inputs")
 
     def _write(self, record: dict) -> None:
         op, run_id = record["op"], self._run_id
@@ -342,26 +330,8 @@ class Tracker:
 
 def set_experiment_tag(client: mlflow.MlflowClient, experiment_id: str, key: str, value: str) -> None:
     """MLflow's set_experiment_tag, when several runs set the same tag at once (a sweep's children starting together):
-    its insert-or-update reads first, so the slower writer's insert is refused as a duplicate, and a locked sqlite store
-    refuses a writer; both are tried again (the second time the row is there and is updated)."""
-    for wait in LOCKED_WAITS:
-        try:
-            return client.set_experiment_tag(experiment_id, key, value)
-        except MlflowException as err:
-            if not (locked(err) or duplicate(err)):
-                raise
-            time.sleep(wait)
-    client.set_experiment_tag(experiment_id, key, value)
-
-
-def locked(err: BaseException) -> bool:
-    """Whether `err` says the store was busy with another writer (sqlite's `database is locked`)."""
-    return "database is locked" in str(err) or "database is locked" in str(getattr(err, "__cause__", ""))
-
-
-def duplicate(err: BaseException) -> bool:
-    """Whether `err` is a row inserted twice at once (sqlite's and PostgreSQL's words for it)."""
-    return "UNIQUE constraint failed" in str(err) or "duplicate key" in str(err)
+    its insert-or-update reads first, so the slower insert is tried again and then updates the row."""
+    writers.patiently(lambda: client.set_experiment_tag(experiment_id, key, value), duplicates=True)
 
 
 def mark_failed(uri: str, run_id: str, error: str) -> None:
