@@ -81,13 +81,8 @@ def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torc
         waited += time.perf_counter() - ready
         if s.threads is not None:
             s.threads.poll()
-        batch = to_device(batch, s.device, s.channels_last)
-        if mix is not None:
-            batch = mix(batch, (state.epoch + 1, micro))
-        with autocast(s.device, s.precision):
-            losses = loss_fn(model, batch)
-            error = losses.pop(TRAIN_ERROR, None)
-            loss = sum(losses.values())
+        n = batch_len(batch)
+        loss, error = forward_loss(model, loss_fn, batch, s, mix, (state.epoch + 1, micro))
         # One host sync per step (as GradScaler has), so a diverging run stops before its weights turn to NaN; under
         # DDP every rank must agree to skip, or the others would wait for its gradients forever.
         if not distributed.all_true(s.ctx, torch.isfinite(loss)):
@@ -104,7 +99,6 @@ def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torc
         total_loss += detached
         window_loss += detached
         window += 1
-        n = batch_len(batch)
         images += n
         if error is not None:
             wrong += error.detach() * n
@@ -142,6 +136,19 @@ def train_one_epoch(model: nn.Module, loss_fn, loader: Iterable, optimizer: torc
     if s.threads is not None:
         metrics["train/threads"] = float(s.threads.threads)
     return metrics
+
+
+def forward_loss(model: nn.Module, loss_fn, batch, s: StepSettings, mix: Callable | None,
+                 key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A training batch on the device, blended by `mix` (keyed by `key`: epoch, batch) where the run mixes, through the
+    task's loss at the run's precision: the summed loss, and the task's training error (None where it logs none)."""
+    batch = to_device(batch, s.device, s.channels_last)
+    if mix is not None:
+        batch = mix(batch, key)
+    with autocast(s.device, s.precision):
+        losses = loss_fn(model, batch)
+        error = losses.pop(TRAIN_ERROR, None)
+        return sum(losses.values()), error
 
 
 def optimizer_step(model: nn.Module, optimizer, scaler, clip: float | None,

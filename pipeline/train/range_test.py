@@ -33,10 +33,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.platform.devices import autocast, to_device
-from pipeline.tasks.base import TRAIN_ERROR
 from pipeline.train import checkpoint, finetune
-from pipeline.train.engine import StepSettings, optimizer_step
+from pipeline.train.engine import StepSettings, forward_loss, optimizer_step
 
 RUNNING = 0.9  # the running average that watches for divergence
 DIVERGED = 4.0  # the running average this many times its lowest value: the test stops
@@ -150,13 +148,8 @@ def _ramp_through(model: nn.Module, loss_fn: Callable, loader: Iterable, optimiz
             g["lr"] = g["base_lr"] * lr
         loss = 0.0
         for micro in range(s.accum_steps):
-            batch = to_device(next(batches), s.device, s.channels_last)
-            if mix is not None:
-                batch = mix(batch, (0, step * s.accum_steps + micro))  # epoch 0: keys training never uses
-            with autocast(s.device, s.precision):
-                parts = loss_fn(model, batch)
-                parts.pop(TRAIN_ERROR, None)
-                total = sum(parts.values())
+            # epoch 0: mixing keys training never uses
+            total, _ = forward_loss(model, loss_fn, next(batches), s, mix, (0, step * s.accum_steps + micro))
             (scaler.scale(total / s.accum_steps) if scaler else total / s.accum_steps).backward()
             loss += total.item() / s.accum_steps
         if not math.isfinite(loss):
